@@ -1,0 +1,234 @@
+"Byte-level BPE from scratch: round trips, chunk boundaries, special tokens, files, errors, and equality with HF tokenizers."
+import json
+
+import pytest
+from hypothesis import given, settings, HealthCheck, strategies as st
+
+from fttk.core import ConfigError, CorruptFileError
+from fttk.tokenization import (BPEConfig, BPETokenizer, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, byte_merges, count_chunks,
+                               docs_corpus, hf_merges, pre_split, tie_rank, to_hf, toy_bpe, train_hf, train_incremental,
+                               train_naive)
+
+SPECIALS = ['<|endoftext|>', '<|user|>']
+_HF = {}
+
+
+def _hf(tok):
+    "HF twin of `tok`, built once per tokenizer."
+    if id(tok) not in _HF: _HF[id(tok)] = to_hf(tok)
+    return _HF[id(tok)]
+
+
+@pytest.fixture(scope='module')
+def corpus():
+    return docs_corpus(2**15)
+
+
+@pytest.fixture(scope='module')
+def tok(corpus):
+    # a few non-English lines so merges inside multi-byte characters exist too
+    extra = ["Grüße aus Köln, schöne Grüße! " * 5, "Καλημέρα κόσμε, καλημέρα! " * 5, "नमस्ते दुनिया नमस्ते " * 5, "🙂🙂 👍🏽👍🏽 " * 5]
+    return BPETokenizer.train(corpus + extra, vocab_size=800, special_tokens=SPECIALS)
+
+
+# ---- the lessons ----------------------------------------------------------------------------------------
+
+def test_sennrich_toy_vocabulary():
+    merges, seg = toy_bpe({'low': 5, 'lower': 2, 'newest': 6, 'widest': 3}, 4)
+    assert merges == [('e', 's'), ('es', 't'), ('est', '</w>'), ('l', 'o')]
+    assert seg == {'lo w </w>': 5, 'lo w e r </w>': 2, 'n e w est</w>': 6, 'w i d est</w>': 3}
+
+
+def test_wikipedia_example():
+    tk = BPETokenizer.train("aaabdaaabac", vocab_size=259, pattern='none')
+    assert tk.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tk.decode([258]) == 'aaab'
+
+
+def test_tie_rank_is_hf_id_order():
+    from tokenizers import pre_tokenizers
+    from fttk.tokenization import BYTE_TO_CHAR
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())          # HF numbers its alphabet in code point order
+    assert [tie_rank(b) for b in range(256)] == [alphabet.index(BYTE_TO_CHAR[b]) for b in range(256)]
+
+
+# ---- trainers ------------------------------------------------------------------------------------------
+
+def test_naive_equals_incremental(corpus):
+    counts = count_chunks(corpus[:30])
+    assert train_incremental(counts, 700) == train_naive(counts, 700)
+
+
+@pytest.mark.parametrize('pattern', ['gpt4', 'gpt2', 'none'])
+def test_merges_equal_hf_trainer(corpus, pattern):
+    docs = corpus[:25] if pattern != 'none' else [l for d in corpus[:3] for l in d.splitlines() if l.strip()]
+    ours = BPETokenizer.train(docs, vocab_size=900, pattern=pattern)
+    theirs = train_hf(docs, 900, pattern)
+    assert byte_merges(ours) == hf_merges(theirs)
+    assert ours.vocab_size == theirs.get_vocab_size()
+
+
+def test_merges_equal_hf_trainer_with_specials(corpus):
+    ours = BPETokenizer.train(corpus[:20], vocab_size=700, special_tokens=SPECIALS)
+    theirs = train_hf(corpus[:20], 700, special_tokens=SPECIALS)
+    assert byte_merges(ours) == hf_merges(theirs)
+    assert ours.vocab_size == theirs.get_vocab_size() == 700
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(alphabet='abc d', min_size=1, max_size=12), min_size=1, max_size=8), st.integers(257, 300))
+def test_merges_equal_hf_trainer_random_corpora(docs, vocab_size):
+    "Small random corpora are full of ties: the tie rule must be HF's exactly."
+    assert byte_merges(BPETokenizer.train(docs, vocab_size=vocab_size, pattern='gpt2')) == hf_merges(train_hf(docs, vocab_size, 'gpt2'))
+
+
+# ---- encode / decode -----------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_roundtrip_arbitrary_unicode(tok, s):
+    assert tok.decode(tok.encode(s)) == s
+    assert tok.decode(tok.encode(s, allowed_special='none')) == s
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.characters(codec='utf-8') | st.sampled_from(['🙂', '👍🏽', 'e\u0301', '\u200d', '\r\n', '\ufeff', ' '])).map(''.join))
+def test_roundtrip_emoji_and_combining(tok, s):
+    assert tok.decode(tok.encode(s)) == s
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=10), st.characters(categories=['Cs']), st.text(max_size=10))
+def test_lone_surrogates_are_refused(tok, a, sur, b):
+    with pytest.raises(ValueError, match=f"lone surrogate U\\+{ord(sur):04X} at position {len(a)}"):
+        tok.encode(a + sur + b)
+
+
+def test_decode_cut_character_gives_replacement(tok):
+    ids = tok.encode('🙂')
+    raw = tok.decode_bytes(ids)
+    assert raw == '🙂'.encode()
+    assert tok.decode(list(raw[:2])) == '\ufffd'        # one U+FFFD per maximal invalid subpart, as HF does
+    assert tok.decode(list(b'a\xffb')) == 'a\ufffdb'
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_encode_equals_hf_arbitrary_text(tok, s):
+    assert tok.encode(s) == _hf(tok).encode(s, add_special_tokens=False).ids
+
+
+def test_encode_equals_hf_on_corpus_lines(tok, corpus):
+    hf = _hf(tok)
+    lines = [l for d in corpus for l in d.splitlines(keepends=True)]
+    assert [tok.encode(l) for l in lines] == [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 799), max_size=20))
+def test_decode_equals_hf(tok, ids):
+    assert tok.decode(ids) == _hf(tok).decode(ids, skip_special_tokens=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_no_token_spans_two_chunks(tok, s):
+    ids = tok.encode_ordinary(s)
+    token_ends, pos = set(), 0
+    for i in ids:
+        pos += len(tok.vocab[i]); token_ends.add(pos)
+    chunk_ends, pos = set(), 0
+    for ch in pre_split(s, tok.pattern):
+        pos += len(ch.encode()); chunk_ends.add(pos)
+    assert chunk_ends <= token_ends        # every chunk boundary is a token boundary
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=8), st.sampled_from(SPECIALS)), max_size=8))
+def test_special_tokens_never_split(tok, parts):
+    s = ''.join(parts)
+    ids = tok.encode(s)
+    for sp in SPECIALS:
+        assert ids.count(tok.special_tokens[sp]) == s.count(sp)
+    assert tok.decode(ids) == s
+    assert all(i < len(tok.vocab) for i in tok.encode(s, allowed_special='none'))   # 'none': specials are plain text
+
+
+def test_special_ids_come_after_merges(tok):
+    assert list(tok.special_tokens.values()) == [len(tok.vocab), len(tok.vocab) + 1]
+    assert tok.vocab_size == 800
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+
+def test_save_load_roundtrip(tok, tmp_path):
+    p = tok.save(tmp_path/'tok.json')
+    back = BPETokenizer.load(p)
+    assert back.merges == tok.merges and back.pattern == tok.pattern and back.special_tokens == tok.special_tokens
+    s = "Grüße <|endoftext|> def f(x): return x**2  🙂"
+    assert back.encode(s) == tok.encode(s)
+
+
+@pytest.mark.parametrize('damage, msg', [
+    (lambda t: t[:len(t) // 2], 'cannot read tokenizer from'),
+    (lambda t: '[1, 2, 3]', 'not an fttk-bpe file'),
+    (lambda t: json.dumps({**json.loads(t), 'version': 7}), 'unknown version 7'),
+    (lambda t: json.dumps({**json.loads(t), 'merges': [[0, 1], [5000, 2]]}), 'merge 1 (5000, 2) uses an id that does not exist yet'),
+    (lambda t: json.dumps({**json.loads(t), 'merges': [[0, 'x']]}), 'merges must be a list of [id, id] pairs'),
+])
+def test_corrupt_file(tok, tmp_path, damage, msg):
+    p = tok.save(tmp_path/'tok.json')
+    p.write_text(damage(p.read_text()))
+    with pytest.raises(CorruptFileError, match='cannot read tokenizer from') as e:
+        BPETokenizer.load(p)
+    assert msg in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no tokenizer file at'):
+        BPETokenizer.load(tmp_path/'nope.json')
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('vocab_size', [0, 200, 256])
+def test_vocab_size_too_small(vocab_size):
+    with pytest.raises(ConfigError, match=f'vocab_size must be greater than 256 \\(the byte tokens\\) \\+ 0 special token\\(s\\) = 256, got {vocab_size}'):
+        BPETokenizer.train(["some text"], vocab_size=vocab_size)
+
+
+def test_vocab_size_must_leave_room_for_specials():
+    with pytest.raises(ConfigError, match='= 258, got 258'):
+        BPETokenizer.train(["some text"], vocab_size=258, special_tokens=SPECIALS)
+
+
+@pytest.mark.parametrize('texts', [[], [''], '', ['', '']])
+def test_empty_corpus(texts):
+    with pytest.raises(ValueError, match='cannot train a tokenizer on an empty corpus'):
+        BPETokenizer.train(texts, vocab_size=300)
+
+
+def test_non_string_documents():
+    with pytest.raises(TypeError, match='texts must be strings, got int'):
+        BPETokenizer.train(["ok", 3], vocab_size=300)
+
+
+@pytest.mark.parametrize('bad', [800, 10**6, -1])
+def test_decode_out_of_range(tok, bad):
+    with pytest.raises(ValueError, match=f'token id {bad} is out of range: this tokenizer has ids 0..799'):
+        tok.decode([5, bad])
+
+
+def test_decode_non_int(tok):
+    with pytest.raises(TypeError, match="token ids must be ints, got str 'a'"):
+        tok.decode(['a'])
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) for BPEConfig: 'vocab'"):
+        BPEConfig.from_dict({'vocab': 1000})
+    with pytest.raises(ConfigError, match="must be one of \\['gpt4', 'gpt2', 'none'\\]"):
+        BPEConfig(pattern='bert')
+    with pytest.raises(ConfigError, match='special_tokens must be distinct non-empty strings'):
+        BPEConfig(special_tokens=['<a>', '<a>'])
+    assert BPEConfig.from_yaml("vocab_size: 4096\npattern: gpt2\n").vocab_size == 4096
