@@ -1,0 +1,168 @@
+"Tests for fttk.memory: the paper's numbers, shapes from configs, LoRA/QLoRA, activations, CLI and bad input."
+import json
+import pytest
+import torch
+
+from fttk.core import ConfigError
+from fttk.memory import (GB, NF4_DQ_BITS, MemoryConfig, activation_bytes, comm_volume, deepspeed_zero2_estimate,
+                         deepspeed_zero3_estimate, estimate_memory, lab_config, lora_params, measure_saved_activations,
+                         memory_main, model_spec, state_bytes, zero_model_states)
+
+LLAMA2_7B = dict(model_type='llama', hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+
+
+@pytest.fixture(scope='module')
+def llama7b(): return model_spec(LLAMA2_7B)
+
+
+@pytest.fixture(scope='module')
+def lab(): return model_spec('lab:default')
+
+
+def test_paper_table():
+    # ZeRO paper / slides: Psi = 7.5B, N_d = 64, K = 12
+    got = [sum(zero_model_states(7.5e9, s, 64).values()) / GB for s in range(4)]
+    assert [round(g, 1) for g in got] == [120.0, 31.4, 16.6, 1.9]
+    assert got[1] == pytest.approx(4*7.5 + 12*7.5/64)
+    assert got[2] == pytest.approx(2*7.5 + 14*7.5/64)
+
+
+def test_three_b_times_sixteen():
+    assert 3e9 * state_bytes('mixed', 'adamw').total / GB == 48
+
+
+@pytest.mark.parametrize('dtype,optim,expected', [('mixed', 'adamw', (2, 2, 12)), ('fp32', 'adamw', (4, 4, 8)),
+                                                  ('bf16', 'adamw', (2, 2, 4)), ('mixed', 'sgd', (2, 2, 8)),
+                                                  ('fp32', 'sgd', (4, 4, 4))])
+def test_state_bytes(dtype, optim, expected):
+    b = state_bytes(dtype, optim)
+    assert (b.param, b.grad, b.optim) == expected
+
+
+def test_fsdp2_engine_differs_only_at_stage_2():
+    for s in (0, 1, 3):
+        assert zero_model_states(1000, s, 4, 'fp32', engine='fsdp2') == zero_model_states(1000, s, 4, 'fp32')
+    assert sum(zero_model_states(1000, 2, 4, 'fp32', engine='fsdp2').values()) == 4000 + 16000/4
+
+
+@pytest.mark.parametrize('kwargs,msg', [
+    (dict(ranks=0), 'ranks (data-parallel processes) must be a positive integer, got 0'),
+    (dict(ranks=-3), 'must be a positive integer, got -3'),
+    (dict(stage=4), 'ZeRO stage must be 0, 1, 2 or 3'),
+    (dict(optim='lion'), "unknown optimizer 'lion'; choose one of: adamw, adam, sgd"),
+    (dict(dtype='fp8'), "unknown dtype 'fp8'; choose one of: mixed, fp32, bf16"),
+])
+def test_bad_input(kwargs, msg):
+    with pytest.raises(ValueError, match=None) as e: zero_model_states(1e9, **{'stage': 0, **kwargs})
+    assert msg in str(e.value)
+    with pytest.raises(ConfigError) as e: MemoryConfig(params=1e9, **kwargs)
+    assert msg in str(e.value)
+
+
+def test_config_missing_hidden_size(tmp_path):
+    with pytest.raises(ValueError, match='model config has no hidden size'):
+        model_spec({'model_type': 'llama', 'num_hidden_layers': 2})
+    p = tmp_path/'config.json'; p.write_text(json.dumps({'model_type': 'llama', 'vocab_size': 100}))
+    with pytest.raises(ValueError, match='no hidden size'): model_spec(p)
+    with pytest.raises(FileNotFoundError, match='no model config file'): model_spec(tmp_path/'nope.json')
+
+
+def test_llama7b_param_count(llama7b, tmp_path):
+    assert llama7b.n_params == 6_738_415_616
+    (tmp_path/'config.json').write_text(json.dumps(LLAMA2_7B))
+    assert model_spec(tmp_path).n_params == llama7b.n_params
+
+
+def test_lora_matches_fttk_lora(lab):
+    from transformers import LlamaForCausalLM
+    from fttk.lora import inject_lora, trainable_parameters
+    targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+    for r, t in ((8, targets), (2, ['q_proj', 'v_proj'])):
+        m = inject_lora(LlamaForCausalLM(lab_config('default')), r=r, target_modules=t)
+        assert trainable_parameters(m)[0] == lora_params(lab, r, t)
+    assert lora_params(lab, 8) == lora_params(lab, 8, targets)   # default = every linear in the blocks
+
+
+def test_nf4_matches_fttk_quant():
+    from fttk.quant import bits_per_param, quantize_nf4
+    assert bits_per_param('nf4_dq') == NF4_DQ_BITS
+    w = torch.randn(256, 256)
+    assert quantize_nf4(w, double_quant=True).nbytes == pytest.approx(w.numel()*NF4_DQ_BITS/8, rel=1e-3)
+
+
+def test_qlora_estimate(llama7b):
+    e = estimate_memory(MemoryConfig(config='x', lora_r=16, qlora=True), spec=llama7b)
+    lin = llama7b.linear_params
+    assert e.rows['frozen base'] == pytest.approx(lin*NF4_DQ_BITS/8 + (llama7b.n_params - lin)*2)
+    assert e.psi_trainable == lora_params(llama7b, 16)
+    assert e.rows['optim'] == 12*e.psi_trainable
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+def test_activations_match_autograd(lab, attn):
+    from transformers import LlamaForCausalLM
+    cfg = lab_config('default'); cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 48))
+    assert activation_bytes(lab, 2, 48, 'fp32', attn=attn) == pytest.approx(measure_saved_activations(m, ids), rel=0.01)
+
+
+def test_checkpointing_and_methods(llama7b):
+    kw = dict(config='x', batch=2, seq=1024)
+    a = estimate_memory(MemoryConfig(**kw), spec=llama7b).rows['activations']
+    ac = estimate_memory(MemoryConfig(gradient_checkpointing=True, **kw), spec=llama7b).rows['activations']
+    assert ac < a / 5
+    dpo = estimate_memory(MemoryConfig(method='dpo', **kw), spec=llama7b)
+    assert dpo.rows['reference model'] == 2*llama7b.n_params and dpo.rows['activations'] == 2*a
+    ppo = estimate_memory(MemoryConfig(method='ppo', **kw), spec=llama7b)
+    assert ppo.rows['value model'] == 16*llama7b.n_params
+    lora_dpo = estimate_memory(MemoryConfig(method='dpo', lora_r=8, **kw), spec=llama7b)
+    assert 'reference model' not in lora_dpo.rows        # adapters off = the reference
+
+
+def test_comm_volume():
+    assert comm_volume(1e9, stage=0, ranks=2) == 1e9
+    assert comm_volume(1e9, stage=3, ranks=2) == 1.5e9
+    assert comm_volume(10, 100, stage=3, ranks=2) == (200 + 10)/2
+
+
+def test_deepspeed_formulas():
+    assert deepspeed_zero2_estimate(1e9, 8) == 4e9 + 2e9
+    assert deepspeed_zero3_estimate(1e9, 1e8, 8) == 4e8 + 18e9/8
+
+
+def test_cli_table(capsys):
+    assert memory_main(['--params', '7.5e9', '--stage', '2', '--ranks', '64']) == 0
+    out = capsys.readouterr().out
+    assert 'ZeRO stage 2 x 64 rank(s)' in out and '16.641' in out
+    assert memory_main(['--config', 'lab:test', '--lora-r', '4', '--qlora', '--batch', '2', '--seq', '16',
+                        '--checkpointing', '--method', 'dpo']) == 0
+    out = capsys.readouterr().out
+    assert 'frozen base' in out and 'activations' in out and 'QLoRA' in out
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['--params', '7e9', '--ranks', '0'], 'must be a positive integer, got 0'),
+    (['--params', '7e9', '--ranks', '-1'], 'must be a positive integer, got -1'),
+    (['--params', '-5'], 'must be a positive number'),
+    (['--params', '7e9', '--optim', 'lion'], "invalid choice: 'lion'"),
+    (['--params', '7e9', '--dtype', 'fp8'], "invalid choice: 'fp8'"),
+    (['--params', '7e9', '--stage', '5'], 'invalid choice: 5'),
+    (['--stage', '1'], 'one of the arguments --config --params is required'),
+])
+def test_cli_argparse_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e: memory_main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_cli_semantic_errors(capsys, tmp_path):
+    assert memory_main(['--params', '7e9', '--lora-r', '8']) == 2
+    assert 'need layer shapes' in capsys.readouterr().err
+    p = tmp_path/'c.json'; p.write_text(json.dumps({'model_type': 'llama'}))
+    assert memory_main(['--config', str(p)]) == 2
+    assert 'no hidden size' in capsys.readouterr().err
+    assert memory_main(['--params', '7e9', '--qlora']) == 2
+    assert 'qlora needs lora_r' in capsys.readouterr().err
