@@ -101,7 +101,20 @@ def build(dest: Path | None = None, n_workers: int = 0, quiet: bool = False, fil
         raise SystemExit(f"{qy} must be a symlink to ../_quarto.yml (the one site config); found something else")
     # with --file-re the sidebar lists only the pages that are built, so it links to no missing page
     nbdev_sidebar.__wrapped__(**({'file_re': f'(?={file_re})' + r'.*\.(?:ipynb|qmd|html)$'} if file_re else {}))
-    proc = proc_nbs(n_workers=n_workers, file_re=file_re)
+    # One notebook at a time, so a failing page does not hide the others: nbdev runs every exported cell and
+    # every cell with an import statement while it builds docs (`exec_show_docs`, the same under Quarto), so a
+    # plotting cell that starts with `import matplotlib.pyplot as plt` runs without the cells before it.
+    names = [p.name for p in sorted(cfg.nbs_path.glob('*.ipynb')) if not p.name.startswith(('_', '.')) and re.search(file_re, p.name)]
+    errors = {}
+    for name in names or ['']:
+        try: proc = proc_nbs(n_workers=n_workers, file_re=f'^{re.escape(name)}$' if name else file_re)
+        except Exception as e: errors[name] = str(e)
+    if errors:
+        msg = '\n\n'.join(f'--- {k}:\n{v}' for k, v in errors.items())
+        raise SystemExit(f"nbdev could not process {len(errors)} notebook(s) for the docs:\n{msg}\n\n"
+                         "nbdev executes every exported cell and every cell containing an import while building docs "
+                         "(the same happens in nbdev-docs with Quarto). Keep imports in their own cell (or in the "
+                         "notebook's imports cell) so that cells depending on earlier results are not run alone.")
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='fttk-docs-') as tmp:
         stage = Path(tmp)/'proc'
