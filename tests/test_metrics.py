@@ -102,11 +102,6 @@ def _sacre(preds, refs, **kw):
                 bp=s.bp, sys_len=s.sys_len, ref_len=s.ref_len)
 
 
-def _approx(d):
-    "pytest.approx for a BLEU result dict (it does not nest into the lists)."
-    return {k: pytest.approx(v, rel=1e-12, abs=1e-12) for k, v in d.items()}
-
-
 BLEU_CORPORA = {
     'basic': (['Ada Lindqvist was born in Oslo in 1984.', 'She studies physics.'],
               ['Ada Lindqvist was born in 1984 in Oslo.', 'She is a physics student.']),
@@ -352,25 +347,30 @@ _EVAL_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize('offline', [True, False])
-def test_evaluate_modules_offline_equal_functions(tmp_path, offline):
-    env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_OFFLINE', 'HF_EVALUATE_OFFLINE', 'HF_DATASETS_OFFLINE')}
-    env.update(FTTK_CACHE=str(tmp_path / 'fttk'), HF_MODULES_CACHE=str(tmp_path / 'modules'), HF_HOME=str(tmp_path / 'hf'),
-               OMP_NUM_THREADS='1')
-    if offline: env.update(HF_HUB_OFFLINE='1', HF_EVALUATE_OFFLINE='1')
-    r = subprocess.run([sys.executable, '-c', _EVAL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.split('JSON', 1)[1])
+def test_evaluate_modules_offline_equal_functions(tmp_path):
+    "Both with HF_HUB_OFFLINE/HF_EVALUATE_OFFLINE set and without them, sockets blocked: no network, same numbers."
+    procs = {}
+    for offline in (True, False):       # the two runs go side by side: each is mostly `import evaluate`
+        env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_OFFLINE', 'HF_EVALUATE_OFFLINE', 'HF_DATASETS_OFFLINE')}
+        d = tmp_path / f'offline_{offline}'
+        env.update(FTTK_CACHE=str(d / 'fttk'), HF_MODULES_CACHE=str(d / 'modules'), HF_HOME=str(d / 'hf'), OMP_NUM_THREADS='1')
+        if offline: env.update(HF_HUB_OFFLINE='1', HF_EVALUATE_OFFLINE='1')
+        procs[offline] = (d, subprocess.Popen([sys.executable, '-c', _EVAL_SCRIPT], env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     preds = ['Ada was born in Oslo.\nShe studies physics.', '', 'Bo Berg teaches music.']
     refs = ['Ada Lindqvist was born in Oslo.\nShe is a physicist.', ['x y', 'z'], ['Bo Berg is a music teacher.', 'Bo teaches music.']]
-    assert out['rouge'] == rouge(preds, refs)
-    assert out['rouge_add'] == rouge(preds, refs)
-    assert out['rouge_list'] == rouge(preds, refs, ['rouge1'], use_aggregator=False)
-    assert out['bleu'] == _approx(_sacre(preds, refs))
-    assert out['bleu_rev_score'] == pytest.approx(_sacre(preds[::-1], refs[::-1])['score'], rel=1e-12)
-    assert out['em'] == {'exact_match': 1.0}
-    assert out['acc'] == {'accuracy': 2 / 3} and out['acc_str'] == {'accuracy': 0.5}
-    assert out['auc'] == {'roc_auc': pytest.approx(_auc_pairs([0.1, 0.8, 0.4, 0.4], [0, 1, 0, 1]))}
-    assert out['errors'] == ['Mismatch in the number of predictions (2) and references (1)',
-                             "Predictions and/or references don't match the expected format."]
-    assert (tmp_path / 'modules' / 'evaluate_modules' / 'metrics' / 'fttk_rouge').is_dir()
+    for offline, (d, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (offline, stderr[-3000:])
+        out = json.loads(stdout.split('JSON', 1)[1])
+        assert out['rouge'] == rouge(preds, refs)
+        assert out['rouge_add'] == rouge(preds, refs)
+        assert out['rouge_list'] == rouge(preds, refs, ['rouge1'], use_aggregator=False)
+        assert out['bleu'] == _sacre(preds, refs)
+        assert out['bleu_rev_score'] == _sacre(preds[::-1], refs[::-1])['score']
+        assert out['em'] == {'exact_match': 1.0}
+        assert out['acc'] == {'accuracy': 2 / 3} and out['acc_str'] == {'accuracy': 0.5}
+        assert out['auc'] == {'roc_auc': pytest.approx(_auc_pairs([0.1, 0.8, 0.4, 0.4], [0, 1, 0, 1]))}
+        assert out['errors'] == ['Mismatch in the number of predictions (2) and references (1)',
+                                 "Predictions and/or references don't match the expected format."]
+        assert (d / 'modules' / 'evaluate_modules' / 'metrics' / 'fttk_rouge').is_dir()
