@@ -83,7 +83,7 @@ _HIDDEN_KEYS = ('hidden_size', 'n_embd', 'd_model', 'dim')
 _LAB_SIZES = {
     'test': dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
-    'default': dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+    'default': dict(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
 }
 
