@@ -232,3 +232,35 @@ def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match='special_tokens must be distinct non-empty strings'):
         BPEConfig(special_tokens=['<a>', '<a>'])
     assert BPEConfig.from_yaml("vocab_size: 4096\npattern: gpt2\n").vocab_size == 4096
+
+
+# ---- chat templates and added tokens ---------------------------------------------------------------------
+
+CHAT_SPECIALS = ['<pad>', '<s>', '</s>', '<|system|>', '<|user|>', '<|assistant|>', '<|end|>']
+TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+            "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] }}{{ '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+            "{% else %}{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '<|end|>\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(['system', 'user', 'assistant']), st.text(min_size=1, max_size=30)), min_size=1, max_size=5))
+def test_assistant_mask_equals_transformers(tok, turns):
+    from fttk.tokenization import assistant_mask, to_transformers
+    chat = BPETokenizer(tok.merges, special_tokens=CHAT_SPECIALS)
+    if 'hf' not in _HF: _HF['hf'] = to_transformers(chat, TEMPLATE, bos_token='<s>', eos_token='</s>', pad_token='<pad>')
+    msgs = [{'role': r, 'content': c} for r, c in turns]
+    ids, mask = assistant_mask(chat, TEMPLATE, msgs, bos_token='<s>')
+    ref = _HF['hf'].apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == ref['input_ids'] and mask == ref['assistant_masks']
+    want = ''.join(c + '<|end|>' for r, c in turns if r == 'assistant')
+    assert chat.decode([i for i, m in zip(ids, mask) if m]) == want
+
+
+def test_add_special_tokens_keeps_old_ids(tok):
+    from fttk.tokenization import add_special_tokens
+    bigger = add_special_tokens(tok, ['<|tool|>', '<|endoftext|>'])
+    assert bigger.special_tokens['<|tool|>'] == tok.vocab_size and bigger.vocab_size == tok.vocab_size + 1
+    s = "print('<|tool|>') <|endoftext|>"
+    assert bigger.encode(s, allowed_special='none') == tok.encode(s, allowed_special='none')
+    assert bigger.encode(s).count(tok.vocab_size) == 1
