@@ -56,10 +56,9 @@ def build(kind: str, size: str):
     return model, opt, desc
 
 
-def batch(size: str):
+def batch(size: str, vocab: int):
     s = SIZES[size]
     g = torch.Generator().manual_seed(2)
-    vocab = SIZES[size]['vocab_size']
     return torch.randint(0, vocab, (s['batch'], s['seq']), generator=g)
 
 
@@ -75,7 +74,7 @@ def rss_child(kind: str, size: str):
     "Run in a fresh process: peak RSS of building + 3 training steps, and the RSS just before the steps."
     torch.set_num_threads(1)
     model, opt, _ = build(kind, size)
-    ids = batch(size)
+    ids = batch(size, model.config.vocab_size)
     import psutil
     before = psutil.Process().memory_info().rss
     for _ in range(3): step(model, opt, ids)
@@ -91,8 +90,8 @@ def main():
     a = ap.parse_args()
     if a.rss_child: return rss_child(a.rss_child, a.size)
     torch.set_num_threads(1)
-    ids = batch(a.size)
     (mp, op, desc), (mf, of, _) = build('peft', a.size), build('fast', a.size)
+    ids = batch(a.size, mf.config.vocab_size)
     print(f"model: {desc}; batch {tuple(ids.shape)}; LoRA r={CFG.r} alpha={CFG.lora_alpha} on all linear layers; "
           f"torch threads {torch.get_num_threads()}")
 
