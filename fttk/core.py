@@ -157,6 +157,8 @@ def _atomic(path: str | Path, write):
     os.close(fd)
     try:
         write(tmp)
+        um = os.umask(0); os.umask(um)
+        os.chmod(tmp, 0o666 & ~um)        # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
