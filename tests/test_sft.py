@@ -1,0 +1,175 @@
+"Tests for fttk.sft: data checks, masks, packing equivalence, our loop vs TRL, checkpoint/resume after SIGKILL, NaN stop."
+import copy, json, os, signal, subprocess, sys, textwrap
+from pathlib import Path
+import pytest, torch
+from fttk.core import RunFolder, load_tensors, ConfigError
+from fttk.world import base_model, lab_world
+from fttk.sft import (SFTConfig, SFTDataError, SFTLossError, check_row, tokenize_chat, prepare_sft_data, pack_examples,
+                      collate, example_losses, sft_train, trl_train, lr_factor, trainable_state)
+
+torch.set_num_threads(1)
+
+@pytest.fixture(scope='module')
+def lab():
+    model, tok = base_model('test', progress=False)
+    rows = lab_world('test').instruction_rows()
+    return model, tok, rows
+
+def _qa(rows, n=96): return [r for r in rows if r['task'] == 'qa'][:n]
+
+@pytest.mark.parametrize('row, msg', [
+    ({'text': 'x'}, "row 9: has no 'messages' field"),
+    ({'messages': 'hi'}, "row 9: 'messages' must be a non-empty list"),
+    ({'messages': [{'role': 'robot', 'content': 'x'}]}, "row 9, turn 0: role 'robot' is not one of"),
+    ({'messages': [{'role': 'user', 'content': ['a']}, {'role': 'assistant', 'content': 'b'}]}, "row 9, turn 0: content must be a string"),
+    ({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': ''}]}, "row 9, turn 1: the assistant turn is empty"),
+    ({'messages': [{'role': 'user', 'content': 'q'}]}, "row 9: has no assistant turn"),
+])
+def test_bad_rows_named(row, msg):
+    with pytest.raises(SFTDataError, match=msg.replace('(', r'\(').replace('[', r'\[')): check_row(row, 9)
+
+def test_bad_row_in_dataset_named(lab):
+    _, tok, rows = lab
+    bad = _qa(rows, 5) + [{'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': None}]}]
+    with pytest.raises(SFTDataError, match='row 5, turn 1: content must be a string'): prepare_sft_data(bad, tok)
+
+def test_labels_only_assistant(lab):
+    _, tok, rows = lab
+    for r in rows[:40]:
+        ex = tokenize_chat(tok, r['messages'])
+        target = tok.decode([t for t, l in zip(ex['input_ids'], ex['labels']) if l != -100])
+        assert target == ''.join(m['content'] + '<|end|>' for m in r['messages'] if m['role'] == 'assistant')
+    full = tokenize_chat(tok, rows[0]['messages'], assistant_only_loss=False)
+    assert full['labels'][1:] == full['input_ids'][1:] and full['labels'][0] == -100
+
+def test_truncate_and_drop_counted(lab):
+    _, tok, rows = lab
+    sub = [r for r in rows if r['task'] != 'qa'][:20] + _qa(rows, 20)
+    ex_t, rt = prepare_sft_data(sub, tok, max_length=30)
+    ex_d, rd = prepare_sft_data(sub, tok, max_length=30, truncation_mode='drop')
+    assert rt['truncated'] > 0 and rd['dropped_too_long'] == rt['truncated'] + rt['dropped_no_target']
+    assert rt['kept'] + rt['dropped_no_target'] == 40 and len(ex_d) == rd['kept']
+    assert all(len(e['input_ids']) <= 30 for e in ex_t)
+    with pytest.raises(SFTDataError, match='no usable example'): prepare_sft_data(_qa(rows, 3), tok, max_length=5, truncation_mode='drop')
+
+@pytest.mark.parametrize('impl', ['sdpa', 'eager'])
+def test_packed_equals_unpacked(lab, impl):
+    model, tok, rows = lab
+    m = copy.deepcopy(model); m.config._attn_implementation = impl; m.eval()
+    data, _ = prepare_sft_data(rows[::37], tok, max_length=200)
+    separate = [example_losses(m, [[e]])[0] for e in data]
+    packed = example_losses(m, pack_examples(data, 200), tok.pad_token_id)
+    padding_free = example_losses(m, [data], tok.pad_token_id)
+    assert max(abs(a - b) for a, b in zip(packed, separate)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(padding_free, separate)) < 1e-4
+
+def test_packed_training_step_matches_unpacked(lab, tmp_path):
+    "Packing changes batch composition only: a packed and an unpacked run over one batch give the same update."
+    model, tok, rows = lab
+    qa = _qa(rows, 16)
+    base = dict(learning_rate=1e-3, max_steps=1, per_device_train_batch_size=16, max_length=256, shuffle=False, seed=0)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = sft_train(a, tok, qa, SFTConfig(output_dir=str(tmp_path/'a'), **base), progress=False)
+    rb = sft_train(b, tok, qa, SFTConfig(output_dir=str(tmp_path/'b'), packing=True, **base), progress=False)
+    assert abs(ra['log'][0]['loss'] - rb['log'][0]['loss']) < 1e-5
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-5
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown key"): SFTConfig.from_dict({'learning_rat': 1.0})
+    with pytest.raises(ConfigError, match='warmup_ratio must be in'): SFTConfig(warmup_ratio=1.5)
+    with pytest.raises(ConfigError, match='max_steps must be -1'): SFTConfig(max_steps=0)
+    assert SFTConfig().bf16 is False
+
+def test_schedule_matches_transformers():
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    for fn, kind in [(get_cosine_schedule_with_warmup, 'cosine'), (get_linear_schedule_with_warmup, 'linear')]:
+        p = torch.nn.Parameter(torch.zeros(1)); o = torch.optim.SGD([p], lr=1.0); s = fn(o, 4, 30)
+        for step in range(30):
+            assert abs(o.param_groups[0]['lr'] - lr_factor(step, 30, 4, kind)) < 1e-12; o.step(); s.step()
+
+def test_loss_falls_and_run_folder(lab, tmp_path):
+    model, tok, rows = lab
+    cfg = SFTConfig(output_dir=str(tmp_path/'run'), learning_rate=1e-3, max_steps=16, per_device_train_batch_size=8,
+                    warmup_ratio=0.1, eval_steps=8, save_steps=8, max_length=128, seed=0)
+    m = copy.deepcopy(model)
+    res = sft_train(m, tok, _qa(rows, 128), cfg, eval_rows=_qa(rows, 200)[128:], progress=False)
+    losses = [r['loss'] for r in res['log']]
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:2]) / 2
+    run = RunFolder(cfg.output_dir)
+    assert [p.name for p in run.list_checkpoints()] == ['step_000008', 'step_000016']
+    assert (run.path/'config.yaml').exists() and (run.path/'fingerprint.json').exists()
+    evals = [r['eval_loss'] for r in run.read_metrics() if 'eval_loss' in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    w = load_tensors(run.latest_checkpoint()/'model.safetensors')
+    assert all(torch.equal(w[n], t) for n, t in trainable_state(m).items())
+
+def test_ours_equals_trl(lab, tmp_path):
+    model, tok, rows = lab
+    cfg = SFTConfig(output_dir=str(tmp_path/'ours'), learning_rate=1e-3, max_steps=8, per_device_train_batch_size=8,
+                    gradient_accumulation_steps=2, warmup_ratio=0.1, weight_decay=0.01, max_length=128, seed=0, shuffle=False)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ours = sft_train(a, tok, _qa(rows, 160), cfg, progress=False)
+    theirs = trl_train(b, tok, _qa(rows, 160), SFTConfig.from_dict({**cfg.to_dict(), 'output_dir': str(tmp_path/'trl')}))
+    assert [r['step'] for r in ours['log']] == [r['step'] for r in theirs['log']] == list(range(1, 9))
+    assert max(abs(x['loss'] - y['loss']) for x, y in zip(ours['log'], theirs['log'])) < 1e-4
+    assert max(abs(x['grad_norm'] - y['grad_norm']) for x, y in zip(ours['log'], theirs['log'])) < 1e-3
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-4
+
+def test_nan_loss_stops_with_last_checkpoint(lab, tmp_path):
+    model, tok, rows = lab
+    m = copy.deepcopy(model)
+    calls = {'n': 0}
+    orig = m.forward
+    def forward(*a, **k):
+        out = orig(*a, **k); calls['n'] += 1
+        if calls['n'] > 3: out.logits = out.logits * float('nan')
+        return out
+    m.forward = forward
+    cfg = SFTConfig(output_dir=str(tmp_path/'nan'), learning_rate=1e-3, max_steps=6, per_device_train_batch_size=4, save_steps=2,
+                    max_length=128, seed=0)
+    with pytest.raises(SFTLossError, match=r"loss became nan at step 4 \(batch of rows \[.*\]\); the update was not applied\. Last good checkpoint: .*step_000002"):
+        sft_train(m, tok, _qa(rows, 40), cfg, progress=False)
+    assert [p.name for p in RunFolder(cfg.output_dir).list_checkpoints()] == ['step_000002']
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    from fttk.core import RunFolder
+    from fttk.world import base_model, lab_world
+    from fttk.sft import SFTConfig, sft_train
+    out, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1'
+    model, tok = base_model('test', progress=False)
+    rows = [r for r in lab_world('test').instruction_rows() if r['task'] == 'qa'][:64]
+    cfg = SFTConfig(output_dir=out, learning_rate=1e-3, max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    warmup_ratio=0.2, save_steps=3, max_length=128, seed=1)
+    if kill_at:
+        log = RunFolder.log
+        def log_then_die(self, step, **kw):
+            log(self, step, **kw)
+            if step == kill_at: os.kill(os.getpid(), signal.SIGKILL)   # a real SIGKILL: no cleanup, no atexit
+        RunFolder.log = log_then_die
+    sft_train(model, tok, rows, cfg, resume=resume, progress=False)
+''')
+
+def _run(tmp_path, out, kill_at, resume):
+    f = tmp_path/'train.py'; f.write_text(SCRIPT)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, str(f), str(out), str(kill_at), '1' if resume else '0'], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+def test_sigkill_resume_identical(tmp_path):
+    full = _run(tmp_path, tmp_path/'full', 0, False)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _run(tmp_path, tmp_path/'killed', 5, False)
+    assert killed.returncode == -signal.SIGKILL
+    run = RunFolder(tmp_path/'killed')
+    assert run.latest_checkpoint().name == 'step_000003'
+    resumed = _run(tmp_path, tmp_path/'killed', 0, True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_tensors(RunFolder(tmp_path/'full').latest_checkpoint()/'model.safetensors')
+    b = load_tensors(run.latest_checkpoint()/'model.safetensors')
+    assert run.latest_checkpoint().name == 'step_000008' and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), 'resumed weights differ from the uninterrupted run'
+    la = [(r['step'], r['loss']) for r in RunFolder(tmp_path/'full').read_metrics()]
+    lb = [(r['step'], r['loss']) for r in run.read_metrics()]
+    assert la == lb
