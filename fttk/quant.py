@@ -97,6 +97,7 @@ def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.T
     xf = x.float()
     lo, hi = (xf.amin(**_scale_dims(x, dim)), xf.amax(**_scale_dims(x, dim))) if x.numel() else (torch.zeros(()),)*2
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()): raise ValueError("zeropoint_quantize: x contains NaN or inf")
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)     # the range holds 0, so z stays within [-128, 127]
     scale = 255 / (hi - lo).clamp_min(1e-12)
     zero = torch.round(-128 - scale * lo)
     return torch.clamp(torch.round(scale * xf + zero), -128, 127).to(torch.int8), scale, zero
