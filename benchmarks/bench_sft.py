@@ -1,0 +1,118 @@
+"""SFT with LoRA: fttk's loop + fused LoRA fast path vs TRL's SFTTrainer + peft. Same model, data, order, steps, adapters.
+
+Each side runs in its own subprocess (so peak RSS is its own); the parent prints, in one run:
+tokens/s and peak RSS as ratios (fttk / TRL), the per-step losses of both (they must agree), and MFU:
+achieved FLOP/s (6 N per token, N = all parameters) over this machine's measured fp32 and bf16 matmul peak
+on the same number of threads.
+
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/bench_sft.py            # default lab model
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/bench_sft.py --size test
+"""
+from __future__ import annotations
+import argparse, json, math, os, resource, subprocess, sys, tempfile, time, warnings
+
+import torch
+
+STEPS = {'test': 8, 'default': 30}
+
+
+def _rss_mb() -> float:
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
+    return float('nan')
+
+
+def _canonical(name: str) -> str:
+    return name.replace('base_model.model.', '', 1).replace('.default', '')
+
+
+def _init_adapters(model, seed: int = 1):
+    "Give both sides the same adapter weights: A random (seeded per layer, by canonical name), B small random (a real update)."
+    g = torch.Generator().manual_seed(seed)
+    params = sorted(((n, p) for n, p in model.named_parameters() if 'lora_' in n), key=lambda t: _canonical(t[0]))
+    with torch.no_grad():
+        for n, p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * (1 / math.sqrt(p.shape[1]) if 'lora_A' in n else 1e-3))
+    return len(params)
+
+
+def side(kind: str, size: str, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    warnings.simplefilter('ignore')
+    from fttk.world import base_model, lab_world
+    from fttk.lora import LoRAConfig, inject_lora, peft_lora_config
+    from fttk.sft import SFTConfig, sft_train, trl_train, prepare_sft_data
+    model, tok = base_model(size, progress=False)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = [r for r in lab_world(size).instruction_rows() if r['task'] == 'qa']
+    lcfg = LoRAConfig(target_modules='all-linear', r=16, lora_alpha=32)
+    out = tempfile.mkdtemp()
+    cfg = SFTConfig(output_dir=out, learning_rate=2e-3, max_steps=steps, per_device_train_batch_size=16, warmup_ratio=0.1,
+                    max_length=192, seed=0, shuffle=False, use_fast_lora=(kind == 'fttk'))
+    examples, _ = prepare_sft_data(rows, tok, cfg.max_length)
+    n_tok = sum(len(e['input_ids']) for e in examples[:steps * cfg.per_device_train_batch_size])
+    rss0 = _rss_mb()
+    if kind == 'fttk':
+        inject_lora(model, lcfg); _init_adapters(model)
+        res = sft_train(model, tok, rows, cfg, progress=False)
+        seconds, losses = res['seconds'], [r['loss'] for r in res['log']]
+    else:
+        from peft import get_peft_model
+        model = get_peft_model(model, peft_lora_config(lcfg)); _init_adapters(model)
+        res = trl_train(model, tok, rows, cfg)
+        seconds = next(r['train_runtime'] for r in res['trainer'].state.log_history if 'train_runtime' in r)
+        losses = [r['loss'] for r in res['log']]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {'kind': kind, 'seconds': seconds, 'tokens': n_tok, 'tokens_per_s': n_tok / seconds, 'losses': losses,
+            'peak_rss_mb': peak, 'rss_before_train_mb': rss0, 'n_params': n_params, 'threads': torch.get_num_threads()}
+
+
+def matmul_peak(dtype, threads: int, n: int = 1024, reps: int = 10) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2): a @ b
+    best = float('inf')
+    for _ in range(reps):
+        t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--size', default='default', choices=['test', 'default'])
+    ap.add_argument('--steps', type=int, default=None)
+    ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--side', default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    steps = a.steps or STEPS[a.size]
+    if a.side:
+        print('RESULT ' + json.dumps(side(a.side, a.size, steps, a.threads))); return
+    env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads)}
+    res = {}
+    for kind in ('fttk', 'trl'):
+        p = subprocess.run([sys.executable, __file__, '--size', a.size, '--steps', str(steps), '--threads', str(a.threads), '--side', kind],
+                           env=env, capture_output=True, text=True)
+        line = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
+        if p.returncode or not line: sys.exit(f"{kind} side failed:\n{p.stderr[-3000:]}")
+        res[kind] = json.loads(line[0][7:])
+    f, t = res['fttk'], res['trl']
+    dl = max(abs(x - y) for x, y in zip(f['losses'], t['losses']))
+    print(f"SFT LoRA r=16 all-linear, lab model '{a.size}' ({f['n_params']/1e6:.2f}M params), {steps} steps x 16 chats, "
+          f"{f['tokens']} tokens, {a.threads} thread(s)")
+    print(f"{'':22}{'fttk loop + fast LoRA':>24}{'TRL SFTTrainer + peft':>24}{'ratio':>8}")
+    print(f"{'tokens/s':22}{f['tokens_per_s']:24.0f}{t['tokens_per_s']:24.0f}{f['tokens_per_s']/t['tokens_per_s']:8.2f}x")
+    print(f"{'peak RSS (MB)':22}{f['peak_rss_mb']:24.0f}{t['peak_rss_mb']:24.0f}{f['peak_rss_mb']/t['peak_rss_mb']:8.2f}x")
+    df, dt = f['peak_rss_mb'] - f['rss_before_train_mb'], t['peak_rss_mb'] - t['rss_before_train_mb']
+    print(f"{'RSS growth in train':22}{df:24.0f}{dt:24.0f}{df/max(dt, 1e-9):8.2f}x")
+    print(f"{'final loss':22}{f['losses'][-1]:24.5f}{t['losses'][-1]:24.5f}")
+    print(f"max |loss difference| over {len(f['losses'])} steps: {dl:.2e}")
+    fp32, bf16 = matmul_peak(torch.float32, a.threads), matmul_peak(torch.bfloat16, a.threads)
+    for name, r in (('fttk', f), ('TRL', t)):
+        achieved = 6 * r['n_params'] * r['tokens_per_s']
+        print(f"MFU {name:5}: {achieved/1e9:6.2f} GFLOP/s (6N/token) = {achieved/fp32:6.1%} of fp32 matmul peak "
+              f"({fp32/1e9:.1f} GFLOP/s), {achieved/bf16:6.1%} of bf16 peak ({bf16/1e9:.1f} GFLOP/s)")
+
+
+if __name__ == '__main__':
+    main()
