@@ -173,3 +173,17 @@ def test_sigkill_resume_identical(tmp_path):
     la = [(r['step'], r['loss']) for r in RunFolder(tmp_path/'full').read_metrics()]
     lb = [(r['step'], r['loss']) for r in run.read_metrics()]
     assert la == lb
+
+def test_sft_demo_writes_plot_and_markdown(tmp_path):
+    from fttk.sft import sft_demo
+    lines = sft_demo(tmp_path, 'test', max_steps=4)
+    assert lines[0] == '## Supervised fine-tuning (LoRA)' and any('QA exact match' in l for l in lines)
+    assert (tmp_path/'plots'/'sft_loss.png').stat().st_size > 1000
+    assert RunFolder(tmp_path/'sft').latest_checkpoint().name == 'step_000004'
+
+def test_first_sentence_and_fmt_errors(lab):
+    from fttk.sft import first_sentence, few_shot_curve
+    assert first_sentence('A was born in B. A works at C.\nmore') == 'A was born in B.'
+    assert first_sentence('  born on May 3, 1990\nX') == 'born on May 3, 1990'
+    model, tok, rows = lab
+    with pytest.raises(ValueError, match="fmt must be 'chat' or 'text'"): few_shot_curve(model, tok, [], _qa(rows, 8), fmt='json')
