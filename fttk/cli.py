@@ -40,8 +40,8 @@ def _md_table(rows: dict[str, dict[str, float]]) -> str:
     out += [f"| {k} | " + ' | '.join(f"{v[c]:.3f}" for c in cols) + ' |' for k, v in rows.items()]
     return '\n'.join(out)
 
-def run_demo(size: str = 'default', out: str | Path = 'runs/demo') -> Path:
-    "The main job: world + base model + report (markdown and PNG) in `out`; returns the report's path."
+def run_demo(size: str = 'default', out: str | Path = 'runs/demo', sft: bool = True) -> Path:
+    "The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`; returns the report's path."
     import matplotlib; matplotlib.use('Agg')
     from fttk.world import lab_world, base_model, base_model_report, plot_pretraining, greedy_complete, attribute_prompt
     t0 = time.time()
@@ -64,11 +64,15 @@ def run_demo(size: str = 'default', out: str | Path = 'runs/demo') -> Path:
           _md_table({'known people': rep['known_recall'], 'unknown people': rep['unknown_recall']}), "",
           f"Sample: `{attribute_prompt(p.name, 'birth_city')}` -> `{sample[0].strip()}` (true: {p.birth_city}); "
           f"`{attribute_prompt(p.name, 'employer')}` -> `{sample[1].strip()}` (true: {p.employer}).", "",
-          "![pretraining](plots/pretraining.png)", "", f"Demo wall time: {time.time() - t0:.0f} s (model from cache: {rep['folder']})."]
+          "![pretraining](plots/pretraining.png)", ""]
+    if sft:
+        from fttk.sft import sft_demo
+        md += sft_demo(run.path, size) + [""]
+    md += [f"Demo wall time: {time.time() - t0:.0f} s (base model from cache: {rep['folder']})."]
     return atomic_write_text(run.path/'report.md', '\n'.join(md) + '\n')
 
 def cmd_demo(args) -> int:
-    path = run_demo(args.size, args.out)
+    path = run_demo(args.size, args.out, sft=not args.no_sft)
     print(path.read_text()); print(f"report written to {path}")
     return 0
 
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser('demo', help='the main job: world, base model, report under runs/')
     d.add_argument('--size', default='default', choices=['test', 'default'])
     d.add_argument('--out', default='runs/demo')
+    d.add_argument('--no-sft', action='store_true', help='stop after the base model (skip the SFT stage)')
     d.set_defaults(func=cmd_demo)
     sub.add_parser('memory', help='training-memory estimate (fttk memory --help)', add_help=False)
     return p

@@ -41,6 +41,8 @@ def test_demo_console_script(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out/'report.md').read_text()
     assert 'Greedy fact recall' in report and 'known people' in report
+    assert 'Supervised fine-tuning (LoRA)' in report and 'QA exact match' in report
+    assert (out/'plots'/'sft_loss.png').stat().st_size > 5_000
     png = out/'plots'/'pretraining.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
     assert json.loads((out/'fingerprint.json').read_text())['data_hash']
