@@ -435,7 +435,7 @@ def _load_folder(folder: Path):
     model.eval()
     return model, tokenizer
 
-def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = True, eval_every: int = 10) -> dict:
+def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = True, eval_every: int = 2) -> dict:
     "Build the world, tokenizer and pretrained model of `cfg` into `folder` (a plain `save_pretrained` folder) and return its report."
     from transformers import LlamaForCausalLM
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
