@@ -179,7 +179,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad: raise TypeError(f"save_tensors takes tensors only; not tensors: {bad}")
     # safetensors refuses shared storage and non-contiguous views: store independent copies
-    tensors = {k: v.detach().contiguous().clone() if v.data_ptr() else v.detach().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 def load_tensors(path: str | Path, device: str = 'cpu') -> dict[str, torch.Tensor]:

@@ -491,9 +491,10 @@ def base_model(size: str | BaseModelConfig = 'default', progress: bool = True, r
 
 def base_model_report(size: str = 'default') -> dict:
     "The build report (time, recall, loss) and pretraining log of a cached lab model (builds it if needed)."
-    base_model(size, progress=False)
     cfg = SIZES[_check_size(size)]
     folder = _cache_folder(size, cfg, World(cfg.world_config()))
+    try: _verify(folder)                         # cached and intact: no need to load the weights
+    except CorruptFileError: base_model(size, progress=False)   # builds (or repairs) it
     rep = json.loads((folder/'report.json').read_text())
     rep['log'] = RunFolder(folder/'pretraining').read_metrics()
     rep['folder'] = str(folder)
