@@ -1,6 +1,7 @@
 """fttk's fused LoRA fast path vs peft LoRA: same model, same batch, same seed.
 
-Prints, side by side in one process: training-step time (median of interleaved steps), bytes of
+Prints, side by side in one process: training-step time (median of interleaved steps, with the floor: the
+same step on the model with no LoRA at all, which bounds any LoRA's speed-up over peft), bytes of
 activations saved for backward (torch.autograd.graph.saved_tensors_hooks, parameters excluded, each
 storage counted once), the loss of every step (must agree to 1e-5), and peak RSS of each side measured
 in its own subprocess so the two runs cannot contaminate each other.
@@ -49,9 +50,13 @@ def build(kind: str, size: str):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             model = get_peft_model(model, peft_lora_config(CFG))
+    elif kind == 'bound':      # no LoRA at all: the frozen model's forward and input-gradient backward, the floor under any LoRA
+        for p in model.parameters(): p.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)    # cheapest way to make backward run through every layer
+        return model, torch.optim.SGD([model.get_input_embeddings().weight], lr=0.0), desc
     else:
         inject_lora(model, CFG)
-        enable_fast_lora(model)
+        model.fttk_fast = enable_fast_lora(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     return model, opt, desc
 
@@ -90,21 +95,22 @@ def main():
     a = ap.parse_args()
     if a.rss_child: return rss_child(a.rss_child, a.size)
     torch.set_num_threads(1)
-    (mp, op, desc), (mf, of, _) = build('peft', a.size), build('fast', a.size)
+    (mp, op, desc), (mf, of, _), (mb, ob, _) = build('peft', a.size), build('fast', a.size), build('bound', a.size)
     ids = batch(a.size, mf.config.vocab_size)
     print(f"model: {desc}; batch {tuple(ids.shape)}; LoRA r={CFG.r} alpha={CFG.lora_alpha} on all linear layers; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; fused: {mf.fttk_fast}")
 
     with count_saved_bytes(mp) as sp: lp = mp(input_ids=ids, labels=ids).loss
     with count_saved_bytes(mf) as sf: lf = mf(input_ids=ids, labels=ids).loss
     del lp, lf
 
-    tp, tf, losses = [], [], []
+    tp, tf, tb, losses = [], [], [], []
     for i in range(SIZES[a.size]['steps'] + 2):       # interleaved, first two are warm-up
         t0 = time.perf_counter(); l1 = step(mp, op, ids); t1 = time.perf_counter()
         l2 = step(mf, of, ids); t2 = time.perf_counter()
+        step(mb, ob, ids); t3 = time.perf_counter()
         losses.append((l1, l2))
-        if i >= 2: tp.append(t1 - t0); tf.append(t2 - t1)
+        if i >= 2: tp.append(t1 - t0); tf.append(t2 - t1); tb.append(t3 - t2)
     dl = max(abs(x - y) for x, y in losses)
 
     rss = {}
@@ -114,8 +120,10 @@ def main():
         rss[kind] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
         if out.returncode: print(out.stderr[-2000:])
 
-    mp_, mf_ = statistics.median(tp), statistics.median(tf)
+    mp_, mf_, mb_ = statistics.median(tp), statistics.median(tf), statistics.median(tb)
     print(f"step time (median of {len(tp)})  peft {mp_*1e3:8.1f} ms   fast {mf_*1e3:8.1f} ms   speed-up x{mp_/mf_:.2f}  (goal >= 1.2)")
+    print(f"  floor: the same step with no LoRA at all {mb_*1e3:.1f} ms, so no LoRA can beat peft by more than x{mp_/mb_:.2f};"
+          f" LoRA's own cost: peft {(mp_-mb_)*1e3:.1f} ms, fast {(mf_-mb_)*1e3:.1f} ms (x{(mp_-mb_)/max(mf_-mb_, 1e-9):.2f} less)")
     print(f"saved activations         peft {sp['bytes']/2**20:8.2f} MiB  fast {sf['bytes']/2**20:8.2f} MiB  ratio {sf['bytes']/sp['bytes']:.2f}  (goal <= 0.7)"
           f"   [{sp['tensors']} vs {sf['tensors']} tensors]")
     if rss['peft'] and rss['fast']:
@@ -124,7 +132,7 @@ def main():
               f"  growth during 3 steps: peft {(P['peak']-P['before'])/2**20:.1f} MiB, fast {(Q['peak']-Q['before'])/2**20:.1f} MiB")
     print(f"loss per step: max |peft - fast| = {dl:.2e} over {len(losses)} AdamW steps (goal <= 1e-5); "
           f"first {losses[0][0]:.6f} / {losses[0][1]:.6f}, last {losses[-1][0]:.6f} / {losses[-1][1]:.6f}")
-    return {'speedup': mp_ / mf_, 'saved_ratio': sf['bytes'] / sp['bytes'], 'max_loss_diff': dl}
+    return {'speedup': mp_ / mf_, 'floor_speedup': mp_ / mb_, 'saved_ratio': sf['bytes'] / sp['bytes'], 'max_loss_diff': dl}
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/lora.html.md"""
 
 # %% ../nbs/03_lora.ipynb #afdec29a
 from __future__ import annotations
-import contextlib, json, math, re, types, warnings
+import contextlib, json, math, re, types, warnings, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,8 +21,8 @@ from .core import Config, ConfigError, atomic_write_text, load_tensors, save_ten
 __all__ = ['lora_param_count', 'LoRAConfig', 'base_weight', 'LoRALinear', 'lora_layers', 'find_target_modules', 'inject_lora',
            'trainable_parameters', 'merge_lora', 'unmerge_lora', 'unload_lora', 'lora_disabled', 'peft_lora_config',
            'from_peft_name', 'loraplus_param_groups', 'lora_state_dict', 'save_adapter', 'read_adapter_config',
-           'load_adapter', 'LoRALinearFunction', 'LoRAMLPFunction', 'enable_fast_lora', 'count_saved_bytes',
-           'lowrank_task', 'fit_lora']
+           'load_adapter', 'LoRALinearFunction', 'LoRAMLPFunction', 'NormLoRAQKVFunction', 'enable_fast_lora',
+           'count_saved_bytes', 'lowrank_task', 'fit_lora']
 
 # %% ../nbs/03_lora.ipynb #38c87d81
 def lora_param_count(d_in: int, d_out: int, r: int) -> int:
@@ -109,6 +109,7 @@ class LoRALinear(nn.Module):
             with torch.no_grad(): m = self.weight_norm(base_weight(base_layer).to(self.lora_A.weight.dtype))
             self.lora_magnitude_vector = nn.Parameter(m)
         self.merged, self.disabled, self.fast = False, False, False
+        self._pre_norm = ()     # set by enable_fast_lora when it folds the RMSNorm before q/k/v into this layer
 
     def delta_weight(self) -> torch.Tensor:
         "The update s B A as a dense (out, in) matrix."
@@ -119,6 +120,12 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(W0 if delta is None else W0 + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pre_norm:                     # the RMSNorm before this layer was folded in (see enable_fast_lora)
+            hit = _qkv_stash.pop(self, None)
+            if hit is not None and hit[0] is x: return hit[1]    # k or v, already computed by q's fused call
+            qkv = getattr(self, '_qkv', None)
+            if qkv is not None and all(_fused_ok(m) for m in qkv): return _fused_qkv(qkv, self._pre_norm[0], x)
+            x = _call_norm(self._pre_norm[0], x)
         if self.merged or self.disabled: return self.base_layer(x)
         if self.use_dora: return self._dora_forward(x)
         if self.fast and _fast_ok(self):
@@ -246,6 +253,7 @@ def unmerge_lora(model: nn.Module):
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     "Replace every `LoRALinear` by its base layer, merged first unless `merge=False` (peft's `merge_and_unload`)."
+    _unfold_norms(model)                                    # a folded RMSNorm must compute again without us
     for name, m in lora_layers(model).items():
         if merge and not m.merged: m.merge()
         _set_module(model, name, m.base_layer)
@@ -389,11 +397,12 @@ def _fast_ok(m: LoRALinear) -> bool:
 
 # %% ../nbs/03_lora.ipynb #698282c6
 class LoRAMLPFunction(torch.autograd.Function):
-    "down(silu(gate(x)) * up(x)) with three LoRA linears; keeps x, e, g and the thin x A^T products only."
+    "down(silu(gate(x)) * up(x)) with three LoRA linears; keeps x, e, g and the thin x A^T products only (optionally RMSNorm-ed first)."
     @staticmethod
-    def forward(ctx, x, Wg, Ag, Bg, sg, Wu, Au, Bu, su, Wd, Ad, Bd, sd):
+    def forward(ctx, x, Wg, Ag, Bg, sg, Wu, Au, Bu, su, Wd, Ad, Bd, sd, norm_weight=None, eps=1e-6):
         shape = x.shape
-        X = x.reshape(-1, shape[-1])
+        R = x.reshape(-1, shape[-1])
+        X, rho = _rms_norm(R, norm_weight, eps) if norm_weight is not None else (R, None)
         XAg, XAu = X @ Ag.t(), X @ Au.t()
         e = (X @ Wg.t()).addmm_(XAg, Bg.t(), alpha=sg)
         g = (X @ Wu.t()).addmm_(XAu, Bu.t(), alpha=su)
@@ -401,13 +410,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         HAd = h @ Ad.t()
         out = (h @ Wd.t()).addmm_(HAd, Bd.t(), alpha=sd)
         ctx.s, ctx.shape = (sg, su, sd), shape
-        ctx.save_for_backward(X, e, g, XAg, XAu, HAd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
+        # with the norm folded in, keep its input R and rho, not X; if no gradient flows to x, X alone is enough
+        keep = (R, rho, norm_weight) if norm_weight is not None and ctx.needs_input_grad[0] else (X, None, None)
+        ctx.save_for_backward(*keep, e, g, XAg, XAu, HAd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dout):
-        X, e, g, XAg, XAu, HAd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = ctx.saved_tensors
+        R, rho, nw, e, g, XAg, XAu, HAd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = ctx.saved_tensors
         sg, su, sd = ctx.s
+        X = nw * (R.to(rho.dtype) * rho).to(R.dtype) if nw is not None else R      # recomputed, not kept
         G = dout.reshape(-1, dout.shape[-1])
         sig = torch.sigmoid(e)
         se = e * sig                                           # silu(e), recomputed instead of kept
@@ -421,21 +433,121 @@ class LoRAMLPFunction(torch.autograd.Function):
         dAg, dBg = torch.mm(deB.t(), X).mul_(sg), torch.mm(de.t(), XAg).mul_(sg)
         dAu, dBu = torch.mm(dgB.t(), X).mul_(su), torch.mm(dg.t(), XAu).mul_(su)
         dX = (de @ Wg).addmm_(deB, Ag, alpha=sg).addmm_(dg, Wu).addmm_(dgB, Au, alpha=su)
-        return dX.view(ctx.shape), None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None
+        if nw is not None: dX = _rms_norm_backward(dX, R, rho, nw)
+        return dX.view(ctx.shape), None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None, None, None
 
 def _is_silu(act) -> bool: return isinstance(act, nn.SiLU) or type(act).__name__ in ('SiLUActivation', 'SiLU')
 
+def _fused_ok(m, bias_ok: bool = True) -> bool:
+    "This LoRA layer can go through a fused function right now (no dropout in training, not merged or disabled)."
+    return (isinstance(m, LoRALinear) and m.fast and _fast_ok(m) and (bias_ok or m.base_layer.bias is None) and not m.merged
+            and not m.disabled and (isinstance(m.lora_dropout, nn.Identity) or not m.training))
+
 def _fast_mlp_forward(self, x):
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
-    ok = all(isinstance(m, LoRALinear) and m.fast and _fast_ok(m) and m.base_layer.bias is None and not m.merged
-             and not m.disabled and (isinstance(m.lora_dropout, nn.Identity) or not m.training) for m in (g, u, d))
-    if not ok: return type(self).forward(self, x)
+    norm = self._pre_norm[0] if getattr(self, '_pre_norm', ()) else None
+    if not all(_fused_ok(m, bias_ok=False) for m in (g, u, d)):
+        return type(self).forward(self, _call_norm(norm, x) if norm is not None else x)
+    nw, eps = (norm.weight, norm.variance_epsilon) if norm is not None else (None, 1e-6)
     return LoRAMLPFunction.apply(x, g.base_layer.weight, g.lora_A.weight, g.lora_B.weight, g.scaling,
                                  u.base_layer.weight, u.lora_A.weight, u.lora_B.weight, u.scaling,
-                                 d.base_layer.weight, d.lora_A.weight, d.lora_B.weight, d.scaling)
+                                 d.base_layer.weight, d.lora_A.weight, d.lora_B.weight, d.scaling, nw, eps)
 
-def enable_fast_lora(model: nn.Module, enable: bool = True) -> dict[str, int]:
-    "Route LoRA layers (and SwiGLU MLPs whose three projections are LoRA) through the fused functions."
+# %% ../nbs/03_lora.ipynb #003d9164
+def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    "LlamaRMSNorm with the same roundings (float32 inside; float64 stays float64): returns (w * r * rho, rho)."
+    rf = r if r.dtype == torch.float64 else r.float()
+    rho = torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * (rf * rho).to(r.dtype), rho
+
+def _rms_norm_backward(dxhat: torch.Tensor, r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    g, r_hat = (dxhat * w).to(rho.dtype), r.to(rho.dtype) * rho
+    return ((g - r_hat * (g * r_hat).mean(-1, keepdim=True)) * rho).to(r.dtype)
+
+class NormLoRAQKVFunction(torch.autograd.Function):
+    "q, k, v = three LoRA linears of RMSNorm(x); keeps x, rho and the thin x A^T products."
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, Wq, bq, Aq, Bq, sq, Wk, bk, Ak, Bk, sk, Wv, bv, Av, Bv, sv):
+        shape = x.shape
+        R = x.reshape(-1, shape[-1])
+        X, rho = _rms_norm(R, norm_weight, eps)
+        outs, XAs = [], []
+        for W, b, A, B, s in ((Wq, bq, Aq, Bq, sq), (Wk, bk, Ak, Bk, sk), (Wv, bv, Av, Bv, sv)):
+            XA = X @ A.t(); XAs.append(XA)
+            Y = torch.addmm(b, X, W.t()) if b is not None else X @ W.t()
+            outs.append(Y.addmm_(XA, B.t(), alpha=s).view(*shape[:-1], -1))
+        ctx.s, ctx.shape = (sq, sk, sv), shape
+        keep = (R, rho, norm_weight) if ctx.needs_input_grad[0] else (X, None, None)   # as in LoRAMLPFunction
+        ctx.save_for_backward(*keep, *XAs, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        R, rho, nw, XAq, XAk, XAv, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv = ctx.saved_tensors
+        X = nw * (R.to(rho.dtype) * rho).to(R.dtype) if nw is not None else R
+        grads, dX = [], None
+        for dY, XA, W, A, B, s in ((dq, XAq, Wq, Aq, Bq, ctx.s[0]), (dk, XAk, Wk, Ak, Bk, ctx.s[1]), (dv, XAv, Wv, Av, Bv, ctx.s[2])):
+            if dY is None: grads += [None, None]; continue     # an output that did not reach the loss
+            G = dY.reshape(-1, dY.shape[-1])
+            GB = G @ B
+            grads += [torch.mm(GB.t(), X).mul_(s), torch.mm(G.t(), XA).mul_(s)]
+            if ctx.needs_input_grad[0]:
+                dX = G @ W if dX is None else dX.addmm_(G, W)
+                dX.addmm_(GB, A, alpha=s)
+        dx = _rms_norm_backward(dX, R, rho, nw).view(ctx.shape) if ctx.needs_input_grad[0] and dX is not None else None
+        return (dx, None, None, None, None, grads[0], grads[1], None, None, None, grads[2], grads[3], None,
+                None, None, grads[4], grads[5], None)
+
+_qkv_stash = weakref.WeakKeyDictionary()     # k_proj / v_proj -> (input, output) from q_proj's fused call
+
+def _fused_qkv(qkv, norm, x):
+    args = []
+    for m in qkv: args += [m.base_layer.weight, m.base_layer.bias, m.lora_A.weight, m.lora_B.weight, m.scaling]
+    q, k, v = NormLoRAQKVFunction.apply(x, norm.weight, norm.variance_epsilon, *args)
+    _qkv_stash[qkv[1]], _qkv_stash[qkv[2]] = (x, k), (x, v)
+    return q
+
+def _call_norm(norm, x): return type(norm).forward(norm, x)     # the class's forward, past the identity patch
+
+def _identity_forward(self, x): return x
+
+# %% ../nbs/03_lora.ipynb #e6f69c75
+_FOLD_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
+
+def _foldable_norm(norm) -> bool:
+    w = getattr(norm, 'weight', None)
+    if not (type(norm).__name__.endswith('RMSNorm') and isinstance(w, nn.Parameter) and not w.requires_grad
+            and w.dim() == 1 and hasattr(norm, 'variance_epsilon')): return False
+    probe = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w)
+    # equal for float32/bf16; a float64 model differs by HF's float32 rounding, which we do not copy
+    with torch.no_grad(): return torch.allclose(_call_norm(norm, probe), _rms_norm(probe, w, norm.variance_epsilon)[0], rtol=1e-5, atol=1e-6)
+
+def _unfold_norms(model: nn.Module):
+    for mod in model.modules():
+        if '_fttk_folded' in mod.__dict__: del mod.forward, mod._fttk_folded
+        if isinstance(mod, LoRALinear): mod._pre_norm = ()
+        elif '_pre_norm' in mod.__dict__: del mod._pre_norm
+        if '_qkv' in mod.__dict__: del mod._qkv
+
+def _fold_norms(model: nn.Module) -> int:
+    if getattr(getattr(model, 'config', None), 'model_type', None) not in _FOLD_MODEL_TYPES: return 0
+    n = 0
+    for layer in list(model.modules()):
+        n1, attn = getattr(layer, 'input_layernorm', None), getattr(layer, 'self_attn', None)
+        qkv = tuple(getattr(attn, k, None) for k in ('q_proj', 'k_proj', 'v_proj'))
+        if all(isinstance(m, LoRALinear) and _fast_ok(m) for m in qkv) and _foldable_norm(n1):
+            for m in qkv: m._pre_norm = (n1,)
+            qkv[0]._qkv = qkv
+            n1.forward, n1._fttk_folded = types.MethodType(_identity_forward, n1), True; n += 1
+        n2, mlp = getattr(layer, 'post_attention_layernorm', None), getattr(layer, 'mlp', None)
+        if mlp is not None and 'forward' in mlp.__dict__ and _foldable_norm(n2):   # the fused MLP is on
+            mlp._pre_norm = (n2,)
+            n2.forward, n2._fttk_folded = types.MethodType(_identity_forward, n2), True; n += 1
+    return n
+
+def enable_fast_lora(model: nn.Module, enable: bool = True, fold_norms: bool = True) -> dict[str, int]:
+    "Route LoRA layers (and SwiGLU MLPs whose three projections are LoRA) through the fused functions; fold RMSNorms in."
+    _unfold_norms(model)
     n_lin = n_mlp = 0
     for m in lora_layers(model).values():
         m.fast = enable; n_lin += enable and _fast_ok(m)
@@ -444,7 +556,7 @@ def enable_fast_lora(model: nn.Module, enable: bool = True) -> dict[str, int]:
            and _is_silu(getattr(mod, 'act_fn', None)):
             if enable: mod.forward = types.MethodType(_fast_mlp_forward, mod); n_mlp += 1
             elif 'forward' in mod.__dict__: del mod.forward
-    return {'linear': n_lin, 'mlp': n_mlp}
+    return {'linear': n_lin, 'mlp': n_mlp, 'norm': _fold_norms(model) if enable and fold_norms else 0}
 
 # %% ../nbs/03_lora.ipynb #2b159e9c
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fttk.core import ConfigError, set_seed
-from fttk.lora import (LoRAConfig, LoRALinear, LoRALinearFunction, LoRAMLPFunction, count_saved_bytes, enable_fast_lora,
+from fttk.lora import (LoRAConfig, LoRALinear, LoRALinearFunction, LoRAMLPFunction, NormLoRAQKVFunction, count_saved_bytes, enable_fast_lora,
                        find_target_modules, from_peft_name, inject_lora, load_adapter, lora_disabled, lora_layers,
                        lora_param_count, loraplus_param_groups, merge_lora, peft_lora_config, read_adapter_config,
                        save_adapter, trainable_parameters, unload_lora, unmerge_lora)
@@ -219,22 +219,93 @@ def test_fast_path_equals_autograd_path(dropout):
     cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear', lora_dropout=dropout, init_lora_weights=False)
     set_seed(1); slow = inject_lora(copy.deepcopy(base), cfg).train()
     set_seed(1); fast = inject_lora(copy.deepcopy(base), cfg).train()
-    counts = enable_fast_lora(fast)
-    assert counts == {'linear': 14, 'mlp': 2}
+    counts = enable_fast_lora(fast, fold_norms=False)
+    assert counts == {'linear': 14, 'mlp': 2, 'norm': 0}
     set_seed(7); ls = slow(IDS, labels=IDS).loss; ls.backward()
     set_seed(7); lf = fast(IDS, labels=IDS).loss; lf.backward()
     assert abs(ls.item() - lf.item()) < 1e-10
     assert max_diff(grads(slow), grads(fast)) < 1e-10
 
 
+def test_gradcheck_folded_norm_functions():
+    set_seed(0)
+    d = dict(dtype=torch.float64)
+    nw, x = torch.rand(4, **d) + 0.5, torch.randn(3, 2, 4, **d, requires_grad=True)
+    Ws = [(torch.randn(o, 4, **d), torch.randn(o, **d) if o != 2 else None) for o in (4, 2, 2)]
+    ABs = [(torch.randn(2, 4, **d, requires_grad=True), torch.randn(o, 2, **d, requires_grad=True)) for o in (4, 2, 2)]
+    def qkv(x, *ab):
+        args = []
+        for (W, b), A, B, s in zip(Ws, ab[0::2], ab[1::2], (0.5, 2.0, 1.0)): args += [W, b, A, B, s]
+        q, k, v = NormLoRAQKVFunction.apply(x, nw, 1e-6, *args)
+        return q.sum() + (k * k).sum() + (v ** 3).sum()
+    assert torch.autograd.gradcheck(qkv, (x, *[t for ab in ABs for t in ab]))
+    Wm = [torch.randn(6, 4, **d), torch.randn(6, 4, **d), torch.randn(4, 6, **d)]
+    ABm = [(torch.randn(2, i, **d, requires_grad=True), torch.randn(o, 2, **d, requires_grad=True)) for o, i in ((6, 4), (6, 4), (4, 6))]
+    mlp = lambda x, *ab: LoRAMLPFunction.apply(x, Wm[0], ab[0], ab[1], 0.5, Wm[1], ab[2], ab[3], 2.0, Wm[2], ab[4], ab[5], 1.0, nw, 1e-6)
+    assert torch.autograd.gradcheck(mlp, (x, *[t for ab in ABm for t in ab]))
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.2])
+def test_folded_norms_equal_autograd_in_float32(dropout):
+    base = tiny(dtype=torch.float32)
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear', lora_dropout=dropout, init_lora_weights=False)
+    set_seed(1); slow = inject_lora(copy.deepcopy(base), cfg).train()
+    set_seed(1); fast = inject_lora(copy.deepcopy(base), cfg).train()
+    assert enable_fast_lora(fast) == {'linear': 14, 'mlp': 2, 'norm': 4}
+    set_seed(7); ls = slow(IDS, labels=IDS).loss; ls.backward()
+    set_seed(7); lf = fast(IDS, labels=IDS).loss; lf.backward()
+    assert abs(ls.item() - lf.item()) < 1e-6
+    gs, gf = grads(slow), grads(fast)
+    assert max((gs[k] - gf[k]).abs().max().item() / gs[k].abs().max().item() for k in gs) < 1e-4
+
+
+def test_folding_undone_by_disable_unload_and_survives_deepcopy():
+    base = tiny(dtype=torch.float32)
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear', init_lora_weights=False)
+    ref = inject_lora(copy.deepcopy(base), cfg)
+    with torch.no_grad(): want = ref(IDS).logits
+    m = copy.deepcopy(ref); enable_fast_lora(m)
+    folded = [n for n, mod in m.named_modules() if '_fttk_folded' in mod.__dict__]
+    assert folded == ['model.layers.0.input_layernorm', 'model.layers.0.post_attention_layernorm',
+                      'model.layers.1.input_layernorm', 'model.layers.1.post_attention_layernorm']
+    with torch.no_grad(): assert torch.allclose(m(IDS).logits, want, atol=1e-5)
+    c = copy.deepcopy(m)                                       # the copy's q_proj points at the copy's k, v and norm
+    q = c.model.layers[0].self_attn.q_proj
+    assert q._qkv[1] is c.model.layers[0].self_attn.k_proj and q._pre_norm[0] is c.model.layers[0].input_layernorm
+    with torch.no_grad(): assert torch.allclose(c(IDS).logits, want, atol=1e-5)
+    enable_fast_lora(m, False)
+    assert not any('_fttk_folded' in mod.__dict__ or 'forward' in mod.__dict__ for mod in m.modules())
+    with torch.no_grad(): assert torch.equal(m(IDS).logits, want)
+    plain = unload_lora(c, merge=False)
+    assert not any('_fttk_folded' in mod.__dict__ for mod in plain.modules())
+    with torch.no_grad(): assert torch.equal(plain(IDS).logits, base(IDS).logits)
+
+
+def test_no_folding_where_it_cannot_be_checked():
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear')
+    m = inject_lora(tiny(dtype=torch.float32), cfg)
+    m.config.model_type = 'gemma'                             # a decoder layer we have not verified
+    assert enable_fast_lora(m)['norm'] == 0
+    m = inject_lora(tiny(dtype=torch.float32), LoRAConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj']))
+    assert enable_fast_lora(m) == {'linear': 4, 'mlp': 0, 'norm': 0}     # k_proj has no adapter: nothing to fold into
+    m = inject_lora(tiny(dtype=torch.float32), cfg)
+    m.model.layers[0].input_layernorm.weight.requires_grad_(True)        # a trained norm stays where it is
+    assert enable_fast_lora(m)['norm'] == 3
+
+
 def test_fast_path_saves_fewer_activation_bytes():
     base = tiny(dtype=torch.float32).train()
     cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear')
-    slow, fast = inject_lora(copy.deepcopy(base), cfg), inject_lora(copy.deepcopy(base), cfg)
-    enable_fast_lora(fast)
+    slow, fast, nofold = (inject_lora(copy.deepcopy(base), cfg) for _ in range(3))
+    enable_fast_lora(fast); enable_fast_lora(nofold, fold_norms=False)
     with count_saved_bytes(slow) as s: slow(IDS, labels=IDS).loss
     with count_saved_bytes(fast) as f: fast(IDS, labels=IDS).loss
-    assert f['bytes'] < 0.9 * s['bytes'], (f, s)
+    with count_saved_bytes(nofold) as u: nofold(IDS, labels=IDS).loss
+    assert f['bytes'] < u['bytes'] < 0.9 * s['bytes'], (f, u, s)
+    # folding drops the normed N x d input of 3 of the 4 norms (N = 2 x 12 rows, d = 32, float32); the first norm's
+    # input is the embedding, which needs no gradient: there autograd keeps no norm state and the fold keeps x-hat as before
+    N, d = 24, 32
+    assert u['bytes'] - f['bytes'] == 3 * N * d * 4, (u, f)
 
 
 def test_loraplus_groups_match_peft():
