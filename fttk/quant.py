@@ -249,7 +249,7 @@ class NF4Tensor:
     def scales(self) -> torch.Tensor:
         "The fp32 absmax of every block (decoded from 8 bits when double-quantized)."
         if not self.double_quant: return self.absmax
-        return dequantize_blockwise_8bit(self.absmax, self.absmax2, self.dq_blocksize) + self.offset
+        return dequantize_blockwise_8bit(self.absmax, self.absmax2, self.dq_blocksize).add_(self.offset)   # fresh: add in place
 
     def dequantize(self) -> torch.Tensor: return dequantize_nf4(self)
 
