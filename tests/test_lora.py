@@ -213,18 +213,23 @@ def test_gradcheck_fast_functions():
     assert torch.autograd.gradcheck(fn, (x, *[t for ab in ABs for t in ab]))
 
 
+@pytest.mark.parametrize('fold', [False, True])
 @pytest.mark.parametrize('dropout', [0.0, 0.2])
-def test_fast_path_equals_autograd_path(dropout):
-    base = tiny(dtype=torch.float64)
+def test_fast_path_equals_autograd_path(dropout, fold):
+    # unfolded: float64 to 1e-10. A folded norm stays in float64 where HF's norm rounds to float32, so it is compared
+    # in float32, where both compute the same roundings
+    base = tiny(dtype=torch.float32 if fold else torch.float64)
     cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear', lora_dropout=dropout, init_lora_weights=False)
     set_seed(1); slow = inject_lora(copy.deepcopy(base), cfg).train()
     set_seed(1); fast = inject_lora(copy.deepcopy(base), cfg).train()
-    counts = enable_fast_lora(fast, fold_norms=False)
-    assert counts == {'linear': 14, 'mlp': 2, 'norm': 0}
+    counts = enable_fast_lora(fast, fold_norms=fold)
+    assert counts == {'linear': 14, 'mlp': 2, 'norm': 4 if fold else 0}
     set_seed(7); ls = slow(IDS, labels=IDS).loss; ls.backward()
     set_seed(7); lf = fast(IDS, labels=IDS).loss; lf.backward()
-    assert abs(ls.item() - lf.item()) < 1e-10
-    assert max_diff(grads(slow), grads(fast)) < 1e-10
+    gs, gf = grads(slow), grads(fast)
+    rel = max((gs[k] - gf[k]).abs().max().item() / gs[k].abs().max().item() for k in gs)
+    assert abs(ls.item() - lf.item()) < (1e-6 if fold else 1e-10)
+    assert rel < (1e-4 if fold else 1e-10), rel
 
 
 def test_gradcheck_folded_norm_functions():
@@ -243,20 +248,6 @@ def test_gradcheck_folded_norm_functions():
     ABm = [(torch.randn(2, i, **d, requires_grad=True), torch.randn(o, 2, **d, requires_grad=True)) for o, i in ((6, 4), (6, 4), (4, 6))]
     mlp = lambda x, *ab: LoRAMLPFunction.apply(x, Wm[0], ab[0], ab[1], 0.5, Wm[1], ab[2], ab[3], 2.0, Wm[2], ab[4], ab[5], 1.0, nw, 1e-6)
     assert torch.autograd.gradcheck(mlp, (x, *[t for ab in ABm for t in ab]))
-
-
-@pytest.mark.parametrize('dropout', [0.0, 0.2])
-def test_folded_norms_equal_autograd_in_float32(dropout):
-    base = tiny(dtype=torch.float32)
-    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear', lora_dropout=dropout, init_lora_weights=False)
-    set_seed(1); slow = inject_lora(copy.deepcopy(base), cfg).train()
-    set_seed(1); fast = inject_lora(copy.deepcopy(base), cfg).train()
-    assert enable_fast_lora(fast) == {'linear': 14, 'mlp': 2, 'norm': 4}
-    set_seed(7); ls = slow(IDS, labels=IDS).loss; ls.backward()
-    set_seed(7); lf = fast(IDS, labels=IDS).loss; lf.backward()
-    assert abs(ls.item() - lf.item()) < 1e-6
-    gs, gf = grads(slow), grads(fast)
-    assert max((gs[k] - gf[k]).abs().max().item() / gs[k].abs().max().item() for k in gs) < 1e-4
 
 
 def test_folding_undone_by_disable_unload_and_survives_deepcopy():
