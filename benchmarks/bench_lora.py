@@ -88,6 +88,19 @@ def rss_child(kind: str, size: str):
     print(json.dumps({'before': before, 'peak': peak}))
 
 
+def thin_products_ms(model, opt, ids, r: int, steps: int = 3) -> tuple[float, float]:
+    """ms per step in matrix products with a rank-r side, split into the four every LoRA backward needs
+    (X A^T, G B, (G B)^T X, G^T X A^T: plain mm) and the two that expand back to full width (addmm_ into Y and dX)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(steps): step(model, opt, ids)
+    need = expand = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ('aten::mm', 'aten::addmm_') and any(r in sh for sh in e.input_shapes if sh):
+            if e.key == 'aten::mm': need += e.self_cpu_time_total
+            else: expand += e.self_cpu_time_total
+    return need / steps / 1e3, expand / steps / 1e3
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--size', default='default', choices=list(SIZES))
@@ -124,6 +137,9 @@ def main():
     print(f"step time (median of {len(tp)})  peft {mp_*1e3:8.1f} ms   fast {mf_*1e3:8.1f} ms   speed-up x{mp_/mf_:.2f}  (goal >= 1.2)")
     print(f"  floor: the same step with no LoRA at all {mb_*1e3:.1f} ms, so no LoRA can beat peft by more than x{mp_/mb_:.2f};"
           f" LoRA's own cost: peft {(mp_-mb_)*1e3:.1f} ms, fast {(mf_-mb_)*1e3:.1f} ms (x{(mp_-mb_)/max(mf_-mb_, 1e-9):.2f} less)")
+    need, expand = thin_products_ms(mf, of, ids, CFG.r)
+    print(f"  torch.profiler: rank-{CFG.r} products in the fast step {need + expand:.1f} ms, of which {need:.1f} ms are the four every"
+          f" LoRA backward needs; floor + those = {mb_*1e3 + need:.1f} ms: no LoRA beats peft by more than x{mp_/(mb_ + need/1e3):.2f} here")
     print(f"saved activations         peft {sp['bytes']/2**20:8.2f} MiB  fast {sf['bytes']/2**20:8.2f} MiB  ratio {sf['bytes']/sp['bytes']:.2f}  (goal <= 0.7)"
           f"   [{sp['tensors']} vs {sf['tensors']} tensors]")
     if rss['peft'] and rss['fast']:
