@@ -120,7 +120,7 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(W0 if delta is None else W0 + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._pre_norm:                     # the RMSNorm before this layer was folded in (see enable_fast_lora)
+        if getattr(self, "_pre_norm", ()):      # the RMSNorm before this layer was folded in (see enable_fast_lora)
             hit = _qkv_stash.pop(self, None)
             if hit is not None and hit[0] is x: return hit[1]    # k or v, already computed by q's fused call
             qkv = getattr(self, '_qkv', None)
