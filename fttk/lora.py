@@ -419,7 +419,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     def backward(ctx, dout):
         R, rho, nw, e, g, XAg, XAu, HAd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = ctx.saved_tensors
         sg, su, sd = ctx.s
-        X = nw * (R.to(rho.dtype) * rho).to(R.dtype) if nw is not None else R      # recomputed, not kept
+        X = _rms_scale(R, rho, nw) if nw is not None else R      # recomputed, not kept
         G = dout.reshape(-1, dout.shape[-1])
         sig = torch.sigmoid(e)
         se = e * sig                                           # silu(e), recomputed instead of kept
@@ -458,7 +458,11 @@ def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tenso
     "LlamaRMSNorm with the same roundings (float32 inside; float64 stays float64): returns (w * r * rho, rho)."
     rf = r if r.dtype == torch.float64 else r.float()
     rho = torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * (rf * rho).to(r.dtype), rho
+    return _rms_scale(r, rho, w), rho
+
+def _rms_scale(r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    "w * r * rho with rho's precision inside: the norm's output, also rebuilt from (r, rho) in backward."
+    return w * (r.to(rho.dtype) * rho).to(r.dtype)
 
 def _rms_norm_backward(dxhat: torch.Tensor, r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     g, r_hat = (dxhat * w).to(rho.dtype), r.to(rho.dtype) * rho
@@ -484,7 +488,7 @@ class NormLoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         R, rho, nw, XAq, XAk, XAv, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv = ctx.saved_tensors
-        X = nw * (R.to(rho.dtype) * rho).to(R.dtype) if nw is not None else R
+        X = _rms_scale(R, rho, nw) if nw is not None else R
         grads, dX = [], None
         for dY, XA, W, A, B, s in ((dq, XAq, Wq, Aq, Bq, ctx.s[0]), (dk, XAk, Wk, Ak, Bk, ctx.s[1]), (dv, XAv, Wv, Av, Bv, ctx.s[2])):
             if dY is None: grads += [None, None]; continue     # an output that did not reach the loss

@@ -283,7 +283,7 @@ _PAIR_TABLE64 = _PAIR_TABLE.contiguous().view(torch.int64).view(-1)          # t
 _HUGE = 1 << 22                                                              # NumPy's own huge-page threshold, 4 MB
 
 def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
-    "An uninitialised 1-d tensor; big ones in huge pages (NumPy madvises them), so filling it faults 512x less often."
+    "An uninitialised 1-d tensor; big ones in 2 MiB huge pages (NumPy madvises them), 512x fewer pages to fault in than 4 KiB ones."
     nbytes = n * dtype.itemsize
     if nbytes < _HUGE: return torch.empty(n, dtype=dtype)
     return torch.from_numpy(np.empty(nbytes, np.uint8)).view(dtype)
