@@ -6,19 +6,21 @@ Docs: https://fttk.github.io/fttk/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #669494c7
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
 from .core import RunFolder, atomic_write_text, fingerprint
 
 # %% auto #0
-__all__ = ['cmd_world_build', 'cmd_info', 'run_demo', 'cmd_demo', 'cmd_memory', 'build_parser', 'main']
+__all__ = ['cmd_world_build', 'cmd_info', 'fresh_folder', 'run_demo', 'cmd_demo', 'cmd_memory', 'run_command', 'build_parser',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #58beaae3
 def cmd_world_build(args) -> int:
     from fttk.world import lab_world, base_model, base_model_report
     world = lab_world(args.size)
-    files = world.write_jsonl(args.out)
+    out = args.out or f'runs/world-{args.size}'
+    files = world.write_jsonl(out, overwrite=args.overwrite)
     for k, p in files.items(): print(f"wrote {p} ({p.stat().st_size/1e3:.0f} kB)")
     print(world)
     if args.model:
@@ -40,12 +42,23 @@ def _md_table(rows: dict[str, dict[str, float]]) -> str:
     out += [f"| {k} | " + ' | '.join(f"{v[c]:.3f}" for c in cols) + ' |' for k, v in rows.items()]
     return '\n'.join(out)
 
-def run_demo(size: str = 'default', out: str | Path = 'runs/demo', sft: bool = True) -> Path:
-    "The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`; returns the report's path."
+def fresh_folder(base: str | Path) -> Path:
+    "`base` if it does not exist or is empty, else the first of `base-2`, `base-3`, ... that is."
+    base, n = Path(base), 1
+    p = base
+    while p.exists() and (not p.is_dir() or any(p.iterdir())):
+        n += 1; p = base.with_name(f'{base.name}-{n}')
+    return p
+
+def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = True,
+             overwrite: bool = False) -> Path:
+    """The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`; returns the
+    report's path. Without `out`, a new folder `runs/demo`, `runs/demo-2`, ...; a non-empty `out` is an error
+    unless `overwrite`."""
     import matplotlib; matplotlib.use('Agg')
     from fttk.world import lab_world, base_model, base_model_report, plot_pretraining, greedy_complete, attribute_prompt
     t0 = time.time()
-    run = RunFolder(out)
+    run = RunFolder(fresh_folder('runs/demo') if out is None else out, overwrite=overwrite)
     world = lab_world(size)
     files = world.write_jsonl(run.path/'world')
     model, tok = base_model(size)
@@ -72,7 +85,7 @@ def run_demo(size: str = 'default', out: str | Path = 'runs/demo', sft: bool = T
     return atomic_write_text(run.path/'report.md', '\n'.join(md) + '\n')
 
 def cmd_demo(args) -> int:
-    path = run_demo(args.size, args.out, sft=not args.no_sft)
+    path = run_demo(args.size, args.out, sft=not args.no_sft, overwrite=args.overwrite)
     print(path.read_text()); print(f"report written to {path}")
     return 0
 
@@ -81,6 +94,20 @@ def cmd_memory(argv: list[str]) -> int:
     from fttk.memory import memory_main
     return memory_main(argv)
 
+# %% ../nbs/90_cli.ipynb #49ce6a98
+def run_command(func, *args) -> int:
+    "Run one subcommand; errors become one line on stderr and an exit status (2: bad input, 1: anything else)."
+    try: return func(*args)
+    except KeyboardInterrupt:
+        print('fttk: interrupted', file=sys.stderr); return 130
+    except Exception as e:
+        if os.environ.get('FTTK_DEBUG'): raise
+        bad_input = isinstance(e, (ValueError, TypeError, KeyError, OSError))   # ConfigError is a ValueError
+        what = 'error' if bad_input else f'unexpected {type(e).__name__}'
+        print(f"fttk: {what}: {e}" + ('' if bad_input else ' (FTTK_DEBUG=1 shows the traceback)'),
+              file=sys.stderr)
+        return 2 if bad_input else 1
+
 # %% ../nbs/90_cli.ipynb #451904dd
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fttk', description='fttk, the fine-tuning toolkit')
@@ -88,13 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser('world', help='the lab world').add_subparsers(dest='world_command', required=True)
     b = w.add_parser('build', help='write the lab world as JSONL (and build the base model with --model)')
     b.add_argument('--size', default='default', choices=['test', 'default'])
-    b.add_argument('--out', default='data')
+    b.add_argument('--out', default=None, help='folder for the JSONL files (default: runs/world-SIZE)')
+    b.add_argument('--overwrite', action='store_true', help='replace files in --out that hold other content')
     b.add_argument('--model', action='store_true', help='also build and cache the base model')
     b.set_defaults(func=cmd_world_build)
     sub.add_parser('info', help="print this machine's fingerprint").set_defaults(func=cmd_info)
     d = sub.add_parser('demo', help='the main job: world, base model, report under runs/')
     d.add_argument('--size', default='default', choices=['test', 'default'])
-    d.add_argument('--out', default='runs/demo')
+    d.add_argument('--out', default=None, help='run folder (default: a new runs/demo, runs/demo-2, ...)')
+    d.add_argument('--overwrite', action='store_true', help='replace an earlier fttk run in --out')
     d.add_argument('--no-sft', action='store_true', help='stop after the base model (skip the SFT stage)')
     d.set_defaults(func=cmd_demo)
     sub.add_parser('memory', help='training-memory estimate (fttk memory --help)', add_help=False)
@@ -102,6 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['memory']: return cmd_memory(argv[1:])   # its own parser, its own --help
+    if argv[:1] == ['memory']: return run_command(cmd_memory, argv[1:])   # its own parser, its own --help
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_command(args.func, args)

@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #20ce14b3
 from __future__ import annotations
-import dataclasses, hashlib, json, os, platform, random, sys, tempfile, types, typing
+import dataclasses, hashlib, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -16,9 +16,9 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
-           'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'hash_data', 'lib_versions',
-           'hardware', 'fingerprint', 'RunFolder', 'cache_dir']
+__all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
+           'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'cache_dir', 'cpu_features',
+           'matmul_gflops', 'best_precision', 'hash_data', 'lib_versions', 'hardware', 'fingerprint', 'RunFolder']
 
 # %% ../nbs/00_core.ipynb #c3c10ab0
 def in_test() -> bool:
@@ -88,13 +88,17 @@ def _coerce(name: str, value: Any, tp) -> Any:
             raise ConfigError(f"config field {name!r} expects a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
             # YAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`): accept numeric strings
-            if isinstance(value, str):
-                try: return float(value)
-                except ValueError: pass
+            try: value = float(value)
+            except ValueError: pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field {name!r} expects float, got {type(value).__name__} {value!r}")
-        return float(value)
+        value = float(value)
+        # NaN passes every `<`/`>` range check (all comparisons are False): refuse it, and inf, here
+        if not math.isfinite(value):
+            raise ConfigError(f"config field {name!r} must be a finite number, got {value!r}")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config field {name!r} expects int, got {type(value).__name__} {value!r}")
@@ -196,6 +200,68 @@ def safe_torch_load(path: str | Path, map_location='cpu'):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise CorruptFileError(f"cannot safely load {path}: {e}") from e
 
+# %% ../nbs/00_core.ipynb #28e35801
+def cache_dir(sub: str | None = None) -> Path:
+    "The fttk cache folder (`$FTTK_CACHE` or `~/.cache/fttk`), created and checked writable."
+    root = Path(os.environ.get('FTTK_CACHE') or Path.home()/'.cache'/'fttk').expanduser()
+    p = root/sub if sub else root
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"fttk cache directory {p} cannot be created ({e.strerror}); set FTTK_CACHE to a writable folder") from e
+    if not os.access(p, os.W_OK):
+        raise PermissionError(f"fttk cache directory {p} is not writable; set FTTK_CACHE to a writable folder")
+    return p
+
+# %% ../nbs/00_core.ipynb #3b33a4d2
+_ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+
+def cpu_features() -> dict:
+    "The CPU model and the instruction-set flags that change fttk's numbers or speed."
+    info = {}
+    try: text = Path('/proc/cpuinfo').read_text()       # Linux; elsewhere only torch's view below
+    except OSError: text = ''
+    for line in text.splitlines():
+        key, _, val = line.partition(':')
+        info.setdefault(key.strip(), val.strip())
+    flags = set(info.get('flags', '').split())
+    feats = {'cpu_model': info.get('model name') or platform.processor() or platform.machine()}
+    feats |= {'avx2': 'avx2' in flags, 'avx512f': 'avx512f' in flags, 'avx512_bf16': 'avx512_bf16' in flags,
+              'amx': bool({'amx_bf16', 'amx_tile'} & flags)}
+    feats['torch_cpu_capability'] = torch.backends.cpu.get_cpu_capability()
+    return feats
+
+# %% ../nbs/00_core.ipynb #fa175d88
+def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 5, device: str | None = None) -> float:
+    "Best-of-`repeats` throughput of one n x n by n x n matmul in `dtype` on `device`, in GFLOP/s."
+    dev = get_device(device)
+    a, b = (torch.randn(n, n, device=dev).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    a @ b; sync()                                       # warm-up: first calls pay for dispatch and caches
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter(); a @ b; sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+# %% ../nbs/00_core.ipynb #0fbb49df
+BF16_SPEEDUP = 1.5     # bf16 must beat float32 by this much to be chosen
+
+def best_precision(device: str | None = None, refresh: bool = False) -> str:
+    "'bf16' or 'fp32': what this machine measurably trains fastest in, measured once and cached per machine."
+    dev = get_device(device)
+    if dev.type == 'mps': return 'fp32'
+    if dev.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    key = json.dumps([cpu_features(), torch.__version__, torch.get_num_threads()], sort_keys=True)
+    path = cache_dir('hardware')/f"precision-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    if path.exists() and not refresh:
+        try: return json.loads(path.read_text())['choice']
+        except (ValueError, KeyError): pass             # damaged cache file: measure again
+    rec = {'fp32_gflops': matmul_gflops(torch.float32, device='cpu'),
+           'bf16_gflops': matmul_gflops(torch.bfloat16, device='cpu')}
+    rec['choice'] = 'bf16' if rec['bf16_gflops'] >= BF16_SPEEDUP * rec['fp32_gflops'] else 'fp32'
+    atomic_write_text(path, json.dumps(rec | {'machine': json.loads(key)}, indent=2))
+    return rec['choice']
+
 # %% ../nbs/00_core.ipynb #61f211d6
 _LIBS = ('fttk', 'torch', 'transformers', 'peft', 'trl', 'datasets', 'tokenizers', 'accelerate', 'bitsandbytes', 'numpy')
 
@@ -222,7 +288,10 @@ def lib_versions() -> dict[str, str | None]:
 def hardware() -> dict:
     hw = {'platform': platform.platform(), 'machine': platform.machine(), 'cpu_count': os.cpu_count(),
           'torch_threads': torch.get_num_threads(), 'device': str(get_device())}
-    if torch.cuda.is_available(): hw['gpu'] = torch.cuda.get_device_name(0)
+    hw['cpu'] = cpu_features()
+    if torch.cuda.is_available():
+        hw['gpu'] = torch.cuda.get_device_name(0)
+        hw['gpu_capability'] = '.'.join(map(str, torch.cuda.get_device_capability(0)))
     return hw
 
 def fingerprint(seed: int | None = None, config: Config | dict | None = None, data=None) -> dict:
@@ -236,13 +305,49 @@ def fingerprint(seed: int | None = None, config: Config | dict | None = None, da
 # %% ../nbs/00_core.ipynb #888905b7
 class RunFolder:
     "The on-disk record of one training run: config, fingerprint, metrics, checkpoints, plots."
-    def __init__(self, path: str | Path):
+    MARKER = '.fttk-run'
+
+    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
+        self.metrics_file, self.plots = self.path/'metrics.jsonl', self.path/'plots'
+        self.checkpoints = self.path/'checkpoints'
+        if resume and overwrite: raise ValueError("resume=True and overwrite=True contradict each other: pick one")
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"run folder {self.path} is a file, not a folder")
+        held = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        if resume: self._check_resumable(held)
+        elif held and overwrite: self._clear(held)
+        elif held:
+            raise FileExistsError(f"run folder {self.path} is not empty (it holds {', '.join(held[:5])}"
+                                  f"{', ...' if len(held) > 5 else ''}); pass resume=True to continue the run "
+                                  "in it, overwrite=True to replace it, or choose another folder")
         try: self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e: raise PermissionError(f"cannot create run folder {self.path}: {e}") from e
         if not os.access(self.path, os.W_OK): raise PermissionError(f"run folder {self.path} is not writable")
-        self.metrics_file, self.plots = self.path/'metrics.jsonl', self.path/'plots'
-        self.checkpoints = self.path/'checkpoints'
+        (self.path/self.MARKER).touch()
+
+    def _check_resumable(self, held):
+        if not self.path.is_dir(): raise FileNotFoundError(f"cannot resume: run folder {self.path} does not exist")
+        if self.latest_checkpoint() is None:
+            raise FileNotFoundError(f"cannot resume: run folder {self.path} has no complete checkpoint "
+                                    f"(checkpoints/step_*/COMPLETE); it holds {', '.join(held) or 'nothing'}")
+
+    def _clear(self, held):
+        if self.MARKER not in held:
+            raise FileExistsError(f"overwrite=True refused: {self.path} is not an fttk run folder (no {self.MARKER} "
+                                  f"marker) and holds {', '.join(held[:5])}; choose an empty or new folder")
+        for name in held:
+            p = self.path/name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    @classmethod
+    def open(cls, path: str | Path) -> 'RunFolder':
+        "An existing run folder, for reading its metrics and checkpoints; never creates or clears anything."
+        if not Path(path).is_dir(): raise FileNotFoundError(f"no run folder at {path}")
+        run = cls.__new__(cls)
+        run.path = Path(path)
+        run.metrics_file, run.plots, run.checkpoints = run.path/'metrics.jsonl', run.path/'plots', run.path/'checkpoints'
+        return run
 
     def write_config(self, cfg: Config): cfg.to_yaml(self.path/'config.yaml')
     def write_fingerprint(self, seed=None, config=None, data=None) -> dict:
@@ -279,15 +384,3 @@ class RunFolder:
     def mark_complete(self, ckpt: Path): atomic_write_text(Path(ckpt)/'COMPLETE', 'ok\n')
 
     def __repr__(self): return f"RunFolder({str(self.path)!r})"
-
-# %% ../nbs/00_core.ipynb #28e35801
-def cache_dir(sub: str | None = None) -> Path:
-    "The fttk cache folder (`$FTTK_CACHE` or `~/.cache/fttk`), created and checked writable."
-    root = Path(os.environ.get('FTTK_CACHE') or Path.home()/'.cache'/'fttk').expanduser()
-    p = root/sub if sub else root
-    try: p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"fttk cache directory {p} cannot be created ({e.strerror}); set FTTK_CACHE to a writable folder") from e
-    if not os.access(p, os.W_OK):
-        raise PermissionError(f"fttk cache directory {p} is not writable; set FTTK_CACHE to a writable folder")
-    return p

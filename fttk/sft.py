@@ -157,6 +157,7 @@ def padding_stats(batches: list[list[list[dict]]]) -> dict:
 class SFTConfig(Config):
     "Supervised fine-tuning settings; names as in TRL's `SFTConfig` where they mean the same."
     output_dir: str = 'runs/sft'
+    overwrite_output_dir: bool = False   # replace an earlier run in output_dir (else a non-empty folder is an error)
     learning_rate: float = 1e-4
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -289,7 +290,7 @@ def _optimizer(model, cfg: SFTConfig):
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
               progress: bool = True) -> dict:
     "Fine-tune `model` on chat `train_rows` with our loop; writes a RunFolder at `cfg.output_dir`. Returns the log and counts."
-    run = RunFolder(cfg.output_dir)
+    run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
     examples, data_report = prepare_sft_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode, cfg.assistant_only_loss)
     eval_ex = prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode, cfg.assistant_only_loss)[0] if eval_rows else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

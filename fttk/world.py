@@ -24,7 +24,7 @@ __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMP
            'attribute_prompt', 'WorldConfig', 'Person', 'make_bio', 'World', 'train_lab_tokenizer', 'world_texts',
            'BaseModelConfig', 'model_config', 'cosine_schedule', 'pretrain', 'greedy_complete', 'fact_recall',
            'lab_world', 'lab_tokenizer', 'require_chat_template', 'build_base_model', 'base_model', 'base_model_report',
-           'plot_pretraining']
+           'base_model_recipe', 'plot_pretraining']
 
 # %% ../nbs/01_world.ipynb #14acccd1
 FIRST_NAMES = """Ada Alan Alma Amara Anders Anika Arjun Astrid Aurelio Beatriz Bjorn Bruno Camille Carmen Cedric Chiara
@@ -191,16 +191,22 @@ class World:
         from datasets import Dataset
         return Dataset.from_list(self.instruction_rows())
 
-    def write_jsonl(self, folder: str | Path) -> dict[str, Path]:
-        "Write people, corpus, QA and instructions as JSONL (sorted keys, fixed order: same world, same bytes)."
+    def write_jsonl(self, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
+        """Write people, corpus, QA and instructions as JSONL (sorted keys, fixed order: same world, same bytes).
+        A file of the same name with other content is never replaced unless `overwrite=True`."""
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
         files = {'people': [p.to_dict() for p in self.people],
                  'corpus': [{'name': p.name, 'text': b} for p in self.known for b in self.bios[p.name]],
                  'qa': self.qa_rows(), 'instructions': self.instruction_rows()}
-        out = {}
-        for k, rows in files.items():
-            out[k] = atomic_write_text(folder/f'{k}.jsonl', ''.join(json.dumps(r, sort_keys=True, ensure_ascii=False) + '\n' for r in rows))
-        return out
+        texts = {k: ''.join(json.dumps(r, sort_keys=True, ensure_ascii=False) + '\n' for r in rows)
+                 for k, rows in files.items()}
+        # check every file before writing any, so a refusal leaves the folder exactly as it was
+        differ = [f'{k}.jsonl' for k, t in texts.items()
+                  if (folder/f'{k}.jsonl').exists() and (folder/f'{k}.jsonl').read_bytes() != t.encode()]
+        if differ and not overwrite:
+            raise FileExistsError(f"{folder} already holds {', '.join(differ)} with other content; "
+                                  "pass overwrite=True (fttk world build --overwrite) or choose another folder")
+        return {k: atomic_write_text(folder/f'{k}.jsonl', t) for k, t in texts.items()}
 
     def world_hash(self) -> str: return hash_data([p.to_dict() for p in self.people] + self.corpus())
 
@@ -496,9 +502,15 @@ def base_model_report(size: str = 'default') -> dict:
     try: _verify(folder)                         # cached and intact: no need to load the weights
     except CorruptFileError: base_model(size, progress=False)   # builds (or repairs) it
     rep = json.loads((folder/'report.json').read_text())
-    rep['log'] = RunFolder(folder/'pretraining').read_metrics()
+    rep['log'] = RunFolder.open(folder/'pretraining').read_metrics()
     rep['folder'] = str(folder)
     return rep
+
+# %% ../nbs/01_world.ipynb #f942f1bc
+def base_model_recipe(size: str = 'default') -> str:
+    "The recipe name of a lab base model (size, config and world hash); notebooks print it beside their results."
+    cfg = SIZES[_check_size(size)]
+    return _cache_folder(size, cfg, lab_world(size)).name
 
 # %% ../nbs/01_world.ipynb #65af80b1
 def plot_pretraining(report: dict, path: str | Path | None = None):

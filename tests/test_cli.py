@@ -46,3 +46,47 @@ def test_demo_console_script(tmp_path):
     png = out/'plots'/'pretraining.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
     assert json.loads((out/'fingerprint.json').read_text())['data_hash']
+
+
+def test_demo_never_overwrites(tmp_path, capsys):
+    "A non-empty --out is refused with one line (no traceback) and left as it was; --overwrite replaces an fttk run."
+    out = tmp_path/'results'; out.mkdir(); (out/'notes.txt').write_text('mine')
+    assert main(['demo', '--size', 'test', '--no-sft', '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'fttk: error: run folder {out} is not empty (it holds notes.txt)') and 'Traceback' not in err
+    assert [p.name for p in out.iterdir()] == ['notes.txt'] and (out/'notes.txt').read_text() == 'mine'
+    assert main(['demo', '--size', 'test', '--no-sft', '--out', str(out), '--overwrite']) == 2
+    assert 'is not an fttk run folder' in capsys.readouterr().err and (out/'notes.txt').read_text() == 'mine'
+    run = tmp_path/'run'
+    assert main(['demo', '--size', 'test', '--no-sft', '--out', str(run)]) == 0
+    first = (run/'report.md').read_text()
+    assert main(['demo', '--size', 'test', '--no-sft', '--out', str(run)]) == 2
+    assert (run/'report.md').read_text() == first
+    assert main(['demo', '--size', 'test', '--no-sft', '--out', str(run), '--overwrite']) == 0
+
+
+def test_demo_default_folder_is_fresh(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path/'runs'/'demo').mkdir(parents=True); (tmp_path/'runs'/'demo'/'report.md').write_text('earlier')
+    assert main(['demo', '--size', 'test', '--no-sft']) == 0
+    assert (tmp_path/'runs'/'demo'/'report.md').read_text() == 'earlier'
+    assert (tmp_path/'runs'/'demo-2'/'report.md').exists()
+
+
+def test_world_build_default_never_touches_data(tmp_path, monkeypatch, capsys):
+    "The default --out is runs/world-SIZE; data/ is only written when named, and other content needs --overwrite."
+    monkeypatch.chdir(tmp_path)
+    (tmp_path/'data').mkdir(); (tmp_path/'data'/'qa.jsonl').write_text('shipped')
+    assert main(['world', 'build', '--size', 'test']) == 0
+    assert (tmp_path/'data'/'qa.jsonl').read_text() == 'shipped'
+    assert sorted(p.name for p in (tmp_path/'runs'/'world-test').iterdir()) == \
+        ['corpus.jsonl', 'instructions.jsonl', 'people.jsonl', 'qa.jsonl']
+    assert main(['world', 'build', '--size', 'test', '--out', 'data']) == 2
+    assert 'data already holds qa.jsonl with other content' in capsys.readouterr().err
+    assert (tmp_path/'data'/'qa.jsonl').read_text() == 'shipped' and not (tmp_path/'data'/'people.jsonl').exists()
+
+
+def test_info_names_isa_flags(capsys):
+    assert main(['info']) == 0
+    cpu = json.loads(capsys.readouterr().out)['hardware']['cpu']
+    assert {'avx2', 'avx512f', 'avx512_bf16', 'amx', 'torch_cpu_capability'} <= set(cpu)

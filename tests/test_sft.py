@@ -95,7 +95,7 @@ def test_loss_falls_and_run_folder(lab, tmp_path):
     res = sft_train(m, tok, _qa(rows, 128), cfg, eval_rows=_qa(rows, 200)[128:], progress=False)
     losses = [r['loss'] for r in res['log']]
     assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:2]) / 2
-    run = RunFolder(cfg.output_dir)
+    run = RunFolder.open(cfg.output_dir)
     assert [p.name for p in run.list_checkpoints()] == ['step_000008', 'step_000016']
     assert (run.path/'config.yaml').exists() and (run.path/'fingerprint.json').exists()
     evals = [r['eval_loss'] for r in run.read_metrics() if 'eval_loss' in r]
@@ -129,7 +129,7 @@ def test_nan_loss_stops_with_last_checkpoint(lab, tmp_path):
                     max_length=128, seed=0)
     with pytest.raises(SFTLossError, match=r"loss became nan at step 4 \(batch of rows \[.*\]\); the update was not applied\. Last good checkpoint: .*step_000002"):
         sft_train(m, tok, _qa(rows, 40), cfg, progress=False)
-    assert [p.name for p in RunFolder(cfg.output_dir).list_checkpoints()] == ['step_000002']
+    assert [p.name for p in RunFolder.open(cfg.output_dir).list_checkpoints()] == ['step_000002']
 
 SCRIPT = textwrap.dedent('''
     import os, signal, sys, torch
@@ -162,15 +162,15 @@ def test_sigkill_resume_identical(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     killed = _run(tmp_path, tmp_path/'killed', 5, False)
     assert killed.returncode == -signal.SIGKILL
-    run = RunFolder(tmp_path/'killed')
+    run = RunFolder.open(tmp_path/'killed')
     assert run.latest_checkpoint().name == 'step_000003'
     resumed = _run(tmp_path, tmp_path/'killed', 0, True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_tensors(RunFolder(tmp_path/'full').latest_checkpoint()/'model.safetensors')
+    a = load_tensors(RunFolder.open(tmp_path/'full').latest_checkpoint()/'model.safetensors')
     b = load_tensors(run.latest_checkpoint()/'model.safetensors')
     assert run.latest_checkpoint().name == 'step_000008' and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), 'resumed weights differ from the uninterrupted run'
-    la = [(r['step'], r['loss']) for r in RunFolder(tmp_path/'full').read_metrics()]
+    la = [(r['step'], r['loss']) for r in RunFolder.open(tmp_path/'full').read_metrics()]
     lb = [(r['step'], r['loss']) for r in run.read_metrics()]
     assert la == lb
 
@@ -179,7 +179,7 @@ def test_sft_demo_writes_plot_and_markdown(tmp_path):
     lines = sft_demo(tmp_path, 'test', max_steps=4)
     assert lines[0] == '## Supervised fine-tuning (LoRA)' and any('QA exact match' in l for l in lines)
     assert (tmp_path/'plots'/'sft_loss.png').stat().st_size > 1000
-    assert RunFolder(tmp_path/'sft').latest_checkpoint().name == 'step_000004'
+    assert RunFolder.open(tmp_path/'sft').latest_checkpoint().name == 'step_000004'
 
 def test_first_sentence_and_fmt_errors(lab):
     from fttk.sft import first_sentence, few_shot_curve
