@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #20ce14b3
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing
+import contextlib, dataclasses, hashlib, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -15,10 +15,15 @@ import numpy as np
 import torch
 import yaml
 
+# datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and prints
+# the path of the install); the plain text bars it falls back to are what fttk wants anyway.
+warnings.filterwarnings('ignore', message='IProgress not found')
+
 # %% auto #0
 __all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
-           'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'cache_dir', 'cpu_features',
-           'matmul_gflops', 'best_precision', 'hash_data', 'lib_versions', 'hardware', 'fingerprint', 'RunFolder']
+           'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'cache_dir', 'quiet_progress',
+           'cpu_features', 'matmul_gflops', 'best_precision', 'hash_data', 'lib_versions', 'hardware', 'fingerprint',
+           'RunFolder']
 
 # %% ../nbs/00_core.ipynb #c3c10ab0
 def in_test() -> bool:
@@ -211,6 +216,17 @@ def cache_dir(sub: str | None = None) -> Path:
     if not os.access(p, os.W_OK):
         raise PermissionError(f"fttk cache directory {p} is not writable; set FTTK_CACHE to a writable folder")
     return p
+
+# %% ../nbs/00_core.ipynb #47d9e98d
+@contextlib.contextmanager
+def quiet_progress():
+    "Hide transformers' per-file progress bars inside the block; restore the previous setting after."
+    from transformers.utils import logging as hf_logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try: yield
+    finally:
+        if was_on: hf_logging.enable_progress_bar()
 
 # %% ../nbs/00_core.ipynb #3b33a4d2
 _ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')

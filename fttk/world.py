@@ -6,17 +6,17 @@ Docs: https://fttk.github.io/fttk/world.html.md"""
 
 # %% ../nbs/01_world.ipynb #65adc631
 from __future__ import annotations
-import hashlib, json, math, os, random, shutil, time, warnings
+import contextlib, hashlib, json, math, os, random, shutil, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from filelock import FileLock
-from tqdm.auto import tqdm
+from tqdm import tqdm                 # plain bars: tqdm.auto wants ipywidgets in notebooks
 
 from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_write_text, cache_dir, fingerprint,
-                       get_device, hash_data, in_test, set_seed)
+                       get_device, hash_data, in_test, quiet_progress, set_seed)
 
 # %% auto #0
 __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'ATTRIBUTES', 'TEMPLATES',
@@ -436,8 +436,10 @@ def _verify(folder: Path) -> dict:
 
 def _load_folder(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # a local folder loads in milliseconds: no progress bars (a hub download keeps its own)
+    with quiet_progress() if Path(folder).is_dir() else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     model.eval()
     return model, tokenizer
 
@@ -461,8 +463,9 @@ def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = 
               'known_recall': fact_recall(model, tokenizer, world),
               'unknown_recall': fact_recall(model, tokenizer, world, world.unknown),
               'torch_threads': torch.get_num_threads(), 'bf16': cfg.bf16}
-    model.save_pretrained(folder)          # safetensors by default
-    tokenizer.save_pretrained(folder)
+    with quiet_progress():
+        model.save_pretrained(folder)      # safetensors by default
+        tokenizer.save_pretrained(folder)
     atomic_write_text(folder/'report.json', json.dumps(report, indent=2))
     return report
 
