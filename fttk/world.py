@@ -281,8 +281,18 @@ class BaseModelConfig(Config):
     seed: int = 0
 
     def validate(self):
-        for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_train_epochs', 'per_device_train_batch_size'):
+        for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'intermediate_size',
+                  'max_position_embeddings', 'num_train_epochs', 'per_device_train_batch_size'):
             if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.vocab_size <= 256 + len(SPECIAL_TOKENS):
+            raise ConfigError(f"vocab_size must exceed the 256 byte tokens plus {len(SPECIAL_TOKENS)} special tokens, "
+                              f"got {self.vocab_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+        for k in ('warmup_ratio', 'weight_decay'):
+            if not 0 <= getattr(self, k) < 1: raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.max_grad_norm <= 0: raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.learning_rate <= 0: raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
