@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/world.html.md"""
 
 # %% ../nbs/01_world.ipynb #65adc631
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, random, shutil, time, warnings
+import contextlib, hashlib, json, math, os, random, re, shutil, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,11 +20,13 @@ from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_writ
 
 # %% auto #0
 __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'ATTRIBUTES', 'TEMPLATES',
-           'QUESTIONS', 'LABELS', 'BOS', 'EOS', 'PAD', 'ROLE_TOKENS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'SIZES',
-           'attribute_prompt', 'WorldConfig', 'Person', 'make_bio', 'World', 'train_lab_tokenizer', 'world_texts',
-           'BaseModelConfig', 'model_config', 'cosine_schedule', 'pretrain', 'greedy_complete', 'fact_recall',
-           'lab_world', 'lab_tokenizer', 'require_chat_template', 'build_base_model', 'base_model', 'base_model_report',
-           'base_model_recipe', 'plot_pretraining']
+           'QUESTIONS', 'LABELS', 'GOLD_WEIGHTS', 'WORD_LIMITS', 'QA_KINDS', 'BIO_KINDS', 'BOS', 'EOS', 'PAD',
+           'ROLE_TOKENS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'SIZES', 'attribute_prompt', 'WorldConfig', 'Person',
+           'make_bio', 'World', 'claims', 'gold_components', 'gold_reward', 'candidate', 'PreferenceConfig',
+           'plackett_luce_ranking', 'preference_rows', 'preference_pairs', 'bayes_ceiling', 'preference_dataset',
+           'train_lab_tokenizer', 'world_texts', 'BaseModelConfig', 'model_config', 'cosine_schedule', 'pretrain',
+           'greedy_complete', 'fact_recall', 'lab_world', 'lab_tokenizer', 'require_chat_template', 'build_base_model',
+           'base_model', 'base_model_report', 'base_model_recipe', 'plot_pretraining']
 
 # %% ../nbs/01_world.ipynb #14acccd1
 FIRST_NAMES = """Ada Alan Alma Amara Anders Anika Arjun Astrid Aurelio Beatriz Bjorn Bruno Camille Carmen Cedric Chiara
@@ -197,7 +199,8 @@ class World:
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
         files = {'people': [p.to_dict() for p in self.people],
                  'corpus': [{'name': p.name, 'text': b} for p in self.known for b in self.bios[p.name]],
-                 'qa': self.qa_rows(), 'instructions': self.instruction_rows()}
+                 'qa': self.qa_rows(), 'instructions': self.instruction_rows(),
+                 'preferences': preference_rows(self)}
         texts = {k: ''.join(json.dumps(r, sort_keys=True, ensure_ascii=False) + '\n' for r in rows)
                  for k, rows in files.items()}
         # check every file before writing any, so a refusal leaves the folder exactly as it was
@@ -209,6 +212,152 @@ class World:
         return {k: atomic_write_text(folder/f'{k}.jsonl', t) for k, t in texts.items()}
 
     def world_hash(self) -> str: return hash_data([p.to_dict() for p in self.people] + self.corpus())
+
+# %% ../nbs/01_world.ipynb #2e8080dc
+_POOLS = {'university': UNIVERSITIES, 'employer': EMPLOYERS, 'major': MAJORS, 'city': CITIES}
+_DATE = re.compile(r'\b(?:' + '|'.join(MONTHS) + r') \d{1,2}, \d{4}\b')
+
+def claims(text: str) -> list[tuple[str, str]]:
+    "The (kind, value) facts a text states: pool values and dates, longest match first (Juniper College before Juniper)."
+    found = [('date', m.group()) for m in _DATE.finditer(text)]
+    text = _DATE.sub(' ', text)
+    values = sorted(((k, v) for k, pool in _POOLS.items() for v in pool), key=lambda kv: -len(kv[1]))
+    for kind, v in values:
+        pat = re.compile(r'\b' + re.escape(v) + r'\b')
+        if pat.search(text): found.append((kind, v)); text = pat.sub(' ', text)
+    return found
+
+# %% ../nbs/01_world.ipynb #f17746f6
+GOLD_WEIGHTS = {'asked': 1.0, 'false_claim': -0.5, 'other_person': -1.0, 'birth_date': -0.75, 'word_over': -0.02}
+WORD_LIMITS = {'qa': 20, 'bio': 60}
+
+def _true(p: Person, kind: str, v: str) -> bool:
+    if kind == 'date': return v == p.birth_date
+    if kind == 'city': return v in (p.birth_city, p.employer_city)
+    return getattr(p, kind) == v
+
+def gold_components(world: World, name: str, attribute: str | None, response: str) -> dict[str, float]:
+    "The terms of the gold reward of `response` to a question about `name`'s `attribute` (None: a biography)."
+    p, cl = world.by_name[name], claims(response)
+    if attribute is None:                       # biography: share of the five non-date facts stated
+        stated = {v for _, v in cl}
+        asked = sum(getattr(p, a) in stated for a in ATTRIBUTES if a != 'birth_date') / 5
+    else:
+        kind = 'date' if attribute == 'birth_date' else 'city' if attribute.endswith('city') else attribute
+        mine = [v for k, v in cl if k == kind]
+        asked = 1.0 if getattr(p, attribute) in mine else -1.0 if mine else 0.0
+    others = [q for q in world.people if q.name != name and q.name in response]
+    words = len(response.split()) - WORD_LIMITS['bio' if attribute is None else 'qa']
+    return {'asked': asked, 'false_claim': sum(not _true(p, k, v) for k, v in cl),
+            'other_person': float(bool(others)),
+            'birth_date': float(attribute != 'birth_date' and p.birth_date in response),
+            'word_over': float(max(0, words))}
+
+def gold_reward(world: World, name: str, attribute: str | None, response: str) -> float:
+    "r*(x, y): the weighted sum of the gold components."
+    return sum(GOLD_WEIGHTS[k] * v for k, v in gold_components(world, name, attribute, response).items())
+
+# %% ../nbs/01_world.ipynb #7b8244c8
+QA_KINDS = ('correct', 'verbose', 'wrong_value', 'other_person', 'off_topic', 'abstain')
+BIO_KINDS = ('bio_no_date', 'bio_full', 'bio_wrong', 'bio_other', 'bio_short')
+
+def _sentence(rng, name, a, v): return rng.choice(TEMPLATES[a]).format(name=name, value=v)
+
+def _wrong(rng, p: Person, a: str) -> str:
+    pool = CITIES if a.endswith('city') else _POOLS.get(a)
+    if pool is None: return f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 2004)}"
+    return rng.choice([v for v in pool if v not in (getattr(p, a), p.birth_city, p.employer_city)])
+
+def _namesake(world: World, p: Person, rng) -> Person:
+    first, last = p.name.split()
+    same = [q for q in world.people if q is not p and (q.name.endswith(' ' + last) or q.name.startswith(first + ' '))]
+    return rng.choice(same or [q for q in world.people if q is not p])
+
+# %% ../nbs/01_world.ipynb #3818cde9
+def candidate(world: World, p: Person, attribute: str | None, kind: str, rng: random.Random) -> str:
+    "One candidate response of `kind` to a question about `p`'s `attribute` (None: 'Write a short biography')."
+    say = lambda a, person=p, v=None: _sentence(rng, person.name, a, getattr(person, a) if v is None else v)
+    others = [a for a in ATTRIBUTES if a != attribute]
+    if kind == 'correct': return say(attribute)
+    if kind == 'verbose': return ' '.join([say(attribute)] + [say(a) for a in rng.sample(others, 3)])
+    if kind == 'wrong_value': return say(attribute, v=_wrong(rng, p, attribute))
+    if kind == 'other_person': return say(attribute, person=_namesake(world, p, rng))
+    if kind == 'off_topic': return say(rng.choice(others))
+    if kind == 'abstain': return f"I do not know the {LABELS[attribute].lower()} of {p.name}."
+    no_date = [a for a in ATTRIBUTES if a != 'birth_date']
+    if kind == 'bio_no_date': return ' '.join(say(a) for a in no_date)
+    if kind == 'bio_full': return make_bio(p, rng)
+    if kind == 'bio_wrong':
+        bad = set(rng.sample(no_date, 2))
+        return ' '.join(say(a, v=_wrong(rng, p, a)) if a in bad else say(a) for a in no_date)
+    if kind == 'bio_other': return make_bio(_namesake(world, p, rng), rng)
+    if kind == 'bio_short': return ' '.join(say(a) for a in rng.sample(no_date, 2))
+    raise ValueError(f"unknown candidate kind {kind!r}; kinds are {QA_KINDS + BIO_KINDS}")
+
+# %% ../nbs/01_world.ipynb #bcfd42bf
+@dataclass
+class PreferenceConfig(Config):
+    "How the lab preference data is drawn."
+    k: int = 4                          # candidates per prompt (C(k, 2) pairs per ranking)
+    temperature: float = 0.5            # Plackett-Luce noise of the simulated annotators
+    questions_per_person: int = 1       # QA prompts per person (random attributes)
+    bios: bool = True                   # one biography prompt per person as well
+    seed: int = 0
+
+    def validate(self):
+        if not 2 <= self.k <= len(BIO_KINDS): raise ConfigError(f"k must be in [2, {len(BIO_KINDS)}], got {self.k}")
+        if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.questions_per_person <= len(ATTRIBUTES):
+            raise ConfigError(f"questions_per_person must be in [0, {len(ATTRIBUTES)}], got {self.questions_per_person}")
+
+def plackett_luce_ranking(rewards: list[float], temperature: float, rng: random.Random) -> list[int]:
+    "Indices best first: sort by r/T plus Gumbel noise."
+    keys = [r / temperature - math.log(-math.log(rng.random() or 1e-300)) for r in rewards]
+    return sorted(range(len(rewards)), key=lambda i: -keys[i])
+
+# %% ../nbs/01_world.ipynb #14e9126f
+def preference_rows(world: World, cfg: PreferenceConfig | None = None) -> list[dict]:
+    "Prompts with K scored candidates and one sampled ranking each (the file `preferences.jsonl`)."
+    cfg = cfg or PreferenceConfig()
+    rng, rows = random.Random(cfg.seed + 3), []
+    for p in world.people:
+        tasks = [(a, QUESTIONS[a].format(name=p.name)) for a in rng.sample(ATTRIBUTES, cfg.questions_per_person)]
+        if cfg.bios: tasks.append((None, f"Write a short biography of {p.name}."))
+        for a, prompt in tasks:
+            kinds = rng.sample(QA_KINDS if a else BIO_KINDS, cfg.k)
+            texts = [candidate(world, p, a, kind, rng) for kind in kinds]
+            r = [round(gold_reward(world, p.name, a, t), 6) for t in texts]
+            rows.append({'id': f"pref-{len(rows):05d}", 'name': p.name, 'known': p.known, 'attribute': a,
+                         'prompt': prompt, 'candidates': [{'text': t, 'kind': k, 'gold_reward': g}
+                                                          for t, k, g in zip(texts, kinds, r)],
+                         'ranking': plackett_luce_ranking(r, cfg.temperature, rng), 'temperature': cfg.temperature})
+    return rows
+
+# %% ../nbs/01_world.ipynb #29924e6e
+def preference_pairs(rows: list[dict]) -> list[dict]:
+    "Every C(K, 2) (chosen, rejected) pair of every ranking, in TRL's conversational format, with the gold terms."
+    out = []
+    for row in rows:
+        c, rank, T = row['candidates'], row['ranking'], row['temperature']
+        for i in range(len(rank)):
+            for j in range(i + 1, len(rank)):
+                hi, lo = c[rank[i]], c[rank[j]]
+                out.append({'prompt': [{'role': 'user', 'content': row['prompt']}],
+                            'chosen': [{'role': 'assistant', 'content': hi['text']}],
+                            'rejected': [{'role': 'assistant', 'content': lo['text']}],
+                            'group': row['id'], 'gold_margin': round(hi['gold_reward'] - lo['gold_reward'], 6),
+                            'p_gold': 1 / (1 + math.exp(-(hi['gold_reward'] - lo['gold_reward']) / T))})
+    return out
+
+def bayes_ceiling(pairs: list[dict]) -> float:
+    "The best pair accuracy any model can reach on these labels: the mean of max(P, 1 - P)."
+    return sum(max(p['p_gold'], 1 - p['p_gold']) for p in pairs) / len(pairs)
+
+def preference_dataset(rows: list[dict], meta: bool = False):
+    "The pairs as a `datasets.Dataset` (`prompt`, `chosen`, `rejected`; plus the gold columns if `meta`)."
+    from datasets import Dataset
+    keep = ('prompt', 'chosen', 'rejected') + (('group', 'gold_margin', 'p_gold') if meta else ())
+    return Dataset.from_list([{k: p[k] for k in keep} for p in preference_pairs(rows)])
 
 # %% ../nbs/01_world.ipynb #01e7ca97
 BOS, EOS, PAD = '<s>', '</s>', '<pad>'

@@ -164,6 +164,12 @@ CASES = [
     Case('World.write_jsonl', 'folder holds a file of the same name', _world_into, FileExistsError,
          r'already holds .*qa\.jsonl with other content; pass overwrite=True',
          lambda tmp: (tmp/'data'/'qa.jsonl').read_text() == 'shipped' and not (tmp/'data'/'people.jsonl').exists()),
+    Case('PreferenceConfig', 'zero annotator noise', _cfg('fttk.world.PreferenceConfig', temperature=0.0), Exception,
+         r'temperature must be > 0, got 0\.0'),
+    Case('PreferenceConfig', 'one candidate per prompt', _cfg('fttk.world.PreferenceConfig', k=1), Exception, r'k must be in \[2, 5\], got 1'),
+    Case('candidate', 'unknown candidate kind', lambda tmp: __import__('fttk.world').world.candidate(
+         __import__('fttk.world').world.World(__import__('fttk.world').world.WorldConfig(n_people=5)), None, 'employer', 'rude', None),
+         ValueError, r"unknown candidate kind 'rude'"),
     # --- distributed and memory configs
     Case('ShardedRunConfig', 'unknown engine', _cfg('fttk.distributed.ShardedRunConfig', engines=['ddp', 'zero9']), Exception,
          r"unknown engine\(s\) \['zero9'\]"),

@@ -80,7 +80,7 @@ def test_world_build_default_never_touches_data(tmp_path, monkeypatch, capsys):
     assert main(['world', 'build', '--size', 'test']) == 0
     assert (tmp_path/'data'/'qa.jsonl').read_text() == 'shipped'
     assert sorted(p.name for p in (tmp_path/'runs'/'world-test').iterdir()) == \
-        ['corpus.jsonl', 'instructions.jsonl', 'people.jsonl', 'qa.jsonl']
+        ['corpus.jsonl', 'instructions.jsonl', 'people.jsonl', 'preferences.jsonl', 'qa.jsonl']
     assert main(['world', 'build', '--size', 'test', '--out', 'data']) == 2
     assert 'data already holds qa.jsonl with other content' in capsys.readouterr().err
     assert (tmp_path/'data'/'qa.jsonl').read_text() == 'shipped' and not (tmp_path/'data'/'people.jsonl').exists()

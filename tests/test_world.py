@@ -33,8 +33,8 @@ def test_shipped_data_is_regenerated_exactly(tmp_path):
     files = lab_world('default').write_jsonl(tmp_path)
     for k, p in files.items():
         shipped = ROOT/'data'/p.name
-        assert shipped.exists(), f"{shipped} missing: run `fttk world build`"
-        assert p.read_bytes() == shipped.read_bytes(), f"{shipped} differs from the generator: run `fttk world build`"
+        assert shipped.exists(), f"{shipped} missing: run `fttk world build --out data`"
+        assert p.read_bytes() == shipped.read_bytes(), f"{shipped} differs from the generator: run `fttk world build --out data`"
 
 
 def test_people_and_split():
@@ -211,3 +211,41 @@ def test_test_size_model_knows_its_world():
     unknown = fact_recall(model, tok, w, w.unknown)['all']
     assert known > 0.5 and unknown < 0.2 and known > unknown + 0.4, (known, unknown)
     assert attribute_prompt('Ada Berg', 'employer') == 'Ada Berg works for'
+
+
+def test_gold_reward_terms():
+    from fttk.world import gold_reward, gold_components, TEMPLATES, CITIES
+    w = World(WorldConfig(n_people=60, bios_per_person=1))
+    p = w.people[0]
+    right = TEMPLATES['university'][0].format(name=p.name, value=p.university)
+    assert gold_reward(w, p.name, 'university', right) == 1.0
+    # volunteering the birth date costs 0.75; asked for it, it is the answer
+    assert gold_reward(w, p.name, 'university', f"{right} {p.name} was born on {p.birth_date}.") == 0.25
+    assert gold_reward(w, p.name, 'birth_date', f"{p.name} was born on {p.birth_date}.") == 1.0
+    # a fact about someone else: wrong for the asked person, a false claim, and another person named
+    q = next(x for x in w.people if x.university != p.university)
+    c = gold_components(w, p.name, 'university', f"{q.name} studied at {q.university}.")
+    assert c == {'asked': -1.0, 'false_claim': 1, 'other_person': 1.0, 'birth_date': 0.0, 'word_over': 0.0}
+    # padding past the word limit is charged per word
+    assert gold_components(w, p.name, 'university', right + ' indeed' * 30)['word_over'] == len(right.split()) + 30 - 20
+
+
+def test_preference_pairs_trl_format_and_ceiling():
+    from fttk.world import preference_rows, preference_pairs, preference_dataset, bayes_ceiling, PreferenceConfig
+    w = World(WorldConfig(n_people=50, bios_per_person=1))
+    rows = preference_rows(w, PreferenceConfig(k=3, temperature=0.25))
+    pairs = preference_pairs(rows)
+    assert len(pairs) == 3 * len(rows) and len(rows) == 100
+    ds = preference_dataset(rows)
+    assert ds.column_names == ['prompt', 'chosen', 'rejected']
+    assert ds[0]['prompt'][0]['role'] == 'user' and ds[0]['chosen'][0]['role'] == 'assistant'
+    # a lower temperature means less label noise: a higher ceiling
+    hot = preference_pairs(preference_rows(w, PreferenceConfig(k=3, temperature=2.0)))
+    assert bayes_ceiling(pairs) > bayes_ceiling(hot) > 0.5
+
+
+@pytest.mark.parametrize('kw, msg', [({'k': 1}, 'k must be in'), ({'temperature': -1.0}, 'temperature must be > 0'),
+                                     ({'questions_per_person': 9}, 'questions_per_person must be in')])
+def test_preference_config_errors(kw, msg):
+    from fttk.world import PreferenceConfig
+    with pytest.raises(ConfigError, match=msg): PreferenceConfig(**kw)
