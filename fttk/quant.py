@@ -136,10 +136,13 @@ def blockwise_absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, blocksize:
 def _check_int8_operands(x, CW, sW, threshold):
     _check_float(x)
     if not isinstance(CW, torch.Tensor) or CW.dtype != torch.int8:
-        raise TypeError(f"CW must be an int8 tensor of weight codes, got {getattr(CW, 'dtype', type(CW).__name__)}")
-    if CW.dim() != 2: raise ValueError(f"CW must be 2-d (out_features, in_features), got shape {tuple(CW.shape)}")
+        got = getattr(CW, 'dtype', type(CW).__name__)
+        raise TypeError(f"CW must be an int8 tensor of weight codes, got {got}")
+    if CW.dim() != 2:
+        raise ValueError(f"CW must be 2-d (out_features, in_features), got shape {tuple(CW.shape)}")
     if x.dim() == 0 or x.shape[-1] != CW.shape[1]:
-        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features but CW has {CW.shape[1]} columns")
+        n_in = x.shape[-1] if x.dim() else 0
+        raise ValueError(f"x has {n_in} features but CW has {CW.shape[1]} columns")
     if not isinstance(sW, torch.Tensor) or tuple(sW.shape) != (CW.shape[0], 1):
         raise ValueError(f"sW must have shape ({CW.shape[0]}, 1), one scale per row of CW, "
                          f"got {tuple(getattr(sW, 'shape', ())) or type(sW).__name__}")
@@ -151,7 +154,7 @@ def int8_outlier_matmul(x: torch.Tensor, CW: torch.Tensor, sW: torch.Tensor, thr
     "LLM.int8() forward: `x` (..., in) times int8 weight `CW` (out, in) with row scales `sW` (out, 1)."
     _check_int8_operands(x, CW, sW, threshold)
     shape = x.shape
-    if x.numel() == 0: return x.new_zeros(*shape[:-1], CW.shape[0], dtype=torch.float32)   # an empty batch
+    if x.numel() == 0: return x.new_zeros(*shape[:-1], CW.shape[0], dtype=torch.float32)  # no rows
     x16 = x.reshape(-1, shape[-1]).to(torch.float16).float()      # bitsandbytes quantizes activations from fp16
     if not torch.isfinite(x16).all():
         raise ValueError("x contains NaN or inf, or values beyond float16's range (65504): "
@@ -248,9 +251,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)        # an all-zero block gets code 0
     padded = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
     v = (padded * inv.view(-1, 1)).clamp(-1.0, 1.0)
-    # a subnormal absmax has an infinite reciprocal (1/1e-40 > 3.4e38): then 0 * inf is NaN, and the C
-    # cast to an integer bin gives bin 0 (x86 and ARM alike); torch's cast would give -2**31
-    bins = torch.nan_to_num((((v + 1.0) * 0.5) * 65535.0 + 0.5), nan=0.0).to(torch.int32)  # truncation, as C
+    # a subnormal absmax has an infinite reciprocal (1/1e-40 > 3.4e38): then 0 * inf is NaN, and
+    # the C cast to an integer bin gives bin 0 (x86 and ARM alike); torch's cast gives -2**31
+    bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).nan_to_num(nan=0.0).to(torch.int32)  # truncates as C
     codes = _DYNAMIC_LUT[bins.long()].view(-1)[:n]
     codes = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], torch.zeros_like(codes), codes)
     return codes, absmax
@@ -278,8 +281,10 @@ class NF4Tensor:
 
     def __post_init__(self):
         "The parts must fit together (they may come from a file or from bitsandbytes)."
-        n, bs, what = math.prod(self.shape), self.blocksize, f"NF4Tensor of shape {tuple(self.shape)}"
-        if bs not in BLOCKSIZES: raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {bs!r}")
+        n, bs = math.prod(self.shape), self.blocksize
+        what = f"NF4Tensor of shape {tuple(self.shape)}"
+        if bs not in BLOCKSIZES:
+            raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {bs!r}")
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
             raise ValueError(f"{what}: packed must hold {(n + 1) // 2} uint8 bytes, "
                              f"got {self.packed.numel()} {self.packed.dtype}")
@@ -329,8 +334,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if not double_quant: return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
     offset = absmax.mean()
     if not torch.isfinite(offset):     # bitsandbytes would return NaN weights
-        raise ValueError(f"double quantization cannot store these block scales: their mean overflows float32 "
-                         f"(largest absmax {absmax.max().item():.3g}); use double_quant=False")
+        raise ValueError("double quantization cannot store these block scales: their mean "
+                         f"overflows float32 (largest absmax {absmax.max().item():.3g}); "
+                         "use double_quant=False")
     codes, absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
     return NF4Tensor(packed, codes, w.shape, w.dtype, blocksize, absmax2, offset, 256)
 
@@ -376,9 +382,10 @@ def nf4_from_bnb(packed: torch.Tensor, qs) -> NF4Tensor:
     if qs.quant_type != 'nf4': raise ValueError(f"only nf4 is supported, got {qs.quant_type!r}")
     if getattr(qs, 'packing_format_for_cpu', False):
         raise ValueError("this weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel; call disable_avx512bf16_repack first")
-    nested = dict(absmax2=qs.state2.absmax, offset=qs.offset, dq_blocksize=qs.state2.blocksize) if qs.nested else {}
-    return NF4Tensor(packed.reshape(-1).view(torch.uint8), qs.absmax, torch.Size(qs.shape), qs.dtype, qs.blocksize,
-                     **nested)
+    s2 = qs.state2 if qs.nested else None
+    nested = dict(absmax2=s2.absmax, offset=qs.offset, dq_blocksize=s2.blocksize) if s2 else {}
+    return NF4Tensor(packed.reshape(-1).view(torch.uint8), qs.absmax, torch.Size(qs.shape),
+                     qs.dtype, qs.blocksize, **nested)
 
 # %% ../nbs/04_quant.ipynb #b52b50b9
 CODES_4BIT = {'nf4': NF4_CODE, 'fp4': FP4_CODE, 'int4': INT4_CODE}
@@ -494,7 +501,8 @@ def _bnb_layer(lin: nn.Linear, cfg: QuantConfig) -> nn.Module:
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
     "Replace the `nn.Linear` layers of `model` (in place) by quantized ones; returns `model`."
     if config is not None and kwargs:
-        raise TypeError(f"pass either a QuantConfig or keyword arguments, not both (got {sorted(kwargs)})")
+        raise TypeError("pass either a QuantConfig or keyword arguments, not both "
+                        f"(got {sorted(kwargs)})")
     if config is not None and not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; "
                         "for a dict use QuantConfig.from_dict(d)")
@@ -548,8 +556,9 @@ def disable_avx512bf16_repack(model: nn.Module) -> int:
             qs = getattr(m.weight, 'quant_state', None)
             if qs is not None and getattr(qs, 'packing_format_for_cpu', False):
                 m.weight.data, qs = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
-                if not qs.nested:   # bitsandbytes restores only double-quantized scales to their layout
-                    qs.absmax = qs.absmax.T.reshape(-1).float()    # (blocks per row, rows) bf16 -> flat fp32
+                # bitsandbytes restores only double-quantized scales to their layout; others
+                # stay (blocks per row, rows) in bf16: back to flat fp32 in block order
+                if not qs.nested: qs.absmax = qs.absmax.T.reshape(-1).float()
                 m.weight.quant_state = qs
             n += 1
     return n
