@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #20ce14b3
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing
+import contextlib, dataclasses, hashlib, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -15,10 +15,15 @@ import numpy as np
 import torch
 import yaml
 
+# datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and prints
+# the path of the install); the plain text bars it falls back to are what fttk wants anyway.
+warnings.filterwarnings('ignore', message='IProgress not found')
+
 # %% auto #0
 __all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
-           'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'cache_dir', 'cpu_features',
-           'matmul_gflops', 'best_precision', 'hash_data', 'lib_versions', 'hardware', 'fingerprint', 'RunFolder']
+           'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'cache_dir', 'quiet_progress',
+           'cpu_features', 'matmul_gflops', 'best_precision', 'read_jsonl', 'hash_data', 'lib_versions', 'hardware',
+           'fingerprint', 'RunFolder']
 
 # %% ../nbs/00_core.ipynb #c3c10ab0
 def in_test() -> bool:
@@ -73,6 +78,7 @@ def _coerce(name: str, value: Any, tp) -> Any:
             if a is type(None): continue
             try: return _coerce(name, value, a)
             except ConfigError as e: errs.append(e)
+        if len(errs) == 1: raise errs[0]     # `float | None`: the float's own message says more
         raise ConfigError(f"config field {name!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value in args: return value
@@ -212,6 +218,17 @@ def cache_dir(sub: str | None = None) -> Path:
         raise PermissionError(f"fttk cache directory {p} is not writable; set FTTK_CACHE to a writable folder")
     return p
 
+# %% ../nbs/00_core.ipynb #47d9e98d
+@contextlib.contextmanager
+def quiet_progress():
+    "Hide transformers' per-file progress bars inside the block; restore the previous setting after."
+    from transformers.utils import logging as hf_logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try: yield
+    finally:
+        if was_on: hf_logging.enable_progress_bar()
+
 # %% ../nbs/00_core.ipynb #3b33a4d2
 _ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
 
@@ -261,6 +278,25 @@ def best_precision(device: str | None = None, refresh: bool = False) -> str:
     rec['choice'] = 'bf16' if rec['bf16_gflops'] >= BF16_SPEEDUP * rec['fp32_gflops'] else 'fp32'
     atomic_write_text(path, json.dumps(rec | {'machine': json.loads(key)}, indent=2))
     return rec['choice']
+
+# %% ../nbs/00_core.ipynb #84f95af9
+def read_jsonl(path: str | Path) -> list[dict]:
+    "The rows of a JSONL file, one JSON object a line; a bad line raises `CorruptFileError` naming file and line."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no JSONL file at {path}")
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e: raise CorruptFileError(f"{path} is not UTF-8 text (byte {e.start})") from e
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip(): continue
+        try: row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise CorruptFileError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+        rows.append(row)
+    if not rows: raise CorruptFileError(f"{path} holds no rows")
+    return rows
 
 # %% ../nbs/00_core.ipynb #61f211d6
 _LIBS = ('fttk', 'torch', 'transformers', 'peft', 'trl', 'datasets', 'tokenizers', 'accelerate', 'bitsandbytes', 'numpy')

@@ -41,6 +41,9 @@ class ShardedRunConfig(Config):
         if bad: raise ConfigError(f"unknown engine(s) {bad}; choose from: {', '.join(ENGINES)}")
         for k in ('world_size', 'steps', 'per_device_train_batch_size', 'seq'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be a positive integer, got {getattr(self, k)}")
+        if self.size not in ('test', 'default'): raise ConfigError(f"size must be 'test' or 'default', got {self.size!r}")
+        if self.learning_rate <= 0: raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
 
 # %% ../nbs/06_distributed.ipynb #8b9d326c
 def _local(t):

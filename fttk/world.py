@@ -6,17 +6,17 @@ Docs: https://fttk.github.io/fttk/world.html.md"""
 
 # %% ../nbs/01_world.ipynb #65adc631
 from __future__ import annotations
-import hashlib, json, math, os, random, shutil, time, warnings
+import contextlib, hashlib, json, math, os, random, shutil, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from filelock import FileLock
-from tqdm.auto import tqdm
+from tqdm import tqdm                 # plain bars: tqdm.auto wants ipywidgets in notebooks
 
 from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_write_text, cache_dir, fingerprint,
-                       get_device, hash_data, in_test, set_seed)
+                       get_device, hash_data, in_test, quiet_progress, set_seed)
 
 # %% auto #0
 __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'ATTRIBUTES', 'TEMPLATES',
@@ -281,8 +281,18 @@ class BaseModelConfig(Config):
     seed: int = 0
 
     def validate(self):
-        for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_train_epochs', 'per_device_train_batch_size'):
+        for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'intermediate_size',
+                  'max_position_embeddings', 'num_train_epochs', 'per_device_train_batch_size'):
             if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.vocab_size <= 256 + len(SPECIAL_TOKENS):
+            raise ConfigError(f"vocab_size must exceed the 256 byte tokens plus {len(SPECIAL_TOKENS)} special tokens, "
+                              f"got {self.vocab_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+        for k in ('warmup_ratio', 'weight_decay'):
+            if not 0 <= getattr(self, k) < 1: raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.max_grad_norm <= 0: raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.learning_rate <= 0: raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
@@ -436,8 +446,10 @@ def _verify(folder: Path) -> dict:
 
 def _load_folder(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # a local folder loads in milliseconds: no progress bars (a hub download keeps its own)
+    with quiet_progress() if Path(folder).is_dir() else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     model.eval()
     return model, tokenizer
 
@@ -461,8 +473,9 @@ def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = 
               'known_recall': fact_recall(model, tokenizer, world),
               'unknown_recall': fact_recall(model, tokenizer, world, world.unknown),
               'torch_threads': torch.get_num_threads(), 'bf16': cfg.bf16}
-    model.save_pretrained(folder)          # safetensors by default
-    tokenizer.save_pretrained(folder)
+    with quiet_progress():
+        model.save_pretrained(folder)      # safetensors by default
+        tokenizer.save_pretrained(folder)
     atomic_write_text(folder/'report.json', json.dumps(report, indent=2))
     return report
 

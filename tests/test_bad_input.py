@@ -1,0 +1,216 @@
+"""Bad input, audited: every public entry point (CLI subcommands, Config classes, file readers) given a bad
+input raises a clear error that names the problem, and leaves the user's files as they were.
+
+CASES is the audit. Each case is one distinct bad input: the entry point, what is wrong, a function of a
+scratch folder that feeds it, the exception expected and a regex its message must match. The docs page
+"Bad input, audited" (nbs/95_bad_input.ipynb) renders this same list as a table, with the real messages."""
+import contextlib, io, json, math, pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+
+@dataclass
+class Case:
+    entry: str                       # the public entry point
+    bad: str                         # what is wrong with the input
+    run: Callable[[Path], object]    # feeds the bad input; gets a fresh scratch folder
+    exc: type                        # the exception a user sees
+    match: str                       # a regex the message must match
+    intact: Callable[[Path], bool] | None = None   # after the error: the user's files are as they were
+
+
+class CLIError(Exception):
+    "A CLI run that exited non-zero: its exit status and the last line of its stderr."
+
+
+def cli(*argv):
+    from fttk.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try: code = main([str(a) for a in argv])
+        except SystemExit as e: code = e.code
+    text = err.getvalue()
+    if 'Traceback' in text: raise AssertionError(f"a raw traceback reached the CLI user:\n{text}")
+    if code: raise CLIError(f"exit {code}: {text.strip().splitlines()[-1] if text.strip() else ''}")
+    return code
+
+
+def _cfg(cls_path, **kw):
+    mod, name = cls_path.rsplit('.', 1)
+    import importlib
+    return lambda tmp: getattr(importlib.import_module(mod), name)(**kw)
+
+
+def _yaml(text, cls='fttk.sft.SFTConfig'):
+    def run(tmp):
+        import importlib
+        mod, name = cls.rsplit('.', 1)
+        p = tmp/'cfg.yaml'; p.write_text(text)
+        return getattr(importlib.import_module(mod), name).from_yaml(p)
+    return run
+
+
+def _file(name, content: bytes, reader):
+    def run(tmp):
+        p = tmp/name; p.write_bytes(content)
+        return reader(p)
+    return run
+
+
+def _read_jsonl(p):
+    from fttk.core import read_jsonl
+    return read_jsonl(p)
+
+
+def _load_tensors(p):
+    from fttk.core import load_tensors
+    return load_tensors(p)
+
+
+def _safe_torch_load(p):
+    from fttk.core import safe_torch_load
+    return safe_torch_load(p)
+
+
+class _Evil:
+    def __reduce__(self): return (print, ('pwned',))
+
+
+def _run_folder(setup, **kw):
+    def run(tmp):
+        from fttk.core import RunFolder
+        target = setup(tmp)
+        return RunFolder(target, **kw)
+    return run
+
+
+def _with_notes(tmp):
+    d = tmp/'results'; d.mkdir(); (d/'notes.txt').write_text('mine'); return d
+
+
+def _notes_intact(tmp): return (tmp/'results'/'notes.txt').read_text() == 'mine' and len(list((tmp/'results').iterdir())) == 1
+
+
+def _world_into(tmp):
+    from fttk.world import World, WorldConfig
+    d = tmp/'data'; d.mkdir(); (d/'qa.jsonl').write_text('shipped')
+    return World(WorldConfig(n_people=10, bios_per_person=1)).write_jsonl(d)
+
+
+def _safetensors_bytes():
+    import safetensors.torch
+    return safetensors.torch.save({'w': torch.ones(4, 4)})
+
+
+CASES = [
+    # --- core: configs from YAML and dicts
+    Case('Config.from_yaml', 'YAML syntax error', _yaml('learning_rate: [1e-4\n'), Exception, r'is not valid YAML'),
+    Case('Config.from_yaml', 'file does not exist', lambda tmp: __import__('fttk.sft').sft.SFTConfig.from_yaml(tmp/'nope.yaml'),
+         FileNotFoundError, r'config file not found: .*nope\.yaml'),
+    Case('Config.from_yaml', 'a YAML list, not a mapping', _yaml('- 1\n- 2\n'), Exception, r'SFTConfig needs a mapping, got list'),
+    Case('Config.from_yaml', 'misspelt key', _yaml('learning_rte: 1e-4\n'), Exception, r"unknown key\(s\) for SFTConfig: 'learning_rte'"),
+    Case('Config.from_yaml', 'NaN for a float', _yaml('learning_rate: .nan\n'), Exception, r"'learning_rate' must be a finite number, got nan"),
+    Case('Config.from_yaml', 'infinity for a float', _yaml('learning_rate: .inf\n'), Exception, r"'learning_rate' must be a finite number, got inf"),
+    Case('Config.from_yaml', 'a word for a float', _yaml('learning_rate: fast\n'), Exception, r"'learning_rate' expects float, got str 'fast'"),
+    Case('Config.from_yaml', 'a bool for an int', _yaml('max_steps: true\n'), Exception, r"'max_steps' expects int, got bool"),
+    Case('Config.from_yaml', 'a fraction for an int', _yaml('max_steps: 2.5\n'), Exception, r"'max_steps' expects int, got float"),
+    # --- core: files
+    Case('read_jsonl', 'last line cut short', _file('rows.jsonl', b'{"a": 1}\n{"a": 2, "b": "cut', _read_jsonl),
+         Exception, r'rows\.jsonl line 2 is not valid JSON'),
+    Case('read_jsonl', 'a line that is a list', _file('rows.jsonl', b'{"a": 1}\n[1, 2]\n', _read_jsonl),
+         Exception, r'rows\.jsonl line 2 is a JSON list, not an object'),
+    Case('read_jsonl', 'not UTF-8', _file('rows.jsonl', b'\xff\xfe{"a": 1}\n', _read_jsonl), Exception, r'rows\.jsonl is not UTF-8 text'),
+    Case('read_jsonl', 'empty file', _file('rows.jsonl', b'\n\n', _read_jsonl), Exception, r'rows\.jsonl holds no rows'),
+    Case('read_jsonl', 'no such file', lambda tmp: _read_jsonl(tmp/'missing.jsonl'), FileNotFoundError, r'no JSONL file at .*missing\.jsonl'),
+    Case('load_tensors', 'truncated safetensors file', _file('w.safetensors', _safetensors_bytes()[:40], _load_tensors),
+         Exception, r'cannot read tensors from .*w\.safetensors'),
+    Case('load_tensors', 'a pickle named .safetensors', _file('w.safetensors', pickle.dumps({'w': 1}), _load_tensors),
+         Exception, r'cannot read tensors from .*w\.safetensors'),
+    Case('load_tensors', 'no such file', lambda tmp: _load_tensors(tmp/'none.safetensors'), FileNotFoundError, r'no tensor file at'),
+    Case('save_tensors', 'a value that is not a tensor', lambda tmp: __import__('fttk.core').core.save_tensors({'w': [1, 2]}, tmp/'x.safetensors'),
+         TypeError, r"save_tensors takes tensors only; not tensors: \['w'\]"),
+    Case('safe_torch_load', 'a pickle that runs code', _file('evil.pt', pickle.dumps(_Evil()), _safe_torch_load),
+         Exception, r'cannot safely load .*evil\.pt'),
+    # --- core: run folders
+    Case('RunFolder', 'non-empty folder, neither resume nor overwrite', _run_folder(_with_notes), FileExistsError,
+         r'results is not empty \(it holds notes\.txt\); pass resume=True', _notes_intact),
+    Case('RunFolder', 'overwrite=True on a folder that is not an fttk run', _run_folder(_with_notes, overwrite=True), FileExistsError,
+         r'is not an fttk run folder', _notes_intact),
+    Case('RunFolder', 'resume=True, folder missing', _run_folder(lambda tmp: tmp/'never', resume=True), FileNotFoundError,
+         r'cannot resume: run folder .*never does not exist'),
+    Case('RunFolder', 'resume=True, no complete checkpoint', _run_folder(_with_notes, resume=True), FileNotFoundError,
+         r'has no complete checkpoint .*it holds notes\.txt', _notes_intact),
+    Case('RunFolder', 'resume=True and overwrite=True', _run_folder(lambda tmp: tmp/'r', resume=True, overwrite=True), ValueError,
+         r'resume=True and overwrite=True contradict each other'),
+    Case('RunFolder', 'the path is a file', _run_folder(lambda tmp: (tmp/'f').write_text('x') and tmp/'f'), NotADirectoryError,
+         r'run folder .*f is a file, not a folder'),
+    Case('set_seed', 'negative seed', lambda tmp: __import__('fttk.core').core.set_seed(-1), ValueError, r'seed must be a non-negative int, got -1'),
+    # --- world
+    Case('WorldConfig', 'no people', _cfg('fttk.world.WorldConfig', n_people=0), Exception, r'n_people must be a positive number of people, got 0'),
+    Case('WorldConfig', 'more people than unique names', _cfg('fttk.world.WorldConfig', n_people=10**7), Exception, r'exceeds the \d+ unique names'),
+    Case('WorldConfig', 'known_fraction above 1', _cfg('fttk.world.WorldConfig', known_fraction=1.5), Exception, r'known_fraction must be in \(0, 1\], got 1\.5'),
+    Case('BaseModelConfig', 'hidden_size not divisible by heads', _cfg('fttk.world.BaseModelConfig', hidden_size=100, num_attention_heads=3, num_key_value_heads=3),
+         Exception, r'hidden_size 100 is not divisible by num_attention_heads 3'),
+    Case('BaseModelConfig', 'vocabulary smaller than the bytes', _cfg('fttk.world.BaseModelConfig', vocab_size=100), Exception,
+         r'vocab_size must exceed the 256 byte tokens plus \d+ special tokens, got 100'),
+    Case('BaseModelConfig', 'warmup_ratio of 1', _cfg('fttk.world.BaseModelConfig', warmup_ratio=1.0), Exception, r'warmup_ratio must be in \[0, 1\), got 1\.0'),
+    Case('BaseModelConfig', 'heads not a multiple of KV heads', _cfg('fttk.world.BaseModelConfig', num_key_value_heads=3), Exception,
+         r'num_attention_heads 4 is not a multiple of num_key_value_heads 3'),
+    Case('base_model', 'unknown size', lambda tmp: __import__('fttk.world').world.base_model('huge'), ValueError, r"unknown lab model size 'huge'"),
+    Case('World.write_jsonl', 'folder holds a file of the same name', _world_into, FileExistsError,
+         r'already holds .*qa\.jsonl with other content; pass overwrite=True',
+         lambda tmp: (tmp/'data'/'qa.jsonl').read_text() == 'shipped' and not (tmp/'data'/'people.jsonl').exists()),
+    # --- distributed and memory configs
+    Case('ShardedRunConfig', 'unknown engine', _cfg('fttk.distributed.ShardedRunConfig', engines=['ddp', 'zero9']), Exception,
+         r"unknown engine\(s\) \['zero9'\]"),
+    Case('ShardedRunConfig', 'zero processes', _cfg('fttk.distributed.ShardedRunConfig', world_size=0), Exception, r'world_size must be a positive integer, got 0'),
+    Case('ShardedRunConfig', 'negative learning rate', _cfg('fttk.distributed.ShardedRunConfig', learning_rate=-1.0), Exception, r'learning_rate must be > 0, got -1\.0'),
+    Case('MemoryConfig', 'both a config and a parameter count', _cfg('fttk.memory.MemoryConfig', config='lab:test', params=1e9), Exception,
+         r'give exactly one of config'),
+    Case('MemoryConfig', 'NaN parameters', _cfg('fttk.memory.MemoryConfig', params=float('nan')), Exception, r"'params' must be a finite number"),
+    Case('MemoryConfig', 'ZeRO stage 4', _cfg('fttk.memory.MemoryConfig', params=1e9, stage=4), Exception, r'stage'),
+    # --- the command line: one line on stderr, exit 2, no traceback
+    Case('fttk', 'no subcommand', lambda tmp: cli(), CLIError, r'exit 2: fttk: error: the following arguments are required: command'),
+    Case('fttk world build', 'unknown --size', lambda tmp: cli('world', 'build', '--size', 'huge'), CLIError, r"exit 2: .*invalid choice: 'huge'"),
+    Case('fttk world build', '--out holds a file with other content',
+         lambda tmp: (_with_notes(tmp) and (tmp/'results'/'qa.jsonl').write_text('mine') and cli('world', 'build', '--size', 'test', '--out', tmp/'results')),
+         CLIError, r'exit 2: fttk: error: .*already holds qa\.jsonl with other content',
+         lambda tmp: (tmp/'results'/'qa.jsonl').read_text() == 'mine' and not (tmp/'results'/'people.jsonl').exists()),
+    Case('fttk demo', '--out is a non-empty folder', lambda tmp: _with_notes(tmp) and cli('demo', '--size', 'test', '--out', tmp/'results'),
+         CLIError, r'exit 2: fttk: error: run folder .*results is not empty', _notes_intact),
+    Case('fttk demo', '--overwrite on a folder that is not an fttk run',
+         lambda tmp: _with_notes(tmp) and cli('demo', '--size', 'test', '--out', tmp/'results', '--overwrite'),
+         CLIError, r'exit 2: fttk: error: overwrite=True refused: .* is not an fttk run folder', _notes_intact),
+    Case('fttk memory', 'negative --params', lambda tmp: cli('memory', '--params', '-5'), CLIError, r'exit 2: .*--params'),
+    Case('fttk memory', 'NaN --params', lambda tmp: cli('memory', '--params', 'nan'), CLIError, r'exit 2: .*--params.*nan'),
+    Case('fttk memory', 'neither --config nor --params', lambda tmp: cli('memory'), CLIError, r'exit 2: .*one of the arguments --config --params is required'),
+]
+
+
+def test_audit_is_broad():
+    "At least 40 distinct bad inputs, each named once."
+    keys = [(c.entry, c.bad) for c in CASES]
+    assert len(set(keys)) == len(keys), [k for k in keys if keys.count(k) > 1]
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f"{c.entry}: {c.bad}")
+def test_bad_input_gets_a_clear_error(case, tmp_path):
+    with pytest.raises(case.exc, match=case.match):
+        case.run(tmp_path)
+    if case.intact is not None: assert case.intact(tmp_path), "the user's files were changed"
+
+
+def audit_table(tmp_root: Path) -> list[dict]:
+    "Run every case and return rows (entry point, bad input, error a user sees) for the docs table."
+    rows = []
+    for i, c in enumerate(CASES):
+        tmp = tmp_root/f'case{i}'; tmp.mkdir()
+        try: c.run(tmp); msg = 'NO ERROR'
+        except Exception as e: msg = f"{type(e).__name__}: {e}"
+        rows.append({'entry point': c.entry, 'bad input': c.bad, 'what the user sees': msg.replace(str(tmp), '…')})
+    return rows
