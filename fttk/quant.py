@@ -63,6 +63,9 @@ def bits_per_param(fmt: str, blocksize: int = 64, dq_blocksize: int = 256) -> fl
     "Storage bits per weight, scales included, for fp32/fp16/bf16/fp8/int8/nf4/nf4_dq."
     if fmt in FLOAT_FORMATS: return float(torch.finfo(FLOAT_FORMATS[fmt][0]).bits)
     if fmt == 'int8': return 8.0
+    for k, v in {'blocksize': blocksize, 'dq_blocksize': dq_blocksize}.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
     if fmt == 'nf4': return 4 + 32 / blocksize
     if fmt == 'nf4_dq': return 4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)
     raise ValueError(f"unknown format {fmt!r}; use one of {list(FLOAT_FORMATS) + ['int8', 'nf4', 'nf4_dq']}")
@@ -77,15 +80,24 @@ def _check_float(x: torch.Tensor, what: str = 'x'):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
 
+def _check_values(x: torch.Tensor, who: str):
+    "A float tensor with at least one value, all finite (NaN or inf would poison every scale)."
+    _check_float(x)
+    if x.numel() == 0: raise ValueError(f"{who}: cannot quantize an empty tensor")
+    if not torch.isfinite(x).all(): raise ValueError(f"{who}: x contains NaN or inf")
+
+def _check_blocksize(blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+
 def _scale_dims(x, dim):
     return dict(dim=dim, keepdim=True) if dim is not None else {}
 
 def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Symmetric int8: returns (q int8, scale) with x ≈ q / scale; `dim` gives one scale per slice (per-channel)."
-    _check_float(x)
+    _check_values(x, 'absmax_quantize')
     xf = x.float()
-    amax = xf.abs().amax(**_scale_dims(x, dim)) if x.numel() else torch.zeros(())
-    if not torch.isfinite(amax).all(): raise ValueError("absmax_quantize: x contains NaN or inf")
+    amax = xf.abs().amax(**_scale_dims(x, dim))
     scale = 127 / amax.clamp_min(1e-12)   # an all-zero slice gets q = 0, not 0/0
     return torch.round(xf * scale).to(torch.int8), scale
 
@@ -94,10 +106,9 @@ def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Asymmetric int8: returns (q int8, scale, zero) with x ≈ (q - zero) / scale."
-    _check_float(x)
+    _check_values(x, 'zeropoint_quantize')
     xf = x.float()
-    lo, hi = (xf.amin(**_scale_dims(x, dim)), xf.amax(**_scale_dims(x, dim))) if x.numel() else (torch.zeros(()),)*2
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()): raise ValueError("zeropoint_quantize: x contains NaN or inf")
+    lo, hi = xf.amin(**_scale_dims(x, dim)), xf.amax(**_scale_dims(x, dim))
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)     # the range holds 0, so z stays within [-128, 127]
     scale = 255 / (hi - lo).clamp_min(1e-12)
     zero = torch.round(-128 - scale * lo)
@@ -108,23 +119,46 @@ def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def blockwise_absmax_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     "Absmax int8 per block of `blocksize` consecutive values (the last block may be shorter)."
-    _check_float(x)
-    if blocksize <= 0: raise ValueError(f"blocksize must be positive, got {blocksize}")
+    _check_values(x, 'blockwise_absmax_quantize')
+    _check_blocksize(blocksize)
     flat = x.reshape(-1)
     pad = -flat.numel() % blocksize
     q, scale = absmax_quantize(F.pad(flat.float(), (0, pad)).view(-1, blocksize), dim=1)  # zero padding never raises a max
     return q.reshape(-1)[:flat.numel()].reshape(x.shape), scale
 
 def blockwise_absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    _check_blocksize(blocksize)
     flat = q.reshape(-1)
     pad = -flat.numel() % blocksize
     return absmax_dequantize(F.pad(flat, (0, pad)).view(-1, blocksize), scale).reshape(-1)[:flat.numel()].reshape(q.shape)
 
 # %% ../nbs/04_quant.ipynb #ec31f66e
+def _check_int8_operands(x, CW, sW, threshold):
+    _check_float(x)
+    if not isinstance(CW, torch.Tensor) or CW.dtype != torch.int8:
+        got = getattr(CW, 'dtype', type(CW).__name__)
+        raise TypeError(f"CW must be an int8 tensor of weight codes, got {got}")
+    if CW.dim() != 2:
+        raise ValueError(f"CW must be 2-d (out_features, in_features), got shape {tuple(CW.shape)}")
+    if x.dim() == 0 or x.shape[-1] != CW.shape[1]:
+        n_in = x.shape[-1] if x.dim() else 0
+        raise ValueError(f"x has {n_in} features but CW has {CW.shape[1]} columns")
+    if not isinstance(sW, torch.Tensor) or tuple(sW.shape) != (CW.shape[0], 1):
+        raise ValueError(f"sW must have shape ({CW.shape[0]}, 1), one scale per row of CW, "
+                         f"got {tuple(getattr(sW, 'shape', ())) or type(sW).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+
 def int8_outlier_matmul(x: torch.Tensor, CW: torch.Tensor, sW: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
     "LLM.int8() forward: `x` (..., in) times int8 weight `CW` (out, in) with row scales `sW` (out, 1)."
+    _check_int8_operands(x, CW, sW, threshold)
     shape = x.shape
+    if x.numel() == 0: return x.new_zeros(*shape[:-1], CW.shape[0], dtype=torch.float32)  # no rows
     x16 = x.reshape(-1, shape[-1]).to(torch.float16).float()      # bitsandbytes quantizes activations from fp16
+    if not torch.isfinite(x16).all():
+        raise ValueError("x contains NaN or inf, or values beyond float16's range (65504): "
+                         "LLM.int8() computes activations in float16")
     big = x16.abs() >= threshold if threshold > 0 else torch.zeros_like(x16, dtype=torch.bool)
     outlier_cols = big.any(0)
     # as in bitsandbytes: the row scale ignores only the outlier values themselves; whole outlier
@@ -209,13 +243,17 @@ _DYNAMIC_LUT = _lut_for(DYNAMIC_CODE)
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     "8-bit dynamic-code blockwise quantization of a flat fp32 tensor: (codes uint8, absmax fp32); as bitsandbytes on CPU."
+    _check_values(x, 'quantize_blockwise_8bit')
+    _check_blocksize(blocksize)
     flat = x.reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
     n = flat.numel(); blocks = absmax.numel()
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)        # an all-zero block gets code 0
     padded = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
     v = (padded * inv.view(-1, 1)).clamp(-1.0, 1.0)
-    bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)                      # truncation, as the C cast
+    # a subnormal absmax has an infinite reciprocal (1/1e-40 > 3.4e38): then 0 * inf is NaN, and
+    # the C cast to an integer bin gives bin 0 (x86 and ARM alike); torch's cast gives -2**31
+    bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).nan_to_num(nan=0.0).to(torch.int32)  # truncates as C
     codes = _DYNAMIC_LUT[bins.long()].view(-1)[:n]
     codes = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], torch.zeros_like(codes), codes)
     return codes, absmax
@@ -241,6 +279,25 @@ class NF4Tensor:
     offset: torch.Tensor | None = None    # fp32 scalar: the mean subtracted from the scales
     dq_blocksize: int = 256
 
+    def __post_init__(self):
+        "The parts must fit together (they may come from a file or from bitsandbytes)."
+        n, bs = math.prod(self.shape), self.blocksize
+        what = f"NF4Tensor of shape {tuple(self.shape)}"
+        if bs not in BLOCKSIZES:
+            raise ValueError(f"{what}: blocksize must be one of {BLOCKSIZES}, got {bs!r}")
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
+            raise ValueError(f"{what}: packed must hold {(n + 1) // 2} uint8 bytes, "
+                             f"got {self.packed.numel()} {self.packed.dtype}")
+        blocks = -(-n // bs)
+        dtype = torch.float32 if self.absmax2 is None else torch.uint8
+        if self.absmax.numel() != blocks or self.absmax.dtype != dtype:
+            raise ValueError(f"{what}: absmax must hold {blocks} {dtype} block scales, "
+                             f"got {self.absmax.numel()} {self.absmax.dtype}")
+        if self.absmax2 is not None and (self.absmax2.numel() != -(-blocks // self.dq_blocksize)
+                                         or self.offset is None or self.offset.numel() != 1):
+            raise ValueError(f"{what}: double quantization needs {-(-blocks // self.dq_blocksize)} "
+                             f"second-level scales and one offset")
+
     @property
     def double_quant(self) -> bool: return self.absmax2 is not None
     @property
@@ -264,18 +321,24 @@ class NF4Tensor:
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     "NF4-quantize `w` (fp32/fp16/bf16, any shape) in blocks of `blocksize`; bit-exact with bitsandbytes on CPU."
     _check_weights(w)
-    if blocksize not in BLOCKSIZES: raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     flat = w.detach().reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
     if not torch.isfinite(absmax).all():
         bad = (~torch.isfinite(absmax)).nonzero().flatten().tolist()
         raise ValueError(f"cannot quantize weights containing NaN or inf (blocks {bad[:5]}{'...' if len(bad) > 5 else ''})")
+    # bitsandbytes stores a short last block's absmax clamped to 1e-38 (a full block's as it is)
+    if flat.numel() % blocksize: absmax[-1:].clamp_(min=1e-38)
     packed = pack_4bit(_nf4_indices(flat, absmax, blocksize))
-    t = NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
-    if double_quant:
-        t.offset = absmax.mean()
-        t.absmax, t.absmax2 = quantize_blockwise_8bit(absmax - t.offset, t.dq_blocksize)
-    return t
+    if not double_quant: return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    offset = absmax.mean()
+    if not torch.isfinite(offset):     # bitsandbytes would return NaN weights
+        raise ValueError("double quantization cannot store these block scales: their mean "
+                         f"overflows float32 (largest absmax {absmax.max().item():.3g}); "
+                         "use double_quant=False")
+    codes, absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
+    return NF4Tensor(packed, codes, w.shape, w.dtype, blocksize, absmax2, offset, 256)
 
 # %% ../nbs/04_quant.ipynb #904c8722
 _PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], 1)  # byte -> 2 levels
@@ -319,9 +382,10 @@ def nf4_from_bnb(packed: torch.Tensor, qs) -> NF4Tensor:
     if qs.quant_type != 'nf4': raise ValueError(f"only nf4 is supported, got {qs.quant_type!r}")
     if getattr(qs, 'packing_format_for_cpu', False):
         raise ValueError("this weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel; call disable_avx512bf16_repack first")
-    t = NF4Tensor(packed.reshape(-1).view(torch.uint8), qs.absmax, torch.Size(qs.shape), qs.dtype, qs.blocksize)
-    if qs.nested: t.absmax2, t.offset, t.dq_blocksize = qs.state2.absmax, qs.offset, qs.state2.blocksize
-    return t
+    s2 = qs.state2 if qs.nested else None
+    nested = dict(absmax2=s2.absmax, offset=qs.offset, dq_blocksize=s2.blocksize) if s2 else {}
+    return NF4Tensor(packed.reshape(-1).view(torch.uint8), qs.absmax, torch.Size(qs.shape),
+                     qs.dtype, qs.blocksize, **nested)
 
 # %% ../nbs/04_quant.ipynb #b52b50b9
 CODES_4BIT = {'nf4': NF4_CODE, 'fp4': FP4_CODE, 'int4': INT4_CODE}
@@ -436,6 +500,12 @@ def _bnb_layer(lin: nn.Linear, cfg: QuantConfig) -> nn.Module:
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
     "Replace the `nn.Linear` layers of `model` (in place) by quantized ones; returns `model`."
+    if config is not None and kwargs:
+        raise TypeError("pass either a QuantConfig or keyword arguments, not both "
+                        f"(got {sorted(kwargs)})")
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; "
+                        "for a dict use QuantConfig.from_dict(d)")
     cfg = config or QuantConfig(**kwargs)
     skip = tuple(cfg.llm_int8_skip_modules)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
@@ -485,7 +555,11 @@ def disable_avx512bf16_repack(model: nn.Module) -> int:
             m.support_avx512bf16_for_cpu = False
             qs = getattr(m.weight, 'quant_state', None)
             if qs is not None and getattr(qs, 'packing_format_for_cpu', False):
-                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+                m.weight.data, qs = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+                # bitsandbytes restores only double-quantized scales to their layout; others
+                # stay (blocks per row, rows) in bf16: back to flat fp32 in block order
+                if not qs.nested: qs.absmax = qs.absmax.T.reshape(-1).float()
+                m.weight.quant_state = qs
             n += 1
     return n
 
