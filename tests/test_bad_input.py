@@ -170,6 +170,15 @@ CASES = [
     Case('candidate', 'unknown candidate kind', lambda tmp: __import__('fttk.world').world.candidate(
          __import__('fttk.world').world.World(__import__('fttk.world').world.WorldConfig(n_people=5)), None, 'employer', 'rude', None),
          ValueError, r"unknown candidate kind 'rude'"),
+    # --- quantization
+    Case('quantize_nf4', 'weights with NaN', lambda tmp: __import__('fttk.quant').quant.quantize_nf4(torch.tensor([1.0, float('nan')] * 32)),
+         ValueError, r'cannot quantize weights containing NaN or inf'),
+    Case('quantize_nf4', 'float64 weights', lambda tmp: __import__('fttk.quant').quant.quantize_nf4(torch.ones(64, dtype=torch.float64)),
+         TypeError, r'weight must be float32, float16 or bfloat16, got torch\.float64'),
+    Case('quantize_nf4', 'a block size bitsandbytes does not have', lambda tmp: __import__('fttk.quant').quant.quantize_nf4(torch.ones(64), blocksize=100),
+         ValueError, r'blocksize must be one of .*got 100'),
+    Case('QuantConfig', 'NaN outlier threshold', _cfg('fttk.quant.QuantConfig', llm_int8_threshold=float('nan')), Exception,
+         r"'llm_int8_threshold' must be a finite number, got nan"),
     # --- distributed and memory configs
     Case('ShardedRunConfig', 'unknown engine', _cfg('fttk.distributed.ShardedRunConfig', engines=['ddp', 'zero9']), Exception,
          r"unknown engine\(s\) \['zero9'\]"),
