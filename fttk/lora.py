@@ -37,24 +37,28 @@ def _check_patterns(name: str, v):
         where = name if isinstance(v, str) else f"{name}[{i}]"
         if not s: raise ConfigError(f"{where} is an empty string: give a module name")
         try: re.compile(s)
-        except re.error as e: raise ConfigError(f"{where} {s!r} is not a valid regular expression: {e}") from None
+        except re.error as e:
+            raise ConfigError(f"{where} {s!r} is not a valid regular expression: {e}") from None
 
 def _check_layer_selection(c):
-    "peft's rules: layer indices >= 0, only with a list of target_modules, a pattern only with indices."
+    "peft's rules: indices >= 0, only with a list of target_modules; a pattern only with indices."
     layers = c.layers_to_transform
     for i in ([layers] if isinstance(layers, int) else layers or []):
         if i < 0: raise ConfigError(f"layers_to_transform must hold layer indices >= 0, got {i}")
     if isinstance(c.target_modules, str) and (layers is not None or c.layers_pattern is not None):
-        raise ConfigError("layers_to_transform and layers_pattern need target_modules as a list of names, "
-                          f"not the string {c.target_modules!r} (peft refuses this too)")
+        raise ConfigError("layers_to_transform and layers_pattern need target_modules as a list of "
+                          f"names, not the string {c.target_modules!r} (peft refuses this too)")
     if c.layers_pattern and layers is None:
-        raise ConfigError("layers_pattern is set but layers_to_transform is not: name the layer indices")
+        raise ConfigError("layers_pattern is set but layers_to_transform is not: "
+                          "name the layer indices")
 
 def _check_pattern_dict(name: str, d: dict, tp):
-    "rank_pattern values are positive integers, alpha_pattern values finite numbers > 0; keys name modules."
+    "rank_pattern values: positive integers; alpha_pattern values: finite numbers > 0."
     for k, v in d.items():
-        if not isinstance(k, str) or not k: raise ConfigError(f"{name} keys must be module names, got {k!r}")
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (tp is float or isinstance(v, int))
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"{name} keys must be module names, got {k!r}")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok and (tp is float or isinstance(v, int))
         if not (ok and math.isfinite(v) and v > 0):
             kind = 'a positive integer' if tp is int else 'a finite number > 0'
             raise ConfigError(f"{name}[{k!r}] must be {kind}, got {v!r}")
@@ -89,8 +93,9 @@ class LoRAConfig(Config):
         for name in ('target_modules', 'exclude_modules', 'modules_to_save', 'layers_pattern'):
             _check_patterns(name, getattr(self, name))
         if self.fan_in_fan_out:
-            raise ConfigError("fan_in_fan_out=True (GPT-2's Conv1D layers, weight stored in x out) is not "
-                              "supported; fttk adapts layers with in_features/out_features such as nn.Linear")
+            raise ConfigError("fan_in_fan_out=True (GPT-2's Conv1D layers, weight stored in x out) "
+                              "is not supported; fttk adapts layers with in_features/out_features "
+                              "such as nn.Linear")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise ConfigError(f"loraplus_lr_ratio must be > 0 (LoRA+ uses 2 to 16), got {self.loraplus_lr_ratio}")
         _check_layer_selection(self)
@@ -233,7 +238,7 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith('.' + t) for t in targets)
 
 def _layer_index(name: str, layers_pattern) -> int | None:
-    "peft's rule: the first number after `<pattern>.` in the name (after any `<word>.` with no pattern)."
+    "peft's rule: the first number after `<pattern>.` (after any `<word>.` if no pattern)."
     pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
     hits = [re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in pats] or \
            [re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)]
@@ -241,7 +246,7 @@ def _layer_index(name: str, layers_pattern) -> int | None:
     return int(m['idx']) if m else None
 
 def _excluded(name: str, exclude_modules, modules_to_save) -> bool:
-    "peft's `check_target_module_exists`: excluded names, and anything inside a module to save, get no adapter."
+    "peft's `check_target_module_exists`: excluded names and modules to save get no adapter."
     ex = exclude_modules
     if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _matches(name, ex)): return True
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or [])
@@ -253,7 +258,8 @@ def _in_layers(name: str, layers, layers_pattern) -> bool:
 
 # %% ../nbs/03_lora.ipynb #6c0c7b28
 def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
-                        layers_to_transform=None, layers_pattern=None, modules_to_save=None) -> list[str]:
+                        layers_to_transform=None, layers_pattern=None,
+                        modules_to_save=None) -> list[str]:
     "Names of the modules `target_modules` selects (peft's rule); errors for no match or a non-linear match."
     out_head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
     names, inside, n_hit = [], (), 0
@@ -273,8 +279,9 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
             _check_linear_like(mod, f"target module {name!r}")
             names.append(name)
     if not names and n_hit:
-        raise ValueError(f"target_modules {target_modules!r} matched {n_hit} modules of {type(model).__name__}, "
-                         "but exclude_modules, layers_to_transform or modules_to_save removed all of them")
+        raise ValueError(f"target_modules {target_modules!r} matched {n_hit} modules of "
+                         f"{type(model).__name__}, but exclude_modules, layers_to_transform or "
+                         "modules_to_save removed all of them")
     if not names:
         lin = sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules {target_modules!r} matched no module of {type(model).__name__}; "
@@ -287,31 +294,33 @@ def _set_module(model: nn.Module, name: str, new: nn.Module):
 
 # %% ../nbs/03_lora.ipynb #a1b45d3f
 def _pattern_value(pattern: dict, name: str, default):
-    "peft's `get_pattern_key`: the first key that matches the end of `name` at a dot boundary gives the value."
+    "peft's `get_pattern_key`: the first key matching the end of `name` (at a dot) gives the value."
     return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
 
 def _modules_to_save(model: nn.Module, entries) -> list[str]:
-    "peft's `_set_trainable` rule: a module whose name ends with an entry (nothing inside one already taken)."
+    "peft's `_set_trainable` rule: modules whose names end with an entry (not inside one taken)."
     hits = []
     for t in entries or []:
         new = [n for n, _ in model.named_modules() if n and n.endswith(t)
                and not any(n.startswith(h + '.') for h in hits)]
-        if not new: raise ValueError(f"modules_to_save entry {t!r} matched no module of {type(model).__name__}")
+        if not new:
+            raise ValueError(f"modules_to_save entry {t!r} matched no module of "
+                             f"{type(model).__name__}")
         hits += new
     return hits
 
 def _untie(model: nn.Module, name: str, swaps: list):
-    "Give module `name` its own copy of each parameter it shares with the rest of the model (tied embeddings)."
+    "Give module `name` its own copy of each parameter it shares with the rest of the model."
     others = {id(p) for n, m in model.named_modules() if n != name and not n.startswith(name + '.')
               for p in m.parameters(recurse=False)}
     for sub in model.get_submodule(name).modules():
         for pn, p in list(sub.named_parameters(recurse=False)):
-            if id(p) in others:    # peft trains a copy and leaves the shared tensor (the embedding) frozen
+            if id(p) in others:    # tied: peft trains a copy; the shared tensor stays frozen
                 setattr(sub, pn, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
                 swaps.append((sub, pn, p))
 
 def _undo_inject(model: nn.Module, undo):
-    "Put `model` back as it was before `_inject`: base layers, tied parameters, requires_grad flags."
+    "Put `model` back as before `_inject`: base layers, tied parameters, requires_grad flags."
     grads, swaps = undo
     for name, m in lora_layers(model).items(): _set_module(model, name, m.base_layer)
     for sub, pn, p in reversed(swaps): setattr(sub, pn, p)
@@ -321,27 +330,31 @@ def _undo_inject(model: nn.Module, undo):
 # %% ../nbs/03_lora.ipynb #253fc708
 def _inject(model: nn.Module, config: LoRAConfig):
     "inject_lora's work; returns what `_undo_inject` needs, and undoes itself if it fails half-way."
-    if lora_layers(model): raise ValueError("model already has LoRA layers; call unload_lora(model) before "
-                                            "injecting again")
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; call unload_lora(model) before "
+                         "injecting again")
     undo = ([(p, p.requires_grad) for p in model.parameters()], [])
     try:
         c = config
-        names = find_target_modules(model, c.target_modules, c.exclude_modules, c.layers_to_transform,
-                                    c.layers_pattern, c.modules_to_save)
+        names = find_target_modules(model, c.target_modules, c.exclude_modules,
+                                    c.layers_to_transform, c.layers_pattern, c.modules_to_save)
         save = _modules_to_save(model, c.modules_to_save)
         for p in model.parameters(): p.requires_grad_(False)
         for name in names:
-            r, alpha = _pattern_value(c.rank_pattern, name, c.r), _pattern_value(c.alpha_pattern, name, c.lora_alpha)
-            layer = LoRALinear(model.get_submodule(name), r=r, lora_alpha=alpha, lora_dropout=c.lora_dropout,
-                               use_rslora=c.use_rslora, use_dora=c.use_dora, init_lora_weights=c.init_lora_weights)
+            r = _pattern_value(c.rank_pattern, name, c.r)
+            alpha = _pattern_value(c.alpha_pattern, name, c.lora_alpha)
+            layer = LoRALinear(model.get_submodule(name), r=r, lora_alpha=alpha,
+                               lora_dropout=c.lora_dropout, use_rslora=c.use_rslora,
+                               use_dora=c.use_dora, init_lora_weights=c.init_lora_weights)
             _set_module(model, name, layer)
             for p in (layer.lora_A.weight, layer.lora_B.weight): p.requires_grad_(True)
-        if c.bias == 'all':            # peft: a parameter named `bias` or ending in `.bias` (not `in_proj_bias`)
+        if c.bias == 'all':     # peft: named `bias` or ending in `.bias` (so not `in_proj_bias`)
             for n, p in model.named_parameters():
                 if n == 'bias' or n.endswith('.bias'): p.requires_grad_(True)
         elif c.bias == 'lora_only':
             for m in lora_layers(model).values():
-                if getattr(m.base_layer, 'bias', None) is not None: m.base_layer.bias.requires_grad_(True)
+                if getattr(m.base_layer, 'bias', None) is not None:
+                    m.base_layer.bias.requires_grad_(True)
         for n in save:
             _untie(model, n, undo[1])
             for p in model.get_submodule(n).parameters(): p.requires_grad_(True)
@@ -351,24 +364,27 @@ def _inject(model: nn.Module, config: LoRAConfig):
     return undo
 
 def inject_lora(model: nn.Module, config=None, **kwargs) -> nn.Module:
-    "Wrap the target modules of `model` in `LoRALinear` (in place), freeze the rest; returns `model`."
+    "Wrap the targets of `model` in `LoRALinear` (in place), freeze the rest; return `model`."
     _inject(model, _as_lora_config(config, model) if config is not None else LoRAConfig(**kwargs))
     return model
 
 # %% ../nbs/03_lora.ipynb #760d9414
-_PEFT_META = ('task_type', 'peft_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path', 'revision')
+_PEFT_META = ('task_type', 'peft_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path',
+              'revision')
 
 def lora_config_from_peft(pc, model: nn.Module | None = None) -> LoRAConfig:
-    "The `LoRAConfig` meaning what peft's `LoraConfig` `pc` means; fields fttk lacks must keep peft's default."
+    "The `LoRAConfig` meaning what peft's `LoraConfig` `pc` means; other fields must be default."
     from peft import LoraConfig
     ref, own = LoraConfig(), set(LoRAConfig.__dataclass_fields__)
     bad = [f"{f}={getattr(pc, f)!r}" for f in pc.__dataclass_fields__
            if f not in own and f not in _PEFT_META and getattr(pc, f) != getattr(ref, f)]
-    if pc.init_lora_weights not in (True, False): bad.append(f"init_lora_weights={pc.init_lora_weights!r}")
-    if bad: raise ConfigError(f"peft LoraConfig sets fields fttk does not implement: {', '.join(bad)}; "
-                              "leave them at peft's defaults or use peft")
+    if pc.init_lora_weights not in (True, False):
+        bad.append(f"init_lora_weights={pc.init_lora_weights!r}")
+    if bad:
+        raise ConfigError(f"peft LoraConfig sets fields fttk does not implement: {', '.join(bad)}; "
+                          "leave them at peft's defaults or use peft")
     d = {f: getattr(pc, f) for f in own if hasattr(pc, f)}
-    d = {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}   # peft keeps name lists as sets
+    d = {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}   # peft keeps sets
     if d['target_modules'] is None: d['target_modules'] = _peft_default_targets(model)
     return LoRAConfig.from_dict(d)
 
@@ -376,15 +392,17 @@ def _peft_default_targets(model) -> list[str]:
     "peft's choice when target_modules is None: its per-architecture table."
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
     mt = getattr(getattr(model, 'config', None), 'model_type', None)
-    if mt not in table: raise ConfigError(f"target_modules=None and peft has no default targets for model type "
-                                          f"{mt!r}: name target_modules")
+    if mt not in table:
+        raise ConfigError(f"target_modules=None and peft has no default targets for model type "
+                          f"{mt!r}: name target_modules")
     return list(table[mt])
 
 def _as_lora_config(config, model=None) -> LoRAConfig:
     if isinstance(config, LoRAConfig): return config
     if type(config).__name__ == 'LoraConfig' and type(config).__module__.startswith('peft'):
         return lora_config_from_peft(config, model)
-    raise TypeError(f"config must be an fttk LoRAConfig or a peft LoraConfig, got {type(config).__name__}")
+    raise TypeError(f"config must be an fttk LoRAConfig or a peft LoraConfig, "
+                    f"got {type(config).__name__}")
 
 # %% ../nbs/03_lora.ipynb #0b51970c
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -417,9 +435,9 @@ def lora_disabled(model: nn.Module):
         for m in layers: m.disabled = False
 
 # %% ../nbs/03_lora.ipynb #d8897a3c
-_PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias', 'modules_to_save',
-              'init_lora_weights', 'exclude_modules', 'layers_to_transform', 'layers_pattern', 'rank_pattern',
-              'alpha_pattern')
+_PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias',
+              'modules_to_save', 'init_lora_weights', 'exclude_modules', 'layers_to_transform',
+              'layers_pattern', 'rank_pattern', 'alpha_pattern')
 
 def peft_lora_config(config: LoRAConfig, **kw):
     "The peft `LoraConfig` that means the same as `config`."
@@ -458,7 +476,8 @@ def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> d
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     return {'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': base_model_name_or_path,
             **{k: getattr(cfg, k) for k in _PEFT_SAME}, 'lora_alpha': alpha,
-            'target_modules': cfg.target_modules, 'fan_in_fan_out': cfg.fan_in_fan_out, 'inference_mode': True}
+            'target_modules': cfg.target_modules, 'fan_in_fan_out': cfg.fan_in_fan_out,
+            'inference_mode': True}
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
     "Write `model`'s adapter as peft does: `adapter_config.json` + `adapter_model.safetensors`."
@@ -473,11 +492,12 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 
 # %% ../nbs/03_lora.ipynb #3c9f76f0
 # peft 0.21 features fttk does not implement, with the value that means "off"
-_PEFT_DEFAULTS = {'lora_bias': False, 'use_qalora': False, 'layer_replication': None, 'target_parameters': None,
-                  'trainable_token_indices': None, 'alora_invocation_tokens': None, 'ensure_weight_tying': False,
-                  'use_bdlora': None, 'arrow_config': None, 'kasa_config': None, 'megatron_config': None,
-                  'loftq_config': {}, 'eva_config': None, 'corda_config': None, 'lora_ga_config': None,
-                  'velora_config': None, 'monteclora_config': None}
+_PEFT_DEFAULTS = {'lora_bias': False, 'use_qalora': False, 'layer_replication': None,
+                  'target_parameters': None, 'trainable_token_indices': None,
+                  'alora_invocation_tokens': None, 'ensure_weight_tying': False, 'use_bdlora': None,
+                  'arrow_config': None, 'kasa_config': None, 'megatron_config': None,
+                  'loftq_config': {}, 'eva_config': None, 'corda_config': None,
+                  'lora_ga_config': None, 'velora_config': None, 'monteclora_config': None}
 
 def read_adapter_config(path: str | Path) -> LoRAConfig:
     "The `LoRAConfig` of a peft adapter folder; unsupported peft features raise `ConfigError`."
@@ -491,27 +511,31 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     if d.get('init_lora_weights', True) not in (True, False): bad.append('init_lora_weights')
     if bad: raise ConfigError(f"{p} uses peft features fttk does not implement: {', '.join(bad)}")
     known = {f for f in LoRAConfig.__dataclass_fields__}
-    try: return LoRAConfig.from_dict({k: (sorted(v) if k in ('target_modules', 'exclude_modules')
-                                          and isinstance(v, list) else v) for k, v in d.items() if k in known})
+    d = {k: sorted(v) if k in ('target_modules', 'exclude_modules') and isinstance(v, list) else v
+         for k, v in d.items() if k in known}
+    try: return LoRAConfig.from_dict(d)
     except ConfigError as e: raise ConfigError(f"{p}: {e}") from None
 
 # %% ../nbs/03_lora.ipynb #ccf728c0
 def _check_adapter_tensors(model: nn.Module, sd: dict, file: Path):
-    "Every tensor of the file has a place of the same shape in `model`, and every adapter tensor is in the file."
+    "Each tensor of the file fits a tensor of `model`; each adapter tensor is in the file."
     own = model.state_dict()
     unknown = sorted(set(sd) - set(own))
-    if unknown: raise ValueError(f"{file} has tensors this model lacks (another base model?): {unknown[:5]}")
+    if unknown:
+        raise ValueError(f"{file} has tensors this model lacks (another base model?): "
+                         f"{unknown[:5]}")
     missing = sorted(set(lora_state_dict(model)) - set(sd))
-    if missing: raise ValueError(f"{file} lacks tensors its adapter_config.json implies: {missing[:5]}")
+    if missing:
+        raise ValueError(f"{file} lacks tensors its adapter_config.json implies: {missing[:5]}")
     for k, v in sd.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"{file}: {k} has shape {tuple(v.shape)}, but adapter_config.json on this model "
-                             f"gives {tuple(own[k].shape)} (another r or base model?)")
+            raise ValueError(f"{file}: {k} has shape {tuple(v.shape)}, but adapter_config.json on "
+                             f"this model gives {tuple(own[k].shape)} (another r or base model?)")
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    "Inject the adapter saved at `path` (by fttk or by peft) into `model` and load its tensors; on error, no change."
+    "Inject the adapter saved at `path` (by fttk or peft); on any error `model` is unchanged."
     path = Path(path)
-    cfg = read_adapter_config(path)                       # both files are read and checked before model changes
+    cfg = read_adapter_config(path)           # both files are read and checked first
     file = path/'adapter_model.safetensors'
     sd = {from_peft_name(k): v for k, v in load_tensors(file).items()}
     undo = _inject(model, cfg)
@@ -520,7 +544,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         _undo_inject(model, undo); raise
     own = model.state_dict()
     with torch.no_grad():
-        for k, v in sd.items(): own[k].copy_(v)          # shapes checked: copy_ cannot fail half-way
+        for k, v in sd.items(): own[k].copy_(v)      # shapes checked: copy_ cannot fail half-way
     return model
 
 # %% ../nbs/03_lora.ipynb #b05c012a
