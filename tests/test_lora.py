@@ -429,7 +429,7 @@ SELECT = {
 
 
 @pytest.mark.parametrize('case', list(SELECT))
-def test_peft_selection_fields_equal_peft(case):
+def test_peft_selection_fields_equal_peft(case, tmp_path):
     cfg = LoRAConfig(r=4, lora_alpha=8, **SELECT[case])
     base = tiny()
     with warnings.catch_warnings():
@@ -445,6 +445,19 @@ def test_peft_selection_fields_equal_peft(case):
             and isinstance(l.scaling, dict)}
     sgd_step(theirs); sgd_step(ours)
     with torch.no_grad(): assert (theirs(IDS).logits - ours(IDS).logits).abs().max() < TOL64
+    # the adapter files carry the field both ways
+    save_adapter(ours, tmp_path/'ours')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        theirs.save_pretrained(tmp_path/'peft')
+        in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path/'ours')
+    in_ours = load_adapter(copy.deepcopy(base), tmp_path/'peft')
+    assert sorted(lora_layers(in_ours)) == sorted(lora_layers(ours))
+    if cfg.target_modules != 'all-linear':      # peft saves 'all-linear' as the full names it chose
+        assert in_ours.fttk_lora_config == cfg
+    with torch.no_grad():
+        assert (in_peft(IDS).logits - ours(IDS).logits).abs().max() < TOL64
+        assert (in_ours(IDS).logits - theirs(IDS).logits).abs().max() < TOL64
 
 
 def test_peft_config_with_exclude_saves_and_loads_in_peft(tmp_path):
