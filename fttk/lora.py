@@ -422,7 +422,19 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         if merge and not m.merged: m.merge()
         _set_module(model, name, m.base_layer)
     if hasattr(model, 'fttk_lora_config'): del model.fttk_lora_config
+    if merge: _untie_config(model)
     return model
+
+def _untie_config(model: nn.Module):
+    "As peft's merge_and_unload: a trained copy of a tied head means the config is untied."
+    cfg, get = getattr(model, 'config', None), getattr(model, 'get_output_embeddings', None)
+    if not (getattr(cfg, 'tie_word_embeddings', False) and callable(get)): return
+    out, inp = get(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is not inp.weight:
+        # else save_pretrained would drop the trained head and from_pretrained re-tie it
+        cfg.tie_word_embeddings = False
+        warnings.warn("Input and output embeddings are no longer tied after merging (modules_to_save "
+                      "trained a copy); setting tie_word_embeddings=False in the model config.")
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):

@@ -665,3 +665,14 @@ def test_lora_linear_bad_input(kw, msg):
 def test_inject_lora_refuses_other_config_types():
     with pytest.raises(TypeError, match="^config must be an fttk LoRAConfig or a peft LoraConfig, got dict$"):
         inject_lora(tiny(), {'r': 4})
+
+
+def test_unload_after_tied_modules_to_save_unties_config_like_peft():
+    base, theirs, ours = pair(TIED, tie_word_embeddings=True)
+    adamw_steps(theirs); adamw_steps(ours)
+    with pytest.warns(UserWarning, match='no longer tied'): m_t = theirs.merge_and_unload()
+    with pytest.warns(UserWarning, match='^Input and output embeddings are no longer tied after merging'):
+        m_o = unload_lora(ours)
+    assert m_o.config.tie_word_embeddings is False and m_t.config.tie_word_embeddings is False
+    with torch.no_grad(): assert (m_t(IDS).logits - m_o(IDS).logits).abs().max() < TOL64
+    assert sorted(n for n, _ in m_t.named_parameters()) == sorted(n for n, _ in m_o.named_parameters())
