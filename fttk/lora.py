@@ -433,8 +433,9 @@ def _untie_config(model: nn.Module):
     if out is not None and inp is not None and out.weight is not inp.weight:
         # else save_pretrained would drop the trained head and from_pretrained re-tie it
         cfg.tie_word_embeddings = False
-        warnings.warn("Input and output embeddings are no longer tied after merging (modules_to_save "
-                      "trained a copy); setting tie_word_embeddings=False in the model config.")
+        warnings.warn("Input and output embeddings are no longer tied after merging "
+                      "(modules_to_save trained a copy); setting tie_word_embeddings=False "
+                      "in the model config.")
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
