@@ -19,15 +19,49 @@ from .core import Config, ConfigError, atomic_write_text, load_tensors, save_ten
 
 # %% auto #0
 __all__ = ['lora_param_count', 'LoRAConfig', 'base_weight', 'LoRALinear', 'lora_layers', 'find_target_modules', 'inject_lora',
-           'trainable_parameters', 'merge_lora', 'unmerge_lora', 'unload_lora', 'lora_disabled', 'peft_lora_config',
-           'from_peft_name', 'loraplus_param_groups', 'lora_state_dict', 'save_adapter', 'read_adapter_config',
-           'load_adapter', 'LoRALinearFunction', 'LoRAMLPFunction', 'NormLoRAQKVFunction', 'enable_fast_lora',
-           'count_saved_bytes', 'lowrank_task', 'fit_lora']
+           'lora_config_from_peft', 'trainable_parameters', 'merge_lora', 'unmerge_lora', 'unload_lora',
+           'lora_disabled', 'peft_lora_config', 'from_peft_name', 'loraplus_param_groups', 'lora_state_dict',
+           'save_adapter', 'read_adapter_config', 'load_adapter', 'LoRALinearFunction', 'LoRAMLPFunction',
+           'NormLoRAQKVFunction', 'enable_fast_lora', 'count_saved_bytes', 'lowrank_task', 'fit_lora']
 
 # %% ../nbs/03_lora.ipynb #38c87d81
 def lora_param_count(d_in: int, d_out: int, r: int) -> int:
     "Trainable numbers of one rank-`r` adapter on a `d_out x d_in` matrix: A is r x d_in, B is d_out x r."
     return r * (d_in + d_out)
+
+# %% ../nbs/03_lora.ipynb #3095bbd4
+def _check_patterns(name: str, v):
+    "Module-name patterns: non-empty strings; a single string is a regex and must compile."
+    if v is None: return
+    for i, s in enumerate([v] if isinstance(v, str) else v):
+        where = name if isinstance(v, str) else f"{name}[{i}]"
+        if not s: raise ConfigError(f"{where} is an empty string: give a module name")
+        try: re.compile(s)
+        except re.error as e:
+            raise ConfigError(f"{where} {s!r} is not a valid regular expression: {e}") from None
+
+def _check_layer_selection(c):
+    "peft's rules: indices >= 0, only with a list of target_modules; a pattern only with indices."
+    layers = c.layers_to_transform
+    for i in ([layers] if isinstance(layers, int) else layers or []):
+        if i < 0: raise ConfigError(f"layers_to_transform must hold layer indices >= 0, got {i}")
+    if isinstance(c.target_modules, str) and (layers is not None or c.layers_pattern is not None):
+        raise ConfigError("layers_to_transform and layers_pattern need target_modules as a list of "
+                          f"names, not the string {c.target_modules!r} (peft refuses this too)")
+    if c.layers_pattern and layers is None:
+        raise ConfigError("layers_pattern is set but layers_to_transform is not: "
+                          "name the layer indices")
+
+def _check_pattern_dict(name: str, d: dict, tp):
+    "rank_pattern values: positive integers; alpha_pattern values: finite numbers > 0."
+    for k, v in d.items():
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"{name} keys must be module names, got {k!r}")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok and (tp is float or isinstance(v, int))
+        if not (ok and math.isfinite(v) and v > 0):
+            kind = 'a positive integer' if tp is int else 'a finite number > 0'
+            raise ConfigError(f"{name}[{k!r}] must be {kind}, got {v!r}")
 
 # %% ../nbs/03_lora.ipynb #2afaf798
 @dataclass
@@ -44,17 +78,29 @@ class LoRAConfig(Config):
     modules_to_save: list[str] | None = None
     init_lora_weights: bool = True
     loraplus_lr_ratio: float | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self):
         if self.r <= 0: raise ConfigError(f"r must be a positive integer, got {self.r}")
         if self.lora_alpha <= 0: raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0: raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.target_modules: raise ConfigError("target_modules is empty: name at least one module to adapt")
+        for name in ('target_modules', 'exclude_modules', 'modules_to_save', 'layers_pattern'):
+            _check_patterns(name, getattr(self, name))
         if self.fan_in_fan_out:
-            raise ConfigError("fan_in_fan_out=True (GPT-2's Conv1D layers, weight stored in x out) is not supported; "
-                              "fttk adapts layers with in_features/out_features such as nn.Linear")
+            raise ConfigError("fan_in_fan_out=True (GPT-2's Conv1D layers, weight stored in x out) "
+                              "is not supported; fttk adapts layers with in_features/out_features "
+                              "such as nn.Linear")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise ConfigError(f"loraplus_lr_ratio must be > 0 (LoRA+ uses 2 to 16), got {self.loraplus_lr_ratio}")
+        _check_layer_selection(self)
+        _check_pattern_dict('rank_pattern', self.rank_pattern, int)
+        _check_pattern_dict('alpha_pattern', self.alpha_pattern, float)
 
     @property
     def scaling(self) -> float:
@@ -88,7 +134,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         d_in, d_out = _check_linear_like(base_layer)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0: raise ValueError(f"r must be a positive integer, got {r!r}")
-        if not lora_alpha > 0: raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+        if not (lora_alpha > 0 and math.isfinite(lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0: raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.base_layer, self.in_features, self.out_features = base_layer, d_in, d_out
         for p in base_layer.parameters(): p.requires_grad_(False)
@@ -190,20 +237,51 @@ def _matches(name: str, targets) -> bool:
     if isinstance(targets, str): return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith('.' + t) for t in targets)
 
-def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+def _layer_index(name: str, layers_pattern) -> int | None:
+    "peft's rule: the first number after `<pattern>.` (after any `<word>.` if no pattern)."
+    pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    hits = [re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in pats] or \
+           [re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)]
+    m = next((m for m in hits if m), None)
+    return int(m['idx']) if m else None
+
+def _excluded(name: str, exclude_modules, modules_to_save) -> bool:
+    "peft's `check_target_module_exists`: excluded names and modules to save get no adapter."
+    ex = exclude_modules
+    if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _matches(name, ex)): return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or [])
+
+def _in_layers(name: str, layers, layers_pattern) -> bool:
+    if layers is None or layers == []: return True
+    i = _layer_index(name, layers_pattern)
+    return i is not None and (i == layers if isinstance(layers, int) else i in layers)
+
+# %% ../nbs/03_lora.ipynb #6c0c7b28
+def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
+                        layers_to_transform=None, layers_pattern=None,
+                        modules_to_save=None) -> list[str]:
     "Names of the modules `target_modules` selects (peft's rule); errors for no match or a non-linear match."
     out_head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
-    names, inside = [], ()
+    names, inside, n_hit = [], (), 0
     for name, mod in model.named_modules():
         if not name or (inside and name.startswith(inside)): continue
         if isinstance(mod, LoRALinear): inside = tuple(list(inside) + [name + '.'])
         if target_modules == 'all-linear':
             hit = mod is not out_head and not isinstance(mod, LoRALinear) and \
-                  isinstance(getattr(mod, 'in_features', None), int) and isinstance(getattr(mod, 'out_features', None), int)
+                  isinstance(getattr(mod, 'in_features', None), int) and \
+                  isinstance(getattr(mod, 'out_features', None), int)
         else: hit = _matches(name, target_modules)
-        if hit:
+        n_hit += hit
+        # the layer filter applies to a list of names only (peft refuses it with a regex)
+        if hit and not isinstance(target_modules, str):
+            hit = _in_layers(name, layers_to_transform, layers_pattern)
+        if hit and not _excluded(name, exclude_modules, modules_to_save):
             _check_linear_like(mod, f"target module {name!r}")
             names.append(name)
+    if not names and n_hit:
+        raise ValueError(f"target_modules {target_modules!r} matched {n_hit} modules of "
+                         f"{type(model).__name__}, but exclude_modules, layers_to_transform or "
+                         "modules_to_save removed all of them")
     if not names:
         lin = sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules {target_modules!r} matched no module of {type(model).__name__}; "
@@ -214,33 +292,119 @@ def _set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
+# %% ../nbs/03_lora.ipynb #a1b45d3f
+def _pattern_value(pattern: dict, name: str, default):
+    "peft's `get_pattern_key`: the first key matching the end of `name` (at a dot) gives the value."
+    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+def _modules_to_save(model: nn.Module, entries) -> list[str]:
+    "peft's `_set_trainable` rule: modules whose names end with an entry (not inside one taken)."
+    hits = []
+    for t in entries or []:
+        new = [n for n, _ in model.named_modules() if n and n.endswith(t)
+               and not any(n.startswith(h + '.') for h in hits)]
+        if not new:
+            raise ValueError(f"modules_to_save entry {t!r} matched no module of "
+                             f"{type(model).__name__}")
+        hits += new
+    return hits
+
+def _untie(model: nn.Module, name: str, swaps: list):
+    "Give module `name` its own copy of each parameter it shares with the rest of the model."
+    others = {id(p) for n, m in model.named_modules() if n != name and not n.startswith(name + '.')
+              for p in m.parameters(recurse=False)}
+    for sub in model.get_submodule(name).modules():
+        for pn, p in list(sub.named_parameters(recurse=False)):
+            if id(p) in others:    # tied: peft trains a copy; the shared tensor stays frozen
+                setattr(sub, pn, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                swaps.append((sub, pn, p))
+
+def _undo_inject(model: nn.Module, undo):
+    "Put `model` back as before `_inject`: base layers, tied parameters, requires_grad flags."
+    grads, swaps = undo
+    for name, m in lora_layers(model).items(): _set_module(model, name, m.base_layer)
+    for sub, pn, p in reversed(swaps): setattr(sub, pn, p)
+    for p, g in grads: p.requires_grad_(g)
+    model.__dict__.pop('fttk_lora_config', None)
+
 # %% ../nbs/03_lora.ipynb #253fc708
-def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **kwargs) -> nn.Module:
-    "Wrap `config.target_modules` of `model` in `LoRALinear` (in place), freeze the rest; returns `model`."
-    config = config or LoRAConfig(**kwargs)
-    if lora_layers(model): raise ValueError("model already has LoRA layers; call unload_lora(model) before injecting again")
-    names = find_target_modules(model, config.target_modules)
-    for p in model.parameters(): p.requires_grad_(False)
-    for name in names:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), r=config.r, lora_alpha=config.lora_alpha,
-                                            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                                            use_dora=config.use_dora, init_lora_weights=config.init_lora_weights))
-        mod = model.get_submodule(name)
-        for p in (mod.lora_A.weight, mod.lora_B.weight): p.requires_grad_(True)
-    if config.bias == 'all':
-        for n, p in model.named_parameters():
-            if n.endswith('bias'): p.requires_grad_(True)
-    elif config.bias == 'lora_only':
-        for m in lora_layers(model).values():
-            if getattr(m.base_layer, 'bias', None) is not None: m.base_layer.bias.requires_grad_(True)
-    for t in config.modules_to_save or []:
-        hits = [n for n, _ in model.named_modules() if n and _matches(n, [t])]
-        if not hits: raise ValueError(f"modules_to_save entry {t!r} matched no module of {type(model).__name__}")
-        for n in hits:
+def _inject(model: nn.Module, config: LoRAConfig):
+    "inject_lora's work; returns what `_undo_inject` needs, and undoes itself if it fails half-way."
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; call unload_lora(model) before "
+                         "injecting again")
+    undo = ([(p, p.requires_grad) for p in model.parameters()], [])
+    try:
+        c = config
+        names = find_target_modules(model, c.target_modules, c.exclude_modules,
+                                    c.layers_to_transform, c.layers_pattern, c.modules_to_save)
+        save = _modules_to_save(model, c.modules_to_save)
+        for p in model.parameters(): p.requires_grad_(False)
+        for name in names:
+            r = _pattern_value(c.rank_pattern, name, c.r)
+            alpha = _pattern_value(c.alpha_pattern, name, c.lora_alpha)
+            layer = LoRALinear(model.get_submodule(name), r=r, lora_alpha=alpha,
+                               lora_dropout=c.lora_dropout, use_rslora=c.use_rslora,
+                               use_dora=c.use_dora, init_lora_weights=c.init_lora_weights)
+            _set_module(model, name, layer)
+            for p in (layer.lora_A.weight, layer.lora_B.weight): p.requires_grad_(True)
+        if c.bias == 'all':     # peft: named `bias` or ending in `.bias` (so not `in_proj_bias`)
+            for n, p in model.named_parameters():
+                if n == 'bias' or n.endswith('.bias'): p.requires_grad_(True)
+        elif c.bias == 'lora_only':
+            for m in lora_layers(model).values():
+                if getattr(m.base_layer, 'bias', None) is not None:
+                    m.base_layer.bias.requires_grad_(True)
+        for n in save:
+            _untie(model, n, undo[1])
             for p in model.get_submodule(n).parameters(): p.requires_grad_(True)
-    model.fttk_lora_config = config
+        model.fttk_lora_config = c
+    except BaseException:
+        _undo_inject(model, undo); raise
+    return undo
+
+def inject_lora(model: nn.Module, config=None, **kwargs) -> nn.Module:
+    "Wrap the targets of `model` in `LoRALinear` (in place), freeze the rest; return `model`."
+    _inject(model, _as_lora_config(config, model) if config is not None else LoRAConfig(**kwargs))
     return model
 
+# %% ../nbs/03_lora.ipynb #760d9414
+_PEFT_META = ('task_type', 'peft_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path',
+              'revision')
+
+def lora_config_from_peft(pc, model: nn.Module | None = None) -> LoRAConfig:
+    "The `LoRAConfig` meaning what peft's `LoraConfig` `pc` means; other fields must be default."
+    from peft import LoraConfig
+    ref, own = LoraConfig(), set(LoRAConfig.__dataclass_fields__)
+    bad = [f"{f}={getattr(pc, f)!r}" for f in pc.__dataclass_fields__
+           if f not in own and f not in _PEFT_META and getattr(pc, f) != getattr(ref, f)]
+    if pc.init_lora_weights not in (True, False):
+        bad.append(f"init_lora_weights={pc.init_lora_weights!r}")
+    if bad:
+        raise ConfigError(f"peft LoraConfig sets fields fttk does not implement: {', '.join(bad)}; "
+                          "leave them at peft's defaults or use peft")
+    d = {f: getattr(pc, f) for f in own if hasattr(pc, f)}
+    d = {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}   # peft keeps sets
+    if d['target_modules'] is None: d['target_modules'] = _peft_default_targets(model)
+    return LoRAConfig.from_dict(d)
+
+def _peft_default_targets(model) -> list[str]:
+    "peft's choice when target_modules is None: its per-architecture table."
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    mt = getattr(getattr(model, 'config', None), 'model_type', None)
+    if mt not in table:
+        raise ConfigError(f"target_modules=None and peft has no default targets for model type "
+                          f"{mt!r}: name target_modules")
+    return list(table[mt])
+
+def _as_lora_config(config, model=None) -> LoRAConfig:
+    if isinstance(config, LoRAConfig): return config
+    if type(config).__name__ == 'LoraConfig' and type(config).__module__.startswith('peft'):
+        return lora_config_from_peft(config, model)
+    raise TypeError(f"config must be an fttk LoRAConfig or a peft LoraConfig, "
+                    f"got {type(config).__name__}")
+
+# %% ../nbs/03_lora.ipynb #0b51970c
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     "(trainable, total) parameter counts."
     return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
@@ -258,7 +422,20 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         if merge and not m.merged: m.merge()
         _set_module(model, name, m.base_layer)
     if hasattr(model, 'fttk_lora_config'): del model.fttk_lora_config
+    if merge: _untie_config(model)
     return model
+
+def _untie_config(model: nn.Module):
+    "As peft's merge_and_unload: a trained copy of a tied head means the config is untied."
+    cfg, get = getattr(model, 'config', None), getattr(model, 'get_output_embeddings', None)
+    if not (getattr(cfg, 'tie_word_embeddings', False) and callable(get)): return
+    out, inp = get(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is not inp.weight:
+        # else save_pretrained would drop the trained head and from_pretrained re-tie it
+        cfg.tie_word_embeddings = False
+        warnings.warn("Input and output embeddings are no longer tied after merging "
+                      "(modules_to_save trained a copy); setting tie_word_embeddings=False "
+                      "in the model config.")
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
@@ -271,19 +448,22 @@ def lora_disabled(model: nn.Module):
         for m in layers: m.disabled = False
 
 # %% ../nbs/03_lora.ipynb #d8897a3c
+_PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias',
+              'modules_to_save', 'init_lora_weights', 'exclude_modules', 'layers_to_transform',
+              'layers_pattern', 'rank_pattern', 'alpha_pattern')
+
 def peft_lora_config(config: LoRAConfig, **kw):
     "The peft `LoraConfig` that means the same as `config`."
     from peft import LoraConfig
     tm = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
-    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=tm,
-                      use_rslora=config.use_rslora, use_dora=config.use_dora, bias=config.bias,
-                      modules_to_save=config.modules_to_save, init_lora_weights=config.init_lora_weights, **kw)
+    return LoraConfig(target_modules=tm, **{k: getattr(config, k) for k in _PEFT_SAME}, **kw)
 
 _PREFIX = 'base_model.model.'
 
 def from_peft_name(name: str) -> str:
     "A peft parameter or adapter-file name as fttk names it (drops the prefix and the adapter name `default`)."
-    return name.removeprefix(_PREFIX).replace('.default', '').replace('lora_magnitude_vector.weight', 'lora_magnitude_vector')
+    return (name.removeprefix(_PREFIX).replace('.default', '')
+            .replace('lora_magnitude_vector.weight', 'lora_magnitude_vector'))
 
 # %% ../nbs/03_lora.ipynb #bdd08ba0
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float | None = None,
@@ -308,10 +488,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     return {'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': base_model_name_or_path,
-            'r': cfg.r, 'lora_alpha': alpha, 'lora_dropout': cfg.lora_dropout,
-            'target_modules': cfg.target_modules, 'use_rslora': cfg.use_rslora, 'use_dora': cfg.use_dora,
-            'bias': cfg.bias, 'fan_in_fan_out': cfg.fan_in_fan_out, 'modules_to_save': cfg.modules_to_save,
-            'init_lora_weights': cfg.init_lora_weights, 'inference_mode': True}
+            **{k: getattr(cfg, k) for k in _PEFT_SAME}, 'lora_alpha': alpha,
+            'target_modules': cfg.target_modules, 'fan_in_fan_out': cfg.fan_in_fan_out,
+            'inference_mode': True}
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
     "Write `model`'s adapter as peft does: `adapter_config.json` + `adapter_model.safetensors`."
@@ -325,38 +504,60 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     return path
 
 # %% ../nbs/03_lora.ipynb #3c9f76f0
-_PEFT_DEFAULTS = {'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None, 'layers_pattern': None,
-                  'lora_bias': False, 'use_qalora': False, 'layer_replication': None, 'target_parameters': None,
-                  'trainable_token_indices': None, 'exclude_modules': None, 'alora_invocation_tokens': None}
+# peft 0.21 features fttk does not implement, with the value that means "off"
+_PEFT_DEFAULTS = {'lora_bias': False, 'use_qalora': False, 'layer_replication': None,
+                  'target_parameters': None, 'trainable_token_indices': None,
+                  'alora_invocation_tokens': None, 'ensure_weight_tying': False, 'use_bdlora': None,
+                  'arrow_config': None, 'kasa_config': None, 'megatron_config': None,
+                  'loftq_config': {}, 'eva_config': None, 'corda_config': None,
+                  'lora_ga_config': None, 'velora_config': None, 'monteclora_config': None}
 
 def read_adapter_config(path: str | Path) -> LoRAConfig:
     "The `LoRAConfig` of a peft adapter folder; unsupported peft features raise `ConfigError`."
     p = Path(path)/'adapter_config.json'
     if not p.exists(): raise FileNotFoundError(f"no adapter_config.json in {path}")
-    d = json.loads(p.read_text())
+    try: d = json.loads(p.read_text())
+    except json.JSONDecodeError as e: raise ConfigError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(d, dict): raise ConfigError(f"{p} holds a {type(d).__name__}, not a mapping")
     if d.get('peft_type', 'LORA') != 'LORA': raise ConfigError(f"{p} is a {d['peft_type']} adapter, not LoRA")
     bad = [k for k, v in _PEFT_DEFAULTS.items() if d.get(k, v) not in (v, [], {}, None, False)]
     if d.get('init_lora_weights', True) not in (True, False): bad.append('init_lora_weights')
     if bad: raise ConfigError(f"{p} uses peft features fttk does not implement: {', '.join(bad)}")
     known = {f for f in LoRAConfig.__dataclass_fields__}
-    return LoRAConfig.from_dict({k: (sorted(v) if k == 'target_modules' and isinstance(v, (list, set)) else v)
-                                 for k, v in d.items() if k in known})
+    d = {k: sorted(v) if k in ('target_modules', 'exclude_modules') and isinstance(v, list) else v
+         for k, v in d.items() if k in known}
+    try: return LoRAConfig.from_dict(d)
+    except ConfigError as e: raise ConfigError(f"{p}: {e}") from None
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    "Inject the adapter saved at `path` (by fttk or by peft) into `model` and load its tensors."
-    cfg = read_adapter_config(path)
-    tensors = load_tensors(Path(path)/'adapter_model.safetensors')
-    inject_lora(model, cfg)
-    sd = {from_peft_name(k): v for k, v in tensors.items()}
+# %% ../nbs/03_lora.ipynb #ccf728c0
+def _check_adapter_tensors(model: nn.Module, sd: dict, file: Path):
+    "Each tensor of the file fits a tensor of `model`; each adapter tensor is in the file."
     own = model.state_dict()
     unknown = sorted(set(sd) - set(own))
-    if unknown: raise ValueError(f"adapter at {path} has tensors this model lacks: {unknown[:5]}")
+    if unknown:
+        raise ValueError(f"{file} has tensors this model lacks (another base model?): "
+                         f"{unknown[:5]}")
     missing = sorted(set(lora_state_dict(model)) - set(sd))
-    if missing: raise ValueError(f"adapter at {path} lacks tensors the config implies: {missing[:5]}")
+    if missing:
+        raise ValueError(f"{file} lacks tensors its adapter_config.json implies: {missing[:5]}")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{file}: {k} has shape {tuple(v.shape)}, but adapter_config.json on "
+                             f"this model gives {tuple(own[k].shape)} (another r or base model?)")
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    "Inject the adapter saved at `path` (by fttk or peft); on any error `model` is unchanged."
+    path = Path(path)
+    cfg = read_adapter_config(path)           # both files are read and checked first
+    file = path/'adapter_model.safetensors'
+    sd = {from_peft_name(k): v for k, v in load_tensors(file).items()}
+    undo = _inject(model, cfg)
+    try: _check_adapter_tensors(model, sd, file)
+    except BaseException:
+        _undo_inject(model, undo); raise
+    own = model.state_dict()
     with torch.no_grad():
-        for k, v in sd.items():
-            if own[k].shape != v.shape: raise ValueError(f"{k}: adapter has shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
-            own[k].copy_(v)
+        for k, v in sd.items(): own[k].copy_(v)      # shapes checked: copy_ cannot fail half-way
     return model
 
 # %% ../nbs/03_lora.ipynb #b05c012a
