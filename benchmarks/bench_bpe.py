@@ -86,15 +86,19 @@ def main():
 
 def long_chunks(tok, simple=False):
     "Part 4: one chunk of n letters, fttk (heap merge) vs HF tokenizers, same merges, same ids required."
-    hf_tok = to_hf(tok)
+    # a tokenizer that learned runs of 'a' (aa, aaaa, ...): 'a' * n then takes n - 1 merges, the worst case
+    deep = BPETokenizer.train(['a' * 4096], vocab_size=300)
+    hf_of = {id(tok): to_hf(tok), id(deep): to_hf(deep)}
     rng = random.Random(0)
     for n in (16384, 65536):
-        for name, text in (("'a' * n", 'a' * n), ('random a-z', ''.join(rng.choices('abcdefghijklmnopqrstuvwxyz', k=n)))):
+        for name, text, tok in (("'a' * n", 'a' * n, tok), ("'a' * n deep", 'a' * n, deep),
+                                ('random a-z', ''.join(rng.choices('abcdefghijklmnopqrstuvwxyz', k=n)), tok)):
+            hf_tok = hf_of[id(tok)]
             tok._cache.clear()
             t0 = time.process_time(); ours = tok.encode(text); t_ours = time.process_time() - t0
             t0 = time.process_time(); theirs = hf_tok.encode(text, add_special_tokens=False).ids; t_hf = time.process_time() - t0
             assert ours == theirs, "ids differ"
-            line = (f"[long] {n:6d} letters, {name:11s} ({len(ours):5d} tokens): fttk {t_ours:.4f} s, HF {t_hf:.4f} s, "
+            line = (f"[long] {n:6d} letters, {name:12s} ({len(ours):5d} tokens): fttk {t_ours:.4f} s, HF {t_hf:.4f} s, "
                     f"fttk/HF {t_ours / max(t_hf, 1e-6):.1f}x")
             if simple:
                 t0 = time.process_time(); old = bpe_merge_simple(list(text.encode()), tok._ranks, tok._merge_ids)

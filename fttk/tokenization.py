@@ -52,9 +52,10 @@ GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1
 SPLIT_PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'none': None}
 
 def resolve_pattern(pattern: str | None) -> str | None:
-    "The split regex for `pattern`: a name of `SPLIT_PATTERNS`, `None` (one chunk) or a custom regex."
+    "The split regex for `pattern`: a name in `SPLIT_PATTERNS`, `None` (one chunk) or a regex."
     if pattern is not None and not isinstance(pattern, str):
-        raise TypeError(f"split pattern must be a str or None, got {type(pattern).__name__} {pattern!r}")
+        raise TypeError(f"split pattern must be a str or None, "
+                        f"got {type(pattern).__name__} {pattern!r}")
     return _resolve_pattern(pattern)
 
 @functools.lru_cache(maxsize=64)
@@ -66,11 +67,12 @@ def _resolve_pattern(pattern: str | None) -> str | None:
         raise ValueError(f"unknown split pattern {pattern!r}: the names are {list(SPLIT_PATTERNS)} "
                          "(or None for no split); anything else must be a regex")
     try: regex.compile(pattern)
-    except regex.error as e: raise ValueError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
+    except regex.error as e:
+        raise ValueError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
     return pattern
 
 def pre_split(text: str, pattern: str | None = GPT4_SPLIT_PATTERN) -> list[str]:
-    "Cut `text` into the chunks BPE works inside; text between matches is a chunk too, so none is lost."
+    "Cut `text` into the chunks BPE works inside; text between matches is a chunk too."
     pattern = resolve_pattern(pattern)
     if pattern is None: return [text] if text else []
     chunks = regex.findall(pattern, text)
@@ -124,7 +126,7 @@ def count_chunks(texts: str | Iterable[str], pattern: str | None = GPT4_SPLIT_PA
     return counts
 
 def _check_int(name: str, value, lo: int) -> int:
-    "`value` as an int >= `lo`; floats (also integral, nan, inf), bools and strings are refused by name."
+    "`value` as an int >= `lo`; floats (integral ones, nan, inf), bools and strings are refused."
     if isinstance(value, bool) or not hasattr(value, '__index__'):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = operator.index(value)                 # numpy and torch integers are fine
@@ -149,7 +151,8 @@ def _new_token(vocab: list[bytes], index: dict[bytes, int], a: int, b: int) -> i
 def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                 progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
     "Teaching BPE trainer: recount all pairs over the unique chunks before every merge, until `vocab_size` tokens. Returns (merges, vocab)."
-    vocab_size, min_frequency = _check_int('vocab_size', vocab_size, 256), _check_int('min_frequency', min_frequency, 1)
+    vocab_size = _check_int('vocab_size', vocab_size, 256)
+    min_frequency = _check_int('min_frequency', min_frequency, 1)
     words = [list(ch) for ch in chunk_counts]
     freqs = list(chunk_counts.values())
     vocab = [bytes([i]) for i in range(256)]
@@ -175,7 +178,8 @@ def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: 
 def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                       progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
     "Fast BPE trainer: pair counts, pair -> chunk index and a lazy max-heap, updated per merge, until `vocab_size` tokens. Returns (merges, vocab)."
-    vocab_size, min_frequency = _check_int('vocab_size', vocab_size, 256), _check_int('min_frequency', min_frequency, 1)
+    vocab_size = _check_int('vocab_size', vocab_size, 256)
+    min_frequency = _check_int('min_frequency', min_frequency, 1)
     words = [list(ch) for ch in chunk_counts]
     freqs = list(chunk_counts.values())
     vocab = [bytes([i]) for i in range(256)]
@@ -225,8 +229,9 @@ def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequ
 # %% ../nbs/02_tokenization.ipynb #b7c1d002
 _NO_MERGE = 1 << 62
 
-def bpe_merge_simple(ids: list[int], ranks: dict[tuple[int, int], int], merge_ids: list[int]) -> list[int]:
-    "Merge `ids` (one chunk) by rank, leftmost first: the teaching loop, O(n) per merge, O(n^2) in all."
+def bpe_merge_simple(ids: list[int], ranks: dict[tuple[int, int], int],
+                     merge_ids: list[int]) -> list[int]:
+    "Merge `ids` (one chunk) by rank, leftmost first: the teaching loop, O(n^2)."
     ids = list(ids)
     rs = [ranks.get(p, _NO_MERGE) for p in zip(ids, ids[1:])]   # rs[i]: rank of the pair at i
     while rs:
@@ -240,7 +245,8 @@ def bpe_merge_simple(ids: list[int], ranks: dict[tuple[int, int], int], merge_id
     return ids
 
 # %% ../nbs/02_tokenization.ipynb #b7c1d005
-def bpe_merge_heap(ids: list[int], ranks: dict[tuple[int, int], int], merge_ids: list[int]) -> list[int]:
+def bpe_merge_heap(ids: list[int], ranks: dict[tuple[int, int], int],
+                   merge_ids: list[int]) -> list[int]:
     "Same result as `bpe_merge_simple` in O(n log n): a (rank, position) heap over a linked list."
     ids, n = list(ids), len(ids)
     nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))   # linked list over positions
@@ -321,22 +327,25 @@ class BPETokenizer:
         if bad: raise ValueError(f"special tokens must be non-empty strings, got {bad[0]!r}")
         dup = [s for s in dict.fromkeys(specials) if specials.count(s) > 1]
         if dup: raise ValueError(f"special token {dup[0]!r} is listed twice")
-        # HF keeps one vocabulary keyed by the printable spelling (token_str): a special token spelled
-        # like a learned or byte token would get that token's id there, not a new one
+        # HF keeps one vocabulary keyed by the printable spelling (token_str): a special token
+        # spelled like a learned or byte token would get that token's id there, not a new one
         spelled = {}
         for i, t in enumerate(self.vocab): spelled.setdefault(token_str(t), i)
         for s in specials:
             if s in spelled:
-                raise ValueError(f"special token {s!r} is spelled like vocabulary token {spelled[s]} "
-                                 f"({self.vocab[spelled[s]]!r} in GPT-2's byte names): HF tokenizers would "
-                                 "give it that id instead of a new one; choose another spelling")
+                raise ValueError(f"special token {s!r} is spelled like vocabulary token "
+                                 f"{spelled[s]} ({self.vocab[spelled[s]]!r} in GPT-2's byte names)"
+                                 ": "
+                                 "HF tokenizers would give it that id instead of a new one; "
+                                 "choose another spelling")
 
     @classmethod
     def train(cls, texts: str | Iterable[str], cfg: BPEConfig | None = None, progress: bool = False, **kwargs) -> 'BPETokenizer':
         "Learn merges from `texts` (a string or an iterable of documents) with `cfg` or keyword settings."
         if cfg is not None and not isinstance(cfg, BPEConfig):
             raise TypeError(f"cfg must be a BPEConfig, got {type(cfg).__name__}")
-        if cfg is not None and kwargs: raise ValueError(f"give cfg or keyword settings, not both: {sorted(kwargs)}")
+        if cfg is not None and kwargs:
+            raise ValueError(f"give cfg or keyword settings, not both: {sorted(kwargs)}")
         cfg = cfg or BPEConfig(**kwargs)
         counts = count_chunks(texts, SPLIT_PATTERNS[cfg.pattern])
         if not counts: raise ValueError("cannot train a tokenizer on an empty corpus (no text after pre-splitting)")
@@ -401,7 +410,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> 'BPETokenizer':
-        "Read a file written by `save`; a damaged or foreign file raises `CorruptFileError` naming it and the problem."
+        "Read a file written by `save`; a damaged or foreign file raises `CorruptFileError`."
         path = Path(path)
         if not path.exists(): raise FileNotFoundError(f"no tokenizer file at {path}")
         if path.is_dir(): raise IsADirectoryError(f"{path} is a directory, not a tokenizer file")
@@ -417,10 +426,13 @@ class BPETokenizer:
         missing = [k for k in ('merges', 'special_tokens', 'pattern') if k not in d]
         if missing: raise ValueError(f"missing key {missing[0]!r}")
         merges, specials, pattern = d['merges'], d['special_tokens'], d['pattern']
-        if not (isinstance(merges, list) and all(isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in merges)):
+        pair = lambda m: isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+        if not (isinstance(merges, list) and all(map(pair, merges))):
             raise ValueError("merges must be a list of [id, id] pairs")
-        if not (isinstance(specials, list) and all(isinstance(s, str) for s in specials)): raise ValueError("special_tokens must be a list of strings")
-        if pattern is not None and not isinstance(pattern, str): raise ValueError("pattern must be a string or null")
+        if not (isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+            raise ValueError("special_tokens must be a list of strings")
+        if pattern is not None and not isinstance(pattern, str):
+            raise ValueError("pattern must be a string or null")
         return cls(merges, pattern, specials)
 
 def _read_json(path: Path):
@@ -428,9 +440,11 @@ def _read_json(path: Path):
     raw = path.read_bytes()
     if not raw.strip(): raise ValueError("the file is empty")
     try: text = raw.decode('utf-8')
-    except UnicodeDecodeError as e: raise ValueError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
     try: return json.loads(text)
-    except json.JSONDecodeError as e: raise ValueError(f"not valid JSON, truncated or damaged ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON, truncated or damaged ({e})") from None
 
 # %% ../nbs/02_tokenization.ipynb #7835543b
 def _stdlib_docstrings(path: Path) -> list[str]:
@@ -486,10 +500,10 @@ def to_hf(tok: BPETokenizer):
     hf.decoder = decoders.ByteLevel()
     if tok.special_tokens:
         hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.special_tokens])
-        for s, i in tok.special_tokens.items():   # BPETokenizer refuses the spellings that would clash
+        for s, i in tok.special_tokens.items():   # BPETokenizer refuses clashing spellings
             if hf.token_to_id(s) != i:
-                raise ValueError(f"special token {s!r} got id {hf.token_to_id(s)} in HF tokenizers, not {i}: "
-                                 "it is spelled like a token of the vocabulary")
+                raise ValueError(f"special token {s!r} got id {hf.token_to_id(s)} in HF "
+                                 f"tokenizers, not {i}: it is spelled like a vocabulary token")
     return hf
 
 def train_hf(texts: Iterable[str], vocab_size: int, pattern: str | None = 'gpt4', special_tokens: Iterable[str] = ()):
