@@ -389,8 +389,10 @@ class BPETokenizer:
         parts, n = [], len(self.vocab)
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int):
-                if hasattr(i, 'item'): i = i.item()
-                else: raise TypeError(f"token ids must be ints, got {type(i).__name__} {i!r}")
+                j = i.item() if hasattr(i, 'item') else i          # numpy and torch scalars
+                if isinstance(j, bool) or not isinstance(j, int):
+                    raise TypeError(f"token ids must be ints, got {type(i).__name__} {i!r}")
+                i = j
             if 0 <= i < n: parts.append(self.vocab[i])
             elif i in self._id_to_special: parts.append(self._id_to_special[i])
             else: raise ValueError(f"token id {i} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}")
@@ -539,6 +541,7 @@ UDHR_ARTICLE_1 = {
 
 def fertility(tok, texts: dict[str, str], reference: str = 'English') -> dict[str, dict[str, float]]:
     "Tokens per character, per word and relative to `reference` for each text (any tokenizer with `.encode`)."
+    if reference not in texts: raise ValueError(f"reference {reference!r} is not among the texts {list(texts)}")
     enc = lambda s: tok.encode(s) if isinstance(tok, BPETokenizer) else tok.encode(s, add_special_tokens=False)
     ntok = {k: len(getattr(enc(s), 'ids', enc(s))) for k, s in texts.items()}
     out = {}

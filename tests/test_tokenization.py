@@ -488,3 +488,19 @@ def test_train_cfg_argument_checked():
 def test_bad_merges(merges, msg):
     with pytest.raises(TypeError) as e: BPETokenizer(merges)
     assert str(e.value) == msg
+
+
+def test_decode_numpy_and_torch_scalars(tok):
+    np = pytest.importorskip('numpy')
+    import torch
+    assert tok.decode([np.int64(104), torch.tensor(105)]) == 'hi'
+    with pytest.raises(TypeError, match='token ids must be ints, got float64'):
+        tok.decode([np.float64(104.0)])
+    with pytest.raises(TypeError, match=r'token ids must be ints, got Tensor tensor\(104.\)'):
+        tok.decode([torch.tensor(104.0)])
+
+
+def test_fertility_reference_must_be_a_text(tok):
+    from fttk.tokenization import fertility
+    with pytest.raises(ValueError, match=r"reference 'English' is not among the texts \['German'\]"):
+        fertility(tok, {'German': 'Guten Tag'})
