@@ -2,7 +2,9 @@
 
 1. our incremental trainer vs our naive trainer on 1 MiB of CPython's docs: same merges, speed ratio (goal >= 20x);
 2. our encode vs HF `tokenizers` encode on the same lines with the same merges: throughput ratio;
-3. bytes per token on held-out docs as the vocabulary grows.
+3. bytes per token on held-out docs as the vocabulary grows;
+4. one long chunk (16 Ki and 64 Ki letters, no spaces: a single pre-split chunk): our heap merge vs HF
+   `tokenizers`, and (with `--simple`) the quadratic teaching loop. `--long-only` runs just this part.
 
 Times are CPU seconds of this process (`time.process_time`, all threads), so other jobs sharing the core do not
 distort the ratios; HF runs with one rayon thread.
@@ -12,8 +14,10 @@ import argparse, os, time
 os.environ.setdefault('RAYON_NUM_THREADS', '1')          # HF tokenizers: one thread, like us
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-from fttk.tokenization import (BPETokenizer, count_chunks, docs_corpus, hash_data, hf_merges, byte_merges, to_hf,
-                               train_hf, train_incremental, train_naive)
+import random
+
+from fttk.tokenization import (BPETokenizer, bpe_merge_simple, count_chunks, docs_corpus, hash_data, hf_merges,
+                               byte_merges, to_hf, train_hf, train_incremental, train_naive)
 
 
 def main():
@@ -21,7 +25,10 @@ def main():
     ap.add_argument('--bytes', type=int, default=2**20, help='corpus size (UTF-8 bytes)')
     ap.add_argument('--vocab', type=int, default=1024, help='vocabulary size for the trainer race')
     ap.add_argument('--curve-max', type=int, default=8192)
+    ap.add_argument('--long-only', action='store_true', help='only the long-chunk race (part 4)')
+    ap.add_argument('--simple', action='store_true', help='also time the quadratic teaching loop in part 4 (~30 s)')
     args = ap.parse_args()
+    if args.long_only: return long_chunks(BPETokenizer.train(docs_corpus(args.bytes), vocab_size=args.vocab), args.simple)
 
     corpus = docs_corpus(args.bytes)
     nbytes = sum(len(d.encode()) for d in corpus)
@@ -73,6 +80,32 @@ def main():
         t = BPETokenizer(big.merges[:v - 256])
         print(f"[curve] {v:5d}  {hb / sum(len(t.encode(d)) for d in held):.3f}")
         v *= 2
+
+    long_chunks(ours, args.simple)
+
+
+def long_chunks(tok, simple=False):
+    "Part 4: one chunk of n letters, fttk (heap merge) vs HF tokenizers, same merges, same ids required."
+    # a tokenizer that learned runs of 'a' (aa, aaaa, ...): 'a' * n then takes n - 1 merges, the worst case
+    deep = BPETokenizer.train(['a' * 4096], vocab_size=300)
+    hf_of = {id(tok): to_hf(tok), id(deep): to_hf(deep)}
+    rng = random.Random(0)
+    for n in (16384, 65536):
+        for name, text, tok in (("'a' * n", 'a' * n, tok), ("'a' * n deep", 'a' * n, deep),
+                                ('random a-z', ''.join(rng.choices('abcdefghijklmnopqrstuvwxyz', k=n)), tok)):
+            hf_tok = hf_of[id(tok)]
+            tok._cache.clear()
+            t0 = time.process_time(); ours = tok.encode(text); t_ours = time.process_time() - t0
+            t0 = time.process_time(); theirs = hf_tok.encode(text, add_special_tokens=False).ids; t_hf = time.process_time() - t0
+            assert ours == theirs, "ids differ"
+            line = (f"[long] {n:6d} letters, {name:12s} ({len(ours):5d} tokens): fttk {t_ours:.4f} s, HF {t_hf:.4f} s, "
+                    f"fttk/HF {t_ours / max(t_hf, 1e-6):.1f}x")
+            if simple:
+                t0 = time.process_time(); old = bpe_merge_simple(list(text.encode()), tok._ranks, tok._merge_ids)
+                t_old = time.process_time() - t0
+                assert old == ours
+                line += f"; simple loop {t_old:.2f} s"
+            print(line, flush=True)
 
 
 if __name__ == '__main__':

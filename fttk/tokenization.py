@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/tokenization.html.md"""
 
 # %% ../nbs/02_tokenization.ipynb #ce4640e7
 from __future__ import annotations
-import ast, heapq, json, sysconfig, time
+import ast, functools, heapq, json, operator, sysconfig, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
@@ -18,10 +18,10 @@ from .core import Config, ConfigError, CorruptFileError, atomic_write_text, hash
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'UDHR_ARTICLE_1',
-           'toy_bpe', 'pre_split', 'bytes_to_unicode', 'token_str', 'str_token', 'tie_rank', 'count_chunks',
-           'train_naive', 'train_incremental', 'BPEConfig', 'BPETokenizer', 'docs_corpus', 'to_hf', 'train_hf',
-           'hf_merges', 'byte_merges', 'fertility', 'render_with_spans', 'token_char_offsets', 'assistant_mask',
-           'to_transformers', 'add_special_tokens']
+           'toy_bpe', 'resolve_pattern', 'pre_split', 'bytes_to_unicode', 'token_str', 'str_token', 'tie_rank',
+           'count_chunks', 'train_naive', 'train_incremental', 'bpe_merge_simple', 'bpe_merge_heap', 'BPEConfig',
+           'BPETokenizer', 'docs_corpus', 'to_hf', 'train_hf', 'hf_merges', 'byte_merges', 'fertility',
+           'render_with_spans', 'token_char_offsets', 'assistant_mask', 'to_transformers', 'add_special_tokens']
 
 # %% ../nbs/02_tokenization.ipynb #0b6ec04f
 def toy_bpe(word_freqs: dict[str, int], num_merges: int, eow: str = '</w>') -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -51,10 +51,39 @@ GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 SPLIT_PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'none': None}
 
+def resolve_pattern(pattern: str | None) -> str | None:
+    "The split regex for `pattern`: a name in `SPLIT_PATTERNS`, `None` (one chunk) or a regex."
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"split pattern must be a str or None, "
+                        f"got {type(pattern).__name__} {pattern!r}")
+    return _resolve_pattern(pattern)
+
+@functools.lru_cache(maxsize=64)
+def _resolve_pattern(pattern: str | None) -> str | None:
+    if pattern is None: return None
+    if pattern in SPLIT_PATTERNS: return SPLIT_PATTERNS[pattern]
+    # a bare word is a misspelled name, never a useful regex: as a regex it would match only itself
+    if regex.fullmatch(r'[\w-]*', pattern):
+        raise ValueError(f"unknown split pattern {pattern!r}: the names are {list(SPLIT_PATTERNS)} "
+                         "(or None for no split); anything else must be a regex")
+    try: regex.compile(pattern)
+    except regex.error as e:
+        raise ValueError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
+    return pattern
+
 def pre_split(text: str, pattern: str | None = GPT4_SPLIT_PATTERN) -> list[str]:
-    "Cut `text` into the chunks BPE works inside (`pattern=None`: the whole text is one chunk)."
+    "Cut `text` into the chunks BPE works inside; text between matches is a chunk too."
+    pattern = resolve_pattern(pattern)
     if pattern is None: return [text] if text else []
-    return regex.findall(pattern, text)
+    chunks = regex.findall(pattern, text)
+    # the GPT patterns match every character, so their matches tile the text: keep the fast path
+    if sum(map(len, chunks)) == len(text): return [c for c in chunks if c]
+    out, pos = [], 0
+    for m in regex.finditer(pattern, text):   # HF's Split(behavior='isolated'): gaps are pieces too
+        if m.start() > pos: out.append(text[pos:m.start()])
+        if m.end() > m.start(): out.append(m[0])
+        pos = m.end()
+    return out + ([text[pos:]] if pos < len(text) else [])
 
 # %% ../nbs/02_tokenization.ipynb #e641cee2
 def bytes_to_unicode() -> dict[int, str]:
@@ -96,6 +125,14 @@ def count_chunks(texts: str | Iterable[str], pattern: str | None = GPT4_SPLIT_PA
             counts[b] = counts.get(b, 0) + 1
     return counts
 
+def _check_int(name: str, value, lo: int) -> int:
+    "`value` as an int >= `lo`; floats (integral ones, nan, inf), bools and strings are refused."
+    if isinstance(value, bool) or not hasattr(value, '__index__'):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = operator.index(value)                 # numpy and torch integers are fine
+    if value < lo: raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
 def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
     "Replace every non-overlapping `a b` in `word`, left to right, by `new_id`."
     out, i, n = [], 0, len(word)
@@ -114,6 +151,8 @@ def _new_token(vocab: list[bytes], index: dict[bytes, int], a: int, b: int) -> i
 def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                 progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
     "Teaching BPE trainer: recount all pairs over the unique chunks before every merge, until `vocab_size` tokens. Returns (merges, vocab)."
+    vocab_size = _check_int('vocab_size', vocab_size, 256)
+    min_frequency = _check_int('min_frequency', min_frequency, 1)
     words = [list(ch) for ch in chunk_counts]
     freqs = list(chunk_counts.values())
     vocab = [bytes([i]) for i in range(256)]
@@ -139,6 +178,8 @@ def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: 
 def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                       progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
     "Fast BPE trainer: pair counts, pair -> chunk index and a lazy max-heap, updated per merge, until `vocab_size` tokens. Returns (merges, vocab)."
+    vocab_size = _check_int('vocab_size', vocab_size, 256)
+    min_frequency = _check_int('min_frequency', min_frequency, 1)
     words = [list(ch) for ch in chunk_counts]
     freqs = list(chunk_counts.values())
     vocab = [bytes([i]) for i in range(256)]
@@ -185,6 +226,45 @@ def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequ
     bar.close()
     return merges, vocab
 
+# %% ../nbs/02_tokenization.ipynb #b7c1d002
+_NO_MERGE = 1 << 62
+
+def bpe_merge_simple(ids: list[int], ranks: dict[tuple[int, int], int],
+                     merge_ids: list[int]) -> list[int]:
+    "Merge `ids` (one chunk) by rank, leftmost first: the teaching loop, O(n^2)."
+    ids = list(ids)
+    rs = [ranks.get(p, _NO_MERGE) for p in zip(ids, ids[1:])]   # rs[i]: rank of the pair at i
+    while rs:
+        r = min(rs)
+        if r == _NO_MERGE: break
+        i = rs.index(r)                                  # leftmost occurrence of the earliest merge
+        ids[i:i + 2] = [merge_ids[r]]
+        del rs[i]                                        # only the two neighbouring pairs change
+        if i > 0: rs[i - 1] = ranks.get((ids[i - 1], ids[i]), _NO_MERGE)
+        if i < len(ids) - 1: rs[i] = ranks.get((ids[i], ids[i + 1]), _NO_MERGE)
+    return ids
+
+# %% ../nbs/02_tokenization.ipynb #b7c1d005
+def bpe_merge_heap(ids: list[int], ranks: dict[tuple[int, int], int],
+                   merge_ids: list[int]) -> list[int]:
+    "Same result as `bpe_merge_simple` in O(n log n): a (rank, position) heap over a linked list."
+    ids, n = list(ids), len(ids)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))   # linked list over positions
+    heap = [(r, i) for i, p in enumerate(zip(ids, ids[1:])) if (r := ranks.get(p)) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i] if ids[i] >= 0 else n                        # ids[i] < 0: absorbed, stale entry
+        if j >= n or ranks.get((ids[i], ids[j])) != r: continue  # the pair at i changed: stale
+        ids[i], ids[j] = merge_ids[r], -1
+        k = nxt[i] = nxt[j]
+        if k < n: prv[k] = i
+        # the two pairs the new token is part of
+        if prv[i] >= 0 and (rl := ranks.get((ids[prv[i]], ids[i]))) is not None:
+            heapq.heappush(heap, (rl, prv[i]))
+        if k < n and (rr := ranks.get((ids[i], ids[k]))) is not None: heapq.heappush(heap, (rr, i))
+    return [t for t in ids if t >= 0]
+
 # %% ../nbs/02_tokenization.ipynb #02019e17
 @dataclass
 class BPEConfig(Config):
@@ -204,8 +284,6 @@ class BPEConfig(Config):
         if len(set(self.special_tokens)) != len(self.special_tokens) or '' in self.special_tokens:
             raise ConfigError(f"special_tokens must be distinct non-empty strings, got {self.special_tokens}")
 
-_NO_MERGE = 1 << 62
-
 def _check_encodable(text: str):
     try: text.encode('utf-8')
     except UnicodeEncodeError as e:
@@ -213,12 +291,20 @@ def _check_encodable(text: str):
                          "surrogates are not Unicode scalar values, so UTF-8 has no bytes for them") from None
 
 # %% ../nbs/02_tokenization.ipynb #25d17857
+_HEAP_FROM = 16   # chunk length (bytes) from which the heap merge beats the simple loop in CPython
+
+def _check_merge(r: int, m) -> tuple[int, int]:
+    if not (isinstance(m, (list, tuple)) and len(m) == 2
+            and all(hasattr(x, '__index__') and not isinstance(x, bool) for x in m)):
+        raise TypeError(f"merge {r} must be a pair of int token ids, got {m!r}")
+    return operator.index(m[0]), operator.index(m[1])
+
 class BPETokenizer:
     "Byte-level BPE: regex pre-split, 256 byte tokens, learned merges, special tokens."
     def __init__(self, merges: Iterable[tuple[int, int]] = (), pattern: str | None = 'gpt4',
                  special_tokens: Iterable[str] = ()):
-        self.pattern = SPLIT_PATTERNS.get(pattern, pattern) if pattern is not None else None
-        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.pattern = resolve_pattern(pattern)
+        self.merges = [_check_merge(r, m) for r, m in enumerate(merges)]
         self.vocab = [bytes([i]) for i in range(256)]
         index = {t: i for i, t in enumerate(self.vocab)}
         self._merge_ids, self._ranks = [], {}
@@ -228,15 +314,38 @@ class BPETokenizer:
             self._merge_ids.append(_new_token(self.vocab, index, a, b))
             # a pair learned twice keeps its first (lowest) rank, as HF's merge map would
             self._ranks.setdefault((a, b), r)
+        special_tokens = list(special_tokens)
+        self._check_specials(special_tokens)
         self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens)}
         self._special_re = (regex.compile('(' + '|'.join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ')')
                             if self.special_tokens else None)
         self._id_to_special = {i: s.encode('utf-8') for s, i in self.special_tokens.items()}
         self._cache: dict[bytes, list[int]] = {}
 
+    def _check_specials(self, specials: list[str]):
+        bad = [s for s in specials if not isinstance(s, str) or not s]
+        if bad: raise ValueError(f"special tokens must be non-empty strings, got {bad[0]!r}")
+        dup = [s for s in dict.fromkeys(specials) if specials.count(s) > 1]
+        if dup: raise ValueError(f"special token {dup[0]!r} is listed twice")
+        # HF keeps one vocabulary keyed by the printable spelling (token_str): a special token
+        # spelled like a learned or byte token would get that token's id there, not a new one
+        spelled = {}
+        for i, t in enumerate(self.vocab): spelled.setdefault(token_str(t), i)
+        for s in specials:
+            if s in spelled:
+                raise ValueError(f"special token {s!r} is spelled like vocabulary token "
+                                 f"{spelled[s]} ({self.vocab[spelled[s]]!r} in GPT-2's byte names)"
+                                 ": "
+                                 "HF tokenizers would give it that id instead of a new one; "
+                                 "choose another spelling")
+
     @classmethod
     def train(cls, texts: str | Iterable[str], cfg: BPEConfig | None = None, progress: bool = False, **kwargs) -> 'BPETokenizer':
         "Learn merges from `texts` (a string or an iterable of documents) with `cfg` or keyword settings."
+        if cfg is not None and not isinstance(cfg, BPEConfig):
+            raise TypeError(f"cfg must be a BPEConfig, got {type(cfg).__name__}")
+        if cfg is not None and kwargs:
+            raise ValueError(f"give cfg or keyword settings, not both: {sorted(kwargs)}")
         cfg = cfg or BPEConfig(**kwargs)
         counts = count_chunks(texts, SPLIT_PATTERNS[cfg.pattern])
         if not counts: raise ValueError("cannot train a tokenizer on an empty corpus (no text after pre-splitting)")
@@ -252,16 +361,8 @@ class BPETokenizer:
     def _encode_chunk(self, b: bytes) -> list[int]:
         ids = self._cache.get(b)
         if ids is not None: return ids
-        ids, ranks = list(b), self._ranks
-        rs = [ranks.get(p, _NO_MERGE) for p in zip(ids, ids[1:])]
-        while rs:
-            r = min(rs)
-            if r == _NO_MERGE: break
-            i = rs.index(r)                       # leftmost occurrence of the earliest merge
-            ids[i:i + 2] = [self._merge_ids[r]]
-            del rs[i]
-            if i > 0: rs[i - 1] = ranks.get((ids[i - 1], ids[i]), _NO_MERGE)
-            if i < len(ids) - 1: rs[i] = ranks.get((ids[i], ids[i + 1]), _NO_MERGE)
+        merge = bpe_merge_simple if len(b) < _HEAP_FROM else bpe_merge_heap
+        ids = merge(list(b), self._ranks, self._merge_ids)
         if len(self._cache) > 200_000: self._cache.clear()
         self._cache[b] = ids
         return ids
@@ -288,8 +389,10 @@ class BPETokenizer:
         parts, n = [], len(self.vocab)
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int):
-                if hasattr(i, 'item'): i = i.item()
-                else: raise TypeError(f"token ids must be ints, got {type(i).__name__} {i!r}")
+                j = i.item() if hasattr(i, 'item') else i          # numpy and torch scalars
+                if isinstance(j, bool) or not isinstance(j, int):
+                    raise TypeError(f"token ids must be ints, got {type(i).__name__} {i!r}")
+                i = j
             if 0 <= i < n: parts.append(self.vocab[i])
             elif i in self._id_to_special: parts.append(self._id_to_special[i])
             else: raise ValueError(f"token id {i} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}")
@@ -309,20 +412,41 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> 'BPETokenizer':
+        "Read a file written by `save`; a damaged or foreign file raises `CorruptFileError`."
         path = Path(path)
         if not path.exists(): raise FileNotFoundError(f"no tokenizer file at {path}")
-        try:
-            d = json.loads(path.read_text(encoding='utf-8'))
-            if not isinstance(d, dict) or d.get('format') != 'fttk-bpe': raise ValueError("not an fttk-bpe file")
-            if d.get('version') != 1: raise ValueError(f"unknown version {d.get('version')!r}")
-            merges, specials, pattern = d['merges'], d['special_tokens'], d['pattern']
-            if not (isinstance(merges, list) and all(isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in merges)):
-                raise ValueError("merges must be a list of [id, id] pairs")
-            if not (isinstance(specials, list) and all(isinstance(s, str) for s in specials)): raise ValueError("special_tokens must be a list of strings")
-            if pattern is not None and not isinstance(pattern, str): raise ValueError("pattern must be a string or null")
-            return cls(merges, pattern, specials)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        if path.is_dir(): raise IsADirectoryError(f"{path} is a directory, not a tokenizer file")
+        try: return cls._from_dict(_read_json(path))
+        except (ValueError, KeyError, TypeError) as e:
             raise CorruptFileError(f"cannot read tokenizer from {path}: {e}") from e
+
+    @classmethod
+    def _from_dict(cls, d) -> 'BPETokenizer':
+        if not isinstance(d, dict) or d.get('format') != 'fttk-bpe':
+            raise ValueError("not an fttk-bpe file (no \"format\": \"fttk-bpe\" key)")
+        if d.get('version') != 1: raise ValueError(f"unknown version {d.get('version')!r}")
+        missing = [k for k in ('merges', 'special_tokens', 'pattern') if k not in d]
+        if missing: raise ValueError(f"missing key {missing[0]!r}")
+        merges, specials, pattern = d['merges'], d['special_tokens'], d['pattern']
+        pair = lambda m: isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+        if not (isinstance(merges, list) and all(map(pair, merges))):
+            raise ValueError("merges must be a list of [id, id] pairs")
+        if not (isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+            raise ValueError("special_tokens must be a list of strings")
+        if pattern is not None and not isinstance(pattern, str):
+            raise ValueError("pattern must be a string or null")
+        return cls(merges, pattern, specials)
+
+def _read_json(path: Path):
+    "JSON of `path`, with the problem named when the bytes are not UTF-8 or not (complete) JSON."
+    raw = path.read_bytes()
+    if not raw.strip(): raise ValueError("the file is empty")
+    try: text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+    try: return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON, truncated or damaged ({e})") from None
 
 # %% ../nbs/02_tokenization.ipynb #7835543b
 def _stdlib_docstrings(path: Path) -> list[str]:
@@ -346,6 +470,7 @@ def _doc_stream():
 
 def docs_corpus(min_bytes: int = 2**20) -> list[str]:
     "CPython's English documentation: `pydoc_data.topics`, then stdlib docstrings in sorted file order, until >= `min_bytes`."
+    min_bytes = _check_int('min_bytes', min_bytes, 1)
     docs, total = [], 0
     for item in _doc_stream():
         # a file's docstrings come as one list and are taken whole; lone surrogates (a few docstrings
@@ -377,14 +502,18 @@ def to_hf(tok: BPETokenizer):
     hf.decoder = decoders.ByteLevel()
     if tok.special_tokens:
         hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.special_tokens])
-        for s, i in tok.special_tokens.items(): assert hf.token_to_id(s) == i, (s, i, hf.token_to_id(s))
+        for s, i in tok.special_tokens.items():   # BPETokenizer refuses clashing spellings
+            if hf.token_to_id(s) != i:
+                raise ValueError(f"special token {s!r} got id {hf.token_to_id(s)} in HF "
+                                 f"tokenizers, not {i}: it is spelled like a vocabulary token")
     return hf
 
 def train_hf(texts: Iterable[str], vocab_size: int, pattern: str | None = 'gpt4', special_tokens: Iterable[str] = ()):
     "HF `tokenizers`' BPE trainer with our pre-tokenization and all 256 bytes as the initial alphabet."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    vocab_size = _check_int('vocab_size', vocab_size, 256)
     hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = _hf_pre_tokenizer(SPLIT_PATTERNS.get(pattern, pattern) if pattern is not None else None)
+    hf.pre_tokenizer = _hf_pre_tokenizer(resolve_pattern(pattern))
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
                                   special_tokens=list(special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -412,6 +541,7 @@ UDHR_ARTICLE_1 = {
 
 def fertility(tok, texts: dict[str, str], reference: str = 'English') -> dict[str, dict[str, float]]:
     "Tokens per character, per word and relative to `reference` for each text (any tokenizer with `.encode`)."
+    if reference not in texts: raise ValueError(f"reference {reference!r} is not among the texts {list(texts)}")
     enc = lambda s: tok.encode(s) if isinstance(tok, BPETokenizer) else tok.encode(s, add_special_tokens=False)
     ntok = {k: len(getattr(enc(s), 'ids', enc(s))) for k, s in texts.items()}
     out = {}

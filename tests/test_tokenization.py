@@ -264,3 +264,243 @@ def test_add_special_tokens_keeps_old_ids(tok):
     s = "print('<|tool|>') <|endoftext|>"
     assert bigger.encode(s, allowed_special='none') == tok.encode(s, allowed_special='none')
     assert bigger.encode(s).count(tok.vocab_size) == 1
+
+
+# ---- split patterns: unknown names refused, custom regexes lose nothing -----------------------------------
+
+@pytest.mark.parametrize('name', ['bert', 'gtp4', 'GPT4', 'gpt-4', 'cl100k_base', ''])
+def test_unknown_pattern_name_is_refused(name):
+    msg = (f"unknown split pattern '{name}': the names are \\['gpt2', 'gpt4', 'none'\\] \\(or None for no split\\); "
+           "anything else must be a regex")
+    with pytest.raises(ValueError, match=msg): BPETokenizer(pattern=name)
+    with pytest.raises(ValueError, match=msg): pre_split('hello world', name)
+    with pytest.raises(ValueError, match=msg): count_chunks(['hello world'], name)
+    with pytest.raises(ValueError, match=msg): train_hf(['hello world'], 300, name)
+
+
+def test_bad_pattern_values():
+    with pytest.raises(ValueError, match=r"split pattern '\(a' is not a valid regex: missing \) at position 2"):
+        BPETokenizer(pattern='(a')
+    with pytest.raises(TypeError, match='split pattern must be a str or None, got int 4'):
+        BPETokenizer(pattern=4)
+
+
+def test_pattern_names_and_regexes_are_the_same_tokenizer():
+    assert BPETokenizer(pattern='gpt2').pattern == GPT2_SPLIT_PATTERN
+    assert BPETokenizer(pattern=GPT4_SPLIT_PATTERN).pattern == GPT4_SPLIT_PATTERN
+    assert BPETokenizer(pattern='none').pattern is None and BPETokenizer(pattern=None).pattern is None
+    assert BPETokenizer(pattern='gpt4').encode('hello world') == [104, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]
+
+
+CUSTOM_PATTERNS = [r'\p{L}+', r'\d', r'x*', r'\b', r'(?=a)', r' ?\p{L}+|\p{N}']
+
+
+@pytest.mark.parametrize('pattern', CUSTOM_PATTERNS)
+def test_custom_pattern_gaps_are_chunks_as_in_hf(pattern):
+    "A regex that skips characters keeps them as chunks, like HF's Split(behavior='isolated')."
+    from tokenizers import Regex, pre_tokenizers
+    split = pre_tokenizers.Split(Regex(pattern), behavior='isolated')
+    for s in ['hello world', "it's 42, ok!", 'axxbxa  b', 'aaa', '', ' \n\t', 'Grüße 🙂 x1y2']:
+        assert pre_split(s, pattern) == [p for p, _ in split.pre_tokenize_str(s)]
+        assert ''.join(pre_split(s, pattern)) == s
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(CUSTOM_PATTERNS), st.text(max_size=40))
+def test_custom_pattern_roundtrip_and_equals_hf(tok, pattern, s):
+    custom = BPETokenizer(tok.merges, pattern, SPECIALS)
+    key = ('custom', pattern)
+    if key not in _HF: _HF[key] = to_hf(custom)
+    assert custom.decode(custom.encode(s)) == s
+    assert custom.encode(s) == _HF[key].encode(s, add_special_tokens=False).ids
+
+
+# ---- special tokens that HF could not give a new id -------------------------------------------------------
+
+@pytest.mark.parametrize('special, msg', [
+    ('a', "special token 'a' is spelled like vocabulary token 97 (b'a' in GPT-2's byte names)"),
+    ('é', "special token 'é' is spelled like vocabulary token 233 (b'\\xe9' in GPT-2's byte names)"),
+    ('Ġ', "special token 'Ġ' is spelled like vocabulary token 32 (b' ' in GPT-2's byte names)"),
+])
+def test_special_token_spelled_like_a_byte_token(special, msg):
+    with pytest.raises(ValueError) as e: BPETokenizer(special_tokens=['<s>', special])
+    assert str(e.value) == msg + ": HF tokenizers would give it that id instead of a new one; choose another spelling"
+
+
+def test_special_token_spelled_like_a_learned_token(tok):
+    the = tok.vocab.index(b' the')
+    with pytest.raises(ValueError, match=f"special token 'Ġthe' is spelled like vocabulary token {the} \\(b' the'"):
+        BPETokenizer(tok.merges, special_tokens=['Ġthe'])
+    from fttk.tokenization import add_special_tokens
+    with pytest.raises(ValueError, match=f"special token 'Ġthe' is spelled like vocabulary token {the}"):
+        add_special_tokens(tok, ['Ġthe'])
+
+
+@pytest.mark.parametrize('specials, exc, msg', [
+    (['<a>', '<a>'], ValueError, "special token '<a>' is listed twice"),
+    (['<a>', ''], ValueError, "special tokens must be non-empty strings, got ''"),
+    (['<a>', 3], ValueError, 'special tokens must be non-empty strings, got 3'),
+])
+def test_bad_special_tokens(specials, exc, msg):
+    with pytest.raises(exc, match=msg): BPETokenizer(special_tokens=specials)
+
+
+# ---- one long chunk: the heap merge, equal to the simple loop and to HF ------------------------------------
+
+@pytest.fixture(scope='module')
+def tok_runs(corpus):
+    "A tokenizer that learned long runs of letters, so long chunks merge deeply."
+    return BPETokenizer.train(corpus[:20] + ['a' * 4096, 'abab' * 512, 'xyz' * 700], vocab_size=700)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet='aabxyzte', min_size=200, max_size=4000))
+def test_long_chunk_heap_equals_simple_and_hf(tok_runs, s):
+    from fttk.tokenization import bpe_merge_heap, bpe_merge_simple
+    b = list(s.encode())
+    assert bpe_merge_heap(b, tok_runs._ranks, tok_runs._merge_ids) == bpe_merge_simple(b, tok_runs._ranks, tok_runs._merge_ids)
+    if 'runs' not in _HF: _HF['runs'] = to_hf(tok_runs)
+    assert tok_runs.encode(s) == _HF['runs'].encode(s, add_special_tokens=False).ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(list(b'ab ')) , max_size=60))
+def test_heap_equals_simple_short(tok_runs, b):
+    from fttk.tokenization import bpe_merge_heap, bpe_merge_simple
+    assert bpe_merge_heap(b, tok_runs._ranks, tok_runs._merge_ids) == bpe_merge_simple(b, tok_runs._ranks, tok_runs._merge_ids)
+
+
+@pytest.mark.parametrize('text', ['a' * 65536, 'ab' * 32768,
+                                  ''.join(__import__('random').Random(0).choices('abcdefghijklmnopqrstuvwxyz', k=65536))])
+def test_64k_letter_chunk_equals_hf(tok_runs, text):
+    "One 64 Ki-letter chunk: the quadratic loop took ~25 s here; the heap takes well under a second."
+    if 'runs' not in _HF: _HF['runs'] = to_hf(tok_runs)
+    ids = tok_runs.encode(text)
+    assert ids == _HF['runs'].encode(text, add_special_tokens=False).ids
+    assert tok_runs.decode(ids) == text
+
+
+# ---- tokenizer files: every problem named, with the file ------------------------------------------------
+
+@pytest.mark.parametrize('content, msg', [
+    (b'', 'the file is empty'),
+    (b'  \n', 'the file is empty'),
+    (b'\xff\xfe{"format"', 'not UTF-8 text (byte 0 is 0xff)'),
+    (b'{"format": "fttk-bpe", "version": 1, "merg', 'not valid JSON, truncated or damaged (Unterminated string starting at: line 1 column 38 (char 37))'),
+    (b'merges:\n- [97, 97]\n', 'not valid JSON, truncated or damaged (Expecting value: line 1 column 1 (char 0))'),
+    (b'[1, 2, 3]', 'not an fttk-bpe file (no "format": "fttk-bpe" key)'),
+    (b'{"model": {"type": "BPE"}}', 'not an fttk-bpe file (no "format": "fttk-bpe" key)'),
+    (b'{"format": "fttk-bpe", "version": "1"}', "unknown version '1'"),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "special_tokens": []}', "missing key 'merges'"),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "merges": []}', "missing key 'special_tokens'"),
+    (b'{"format": "fttk-bpe", "version": 1, "merges": [], "special_tokens": []}', "missing key 'pattern'"),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": "bert", "merges": [], "special_tokens": []}',
+     "unknown split pattern 'bert'"),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": 3, "merges": [], "special_tokens": []}', 'pattern must be a string or null'),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "merges": [[97, 97.0]], "special_tokens": []}',
+     'merges must be a list of [id, id] pairs'),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "merges": [[-1, 97]], "special_tokens": []}',
+     'merge 0 (-1, 97) uses an id that does not exist yet (vocabulary has 256)'),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "merges": [], "special_tokens": "<s>"}',
+     'special_tokens must be a list of strings'),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "merges": [], "special_tokens": ["<s>", "<s>"]}',
+     "special token '<s>' is listed twice"),
+    (b'{"format": "fttk-bpe", "version": 1, "pattern": null, "merges": [], "special_tokens": ["a"]}',
+     "special token 'a' is spelled like vocabulary token 97"),
+])
+def test_bad_tokenizer_file(tmp_path, content, msg):
+    p = tmp_path/'tok.json'
+    p.write_bytes(content)
+    with pytest.raises(CorruptFileError) as e: BPETokenizer.load(p)
+    assert str(e.value).startswith(f"cannot read tokenizer from {p}: {msg}")
+
+
+def test_tokenizer_path_is_a_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f'{tmp_path} is a directory, not a tokenizer file'):
+        BPETokenizer.load(tmp_path)
+
+
+# ---- numeric and config arguments ----------------------------------------------------------------------
+
+_BAD_INTS = [(1024.0, TypeError, 'must be an int, got float 1024.0'), (float('nan'), TypeError, 'must be an int, got float nan'),
+             (float('inf'), TypeError, 'must be an int, got float inf'), ('1024', TypeError, "must be an int, got str '1024'"),
+             (True, TypeError, 'must be an int, got bool True'), (None, TypeError, 'must be an int, got NoneType None')]
+
+
+@pytest.mark.parametrize('trainer', [train_naive, train_incremental])
+@pytest.mark.parametrize('value, exc, msg', _BAD_INTS + [(100, ValueError, 'must be >= 256, got 100')])
+def test_trainer_vocab_size_checked(trainer, value, exc, msg):
+    with pytest.raises(exc) as e: trainer({b'ab': 2}, value)
+    assert str(e.value) == 'vocab_size ' + msg
+
+
+@pytest.mark.parametrize('trainer', [train_naive, train_incremental])
+@pytest.mark.parametrize('value, exc, msg', _BAD_INTS + [(0, ValueError, 'must be >= 1, got 0')])
+def test_trainer_min_frequency_checked(trainer, value, exc, msg):
+    with pytest.raises(exc) as e: trainer({b'ab': 2}, 300, value)
+    assert str(e.value) == 'min_frequency ' + msg
+
+
+def test_numpy_ints_are_ints():
+    np = pytest.importorskip('numpy')
+    assert train_incremental({b'ab': 2}, np.int64(257)) == train_incremental({b'ab': 2}, 257)
+
+
+@pytest.mark.parametrize('value, exc, msg', _BAD_INTS[:3] + [(0, ValueError, 'must be >= 1, got 0')])
+def test_docs_corpus_min_bytes_checked(value, exc, msg):
+    with pytest.raises(exc) as e: docs_corpus(value)
+    assert str(e.value) == 'min_bytes ' + msg
+
+
+@pytest.mark.parametrize('value, exc, msg', _BAD_INTS[:3] + [(255, ValueError, 'must be >= 256, got 255')])
+def test_train_hf_vocab_size_checked(value, exc, msg):
+    with pytest.raises(exc) as e: train_hf(['some text'], value)
+    assert str(e.value) == 'vocab_size ' + msg
+
+
+@pytest.mark.parametrize('field, value, msg', [
+    ('vocab_size', 1024.0, "config field 'vocab_size' expects int, got float 1024.0"),
+    ('vocab_size', float('nan'), "config field 'vocab_size' expects int, got float nan"),
+    ('vocab_size', float('inf'), "config field 'vocab_size' expects int, got float inf"),
+    ('vocab_size', '1024', "config field 'vocab_size' expects int, got str '1024'"),
+    ('min_frequency', 0, 'min_frequency must be >= 1, got 0'),
+    ('min_frequency', 2.5, "config field 'min_frequency' expects int, got float 2.5"),
+    ('trainer', 'fast', "config field 'trainer' must be one of \\['incremental', 'naive'\\], got 'fast'"),
+    ('special_tokens', '<s>', "config field 'special_tokens' expects a list, got str '<s>'"),
+])
+def test_config_fields_checked(field, value, msg):
+    with pytest.raises(ConfigError, match=msg): BPETokenizer.train(['some text'], **{field: value})
+
+
+def test_train_cfg_argument_checked():
+    with pytest.raises(TypeError, match='cfg must be a BPEConfig, got dict'):
+        BPETokenizer.train(['some text'], {'vocab_size': 300})
+    with pytest.raises(ValueError, match=r"give cfg or keyword settings, not both: \['vocab_size'\]"):
+        BPETokenizer.train(['some text'], BPEConfig(vocab_size=300), vocab_size=400)
+
+
+@pytest.mark.parametrize('merges, msg', [
+    ([(97.0, 97)], 'merge 0 must be a pair of int token ids, got (97.0, 97)'),
+    ([(97, 97), (True, 97)], 'merge 1 must be a pair of int token ids, got (True, 97)'),
+    ([(97, 97, 97)], 'merge 0 must be a pair of int token ids, got (97, 97, 97)'),
+    ([('97', '97')], "merge 0 must be a pair of int token ids, got ('97', '97')"),
+])
+def test_bad_merges(merges, msg):
+    with pytest.raises(TypeError) as e: BPETokenizer(merges)
+    assert str(e.value) == msg
+
+
+def test_decode_numpy_and_torch_scalars(tok):
+    np = pytest.importorskip('numpy')
+    import torch
+    assert tok.decode([np.int64(104), torch.tensor(105)]) == 'hi'
+    with pytest.raises(TypeError, match='token ids must be ints, got float64'):
+        tok.decode([np.float64(104.0)])
+    with pytest.raises(TypeError, match=r'token ids must be ints, got Tensor tensor\(104.\)'):
+        tok.decode([torch.tensor(104.0)])
+
+
+def test_fertility_reference_must_be_a_text(tok):
+    from fttk.tokenization import fertility
+    with pytest.raises(ValueError, match=r"reference 'English' is not among the texts \['German'\]"):
+        fertility(tok, {'German': 'Guten Tag'})
