@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #20ce14b3
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
+import contextlib, dataclasses, hashlib, io, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -22,8 +22,8 @@ warnings.filterwarnings('ignore', message='IProgress not found')
 # %% auto #0
 __all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
            'atomic_write_bytes', 'save_tensors', 'load_tensors', 'safe_torch_load', 'cache_dir', 'quiet_progress',
-           'cpu_features', 'matmul_gflops', 'best_precision', 'read_jsonl', 'hash_data', 'lib_versions', 'hardware',
-           'fingerprint', 'RunFolder']
+           'progress_bar', 'cpu_features', 'matmul_gflops', 'best_precision', 'read_jsonl', 'hash_data', 'lib_versions',
+           'hardware', 'fingerprint', 'RunFolder']
 
 # %% ../nbs/00_core.ipynb #c3c10ab0
 def in_test() -> bool:
@@ -228,6 +228,24 @@ def quiet_progress():
     try: yield
     finally:
         if was_on: hf_logging.enable_progress_bar()
+
+# %% ../nbs/00_core.ipynb #b9d77203
+from tqdm import tqdm as _tqdm
+
+class _OneLineBar(_tqdm):
+    "A tqdm that draws into a buffer and prints its final state once, on stdout, when closed."
+    def __init__(self, *args, **kwargs):
+        kwargs.pop('file', None)
+        super().__init__(*args, file=io.StringIO(), **kwargs)
+    def close(self):
+        if not self.disable and not getattr(self, '_said', False):
+            self._said = True
+            print(str(self))
+        super().close()
+
+def progress_bar(iterable=None, **kwargs):
+    "tqdm in a terminal; in a notebook (a Jupyter kernel) one final line instead of a redraw per update."
+    return (_OneLineBar if 'ipykernel' in sys.modules else _tqdm)(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #3b33a4d2
 _ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import regex
-from tqdm.auto import tqdm
 
-from .core import Config, ConfigError, CorruptFileError, atomic_write_text, hash_data, in_test
+from .core import Config, ConfigError, CorruptFileError, atomic_write_text, hash_data, in_test, progress_bar
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'UDHR_ARTICLE_1',
@@ -158,7 +157,7 @@ def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: 
     vocab = [bytes([i]) for i in range(256)]
     index = {t: i for i, t in enumerate(vocab)}
     merges = []
-    bar = tqdm(total=vocab_size - 256, desc='naive BPE', disable=not progress)
+    bar = progress_bar(total=vocab_size - 256, desc='naive BPE', disable=not progress)
     while len(vocab) < vocab_size:
         stats: dict[tuple[int, int], int] = {}
         for w, f in zip(words, freqs):
@@ -194,7 +193,7 @@ def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequ
     heap = [(-c, tie_rank(p[0]), tie_rank(p[1]), p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
     merges = []
-    bar = tqdm(total=vocab_size - 256, desc='incremental BPE', disable=not progress)
+    bar = progress_bar(total=vocab_size - 256, desc='incremental BPE', disable=not progress)
     while len(vocab) < vocab_size and heap:
         neg, _, _, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)

@@ -13,10 +13,9 @@ from typing import Literal
 
 import torch
 from filelock import FileLock
-from tqdm import tqdm                 # plain bars: tqdm.auto wants ipywidgets in notebooks
 
 from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_write_text, cache_dir, fingerprint,
-                       get_device, hash_data, in_test, quiet_progress, set_seed)
+                       get_device, hash_data, in_test, progress_bar, quiet_progress, set_seed)
 
 # %% auto #0
 __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'ATTRIBUTES', 'TEMPLATES',
@@ -499,7 +498,7 @@ def pretrain(model, tokenizer, texts: list[str], cfg: BaseModelConfig, eval_fn=N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total, max(1, int(cfg.warmup_ratio * total)), cfg.min_lr_ratio))
     model.train()
     log, step, t0, ntok = [], 0, time.time(), 0
-    bar = tqdm(total=total, desc='pretraining', disable=not progress, mininterval=2)
+    bar = progress_bar(total=total, desc='pretraining', disable=not progress, mininterval=2)
     for epoch in range(cfg.num_train_epochs):
         for input_ids, mask, labels in _batches(ids, cfg.per_device_train_batch_size, tokenizer.pad_token_id, g):
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=cfg.bf16 and input_ids.device.type == 'cpu'):

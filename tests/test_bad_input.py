@@ -170,6 +170,24 @@ CASES = [
     Case('candidate', 'unknown candidate kind', lambda tmp: __import__('fttk.world').world.candidate(
          __import__('fttk.world').world.World(__import__('fttk.world').world.WorldConfig(n_people=5)), None, 'employer', 'rude', None),
          ValueError, r"unknown candidate kind 'rude'"),
+    # --- tokenization
+    Case('BPETokenizer', 'unknown split pattern name', lambda tmp: __import__('fttk.tokenization').tokenization.BPETokenizer(pattern='bert'),
+         ValueError, r"unknown split pattern 'bert': the names are \['gpt2', 'gpt4', 'none'\]"),
+    Case('BPETokenizer', 'special token spelled like a vocabulary token',
+         lambda tmp: __import__('fttk.tokenization').tokenization.BPETokenizer(special_tokens=['a']),
+         ValueError, r"special token 'a' is spelled like vocabulary token 97"),
+    Case('BPETokenizer.load', 'empty tokenizer file', _file('tok.json', b'', lambda p: __import__('fttk.tokenization').tokenization.BPETokenizer.load(p)),
+         Exception, r'cannot read tokenizer from .*tok\.json: the file is empty'),
+    Case('BPETokenizer.load', 'truncated tokenizer file',
+         _file('tok.json', b'{"format": "fttk-bpe", "merges": [[97, 98', lambda p: __import__('fttk.tokenization').tokenization.BPETokenizer.load(p)),
+         Exception, r'cannot read tokenizer from .*tok\.json: not valid JSON'),
+    # --- LoRA
+    Case('LoRAConfig', 'rank 0', _cfg('fttk.lora.LoRAConfig', r=0), Exception, r'r must be a positive integer, got 0'),
+    Case('LoRAConfig', 'dropout of 1', _cfg('fttk.lora.LoRAConfig', lora_dropout=1.0), Exception, r'lora_dropout must be in \[0, 1\), got 1\.0'),
+    Case('LoRAConfig', 'target_modules not a valid regex', _cfg('fttk.lora.LoRAConfig', target_modules='q_proj('), Exception,
+         r"target_modules 'q_proj\(' is not a valid regular expression"),
+    Case('load_adapter', 'adapter folder without adapter_config.json', lambda tmp: __import__('fttk.lora').lora.load_adapter(torch.nn.Linear(2, 2), tmp),
+         FileNotFoundError, r'no adapter_config\.json in'),
     # --- quantization
     Case('quantize_nf4', 'weights with NaN', lambda tmp: __import__('fttk.quant').quant.quantize_nf4(torch.tensor([1.0, float('nan')] * 32)),
          ValueError, r'cannot quantize weights containing NaN or inf'),
