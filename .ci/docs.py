@@ -182,7 +182,7 @@ def _class_md(cls, node, src, name, level):
     "A class: its header, docstring, field table (dataclasses), `__init__` signature, and public methods."
     bases = ', '.join(ast.unparse(b) for b in node.bases)
     out = [f'```python\nclass {name}{f"({bases})" if bases else ""}:\n```{_doc_of(node)}']
-    if dataclasses.is_dataclass(cls):
+    if any('dataclass' in ast.unparse(d) for d in node.decorator_list) or dataclasses.is_dataclass(cls):
         com, rows = _comments(src), []
         for st in node.body:
             if not isinstance(st, ast.AnnAssign) or not isinstance(st.target, ast.Name): continue
@@ -206,7 +206,7 @@ def _class_md(cls, node, src, name, level):
         if init:
             a = init.args
             if a.args and a.args[0].arg == 'self': a.args = a.args[1:]  # shown as the call that builds one
-            out.append(f'```python\n{_sig(init, name)[4:].rstrip(':')}\n```')
+            out.append(f'```python\n{_sig(init, name)[4:].rstrip(":")}\n```')
     for st in node.body:
         if not isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)) or st.name.startswith('_'): continue
         h = '#' * (level + 1)

@@ -134,7 +134,7 @@ Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = i.on
       const res = []; let n;
       while ((n = w.nextNode())) {
         if (n.parentElement.closest('pre, code, script, style, .katex, .sourceCode')) continue;
-        if (/\\\(|\\\[|\$\$/.test(n.textContent)) res.push(n.textContent.trim().slice(0, 120));
+        if (['\\\\(', '\\\\[', '$$'].some(d => n.textContent.includes(d))) res.push(n.textContent.trim().slice(0, 120));
       }
       return res; })(),
     katex_errors: [...document.querySelectorAll('.katex-error')].map(e => (e.getAttribute('title') || e.textContent).slice(0, 200)),
