@@ -210,7 +210,8 @@ def _class_md(cls, node, src, name, level):
     for st in node.body:
         if not isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)) or st.name.startswith('_'): continue
         h = '#' * (level + 1)
-        out.append(f'{h} {name}.{st.name}\n\n```python\n{_sig(st)}\n```{_doc_of(st)}')
+        decos = ''.join(f'@{ast.unparse(d)}\n' for d in st.decorator_list)  # @property, @staticmethod, ...
+        out.append(f'{h} {name}.{st.name}\n\n```python\n{decos}{_sig(st)}\n```{_doc_of(st)}')
     return '\n\n'.join(out)
 
 def api_markdown(sym, name, title_level, url):

@@ -317,15 +317,21 @@ def test_exported_source_shown(site):
     assert links, 'no local source links'
     src = (site['dir']/links[0][0]).read_text(encoding='utf-8')
     assert all(f'id="{a}"' in src for _, a in links)
+    # a cell defining in_test then get_device documents them in that order (nbdev alone reverses them)
+    assert text.index('id="in_test"') < text.index('id="get_device"')
     assert 'github.com/fttk/fttk/blob' not in text and 'https://fttk.github.io/fttk/' not in text.split('</head>', 1)[1]
 
 def test_api_entries():
     "API entries render from the source: definition order, `class` for dataclasses with their field table."
     docs = _load_ci_module('docs')
     src = 'from dataclasses import dataclass, field\n@dataclass\nclass C:\n    "Doc."\n    a: int = 1  # the a\n' \
-          "    b: Literal['x', 'y'] = 'x'\n    c: list = field(default_factory=list)\n    def go(self, n: int) -> int:\n        'Go.'\n"
+          "    b: Literal['x', 'y'] = 'x'\n    c: list = field(default_factory=list)\n    def go(self, n: int) -> int:\n        'Go.'\n" \
+          "    @property\n    def p(self): return 1\n    def _hidden(self): pass\n"
     node = ast.parse(src).body[1]
     md = docs._class_md(None, node, src, 'C', 3)
     assert md.startswith('```python\nclass C:\n```\n\n*Doc.*')
     assert "| `a` | `int` | `1` | the a |" in md and "| `b` | `Literal['x', 'y']` | `'x'` |  |" in md and '| `c` | `list` | `list()` |' in md
     assert '#### C.go\n\n```python\ndef go(self, n: int) -> int:\n```\n\n*Go.*' in md
+    assert '#### C.p\n\n```python\n@property\ndef p(self):\n```' in md and '_hidden' not in md
+    long = ast.parse('def f(' + ', '.join(f'argument_{i}: int = {i}' for i in range(8)) + ') -> int: pass').body[0]
+    assert docs._sig(long) == 'def f(\n' + ''.join(f'    argument_{i}: int={i},\n' for i in range(8)) + ') -> int:'
