@@ -172,17 +172,22 @@ def _split_string(tok, col_budget):
     return piece(a), piece(b)
 
 def fix_string(lines, i, limit, v, depth0=False):
-    "A string literal inside brackets that crosses the limit: split into adjacent literals at a space."
+    """A string literal inside brackets that crosses the limit (or the last one before the code that does):
+    split it into adjacent literals at a space, the rest aligned under the literal's start."""
     row, line = i + 1, lines[i]
-    for k in v.on_row(row):
-        t = v.toks[k]
-        if t.type != tokenize.STRING or t.end[0] != row or not (t.start[1] < limit < t.end[1]): continue
-        if not v.stack[k] and not depth0: return None
-        parts = _split_string(t.string, limit - t.start[1])
-        if not parts: return None
-        col = t.start[1]
-        return lines[:i] + [line[:col] + parts[0], ' ' * col + parts[1] + line[t.end[1]:]] + lines[i + 1:]
-    return None
+    x = _cross(v, row, limit)
+    if x is None or v.spanned(row): return None
+    strs = [k for k in v.on_row(row) if v.toks[k].type == tokenize.STRING and v.toks[k].end[0] == row
+            and v.toks[k].start[1] < limit - 10 and k <= x]
+    if not strs: return None
+    k = strs[-1]
+    t = v.toks[k]
+    if len(t.string) < 30: return None                    # splitting a short literal reads worse than a break
+    if not v.stack[k] and not depth0: return None
+    parts = _split_string(t.string, limit - t.start[1])
+    if not parts: return None
+    col = t.start[1]
+    return lines[:i] + [line[:col] + parts[0], ' ' * col + parts[1] + line[t.end[1]:]] + lines[i + 1:]
 
 def _cross(v, row, limit):
     "The first code token on `row` that ends past the limit."
@@ -195,36 +200,65 @@ def _cont_col(v, o, row, line):
     t = v.toks[o]
     return t.start[1] + 1 if t.start[0] == row else _indent(line)
 
-def fix_comma(lines, i, limit, v, ops=False):
-    "Break after the last top-level comma (or before an operator) of the innermost bracket spanning the limit."
+def fix_comma(lines, i, limit, v, only_fitting=False):
+    """Break inside a bracket: after a top-level comma or before an operator (continuing one column after the
+    bracket, PEP 8 visual indent), or right after the bracket (hanging indent). The candidate kept: both lines
+    fit if possible; then the outermost bracket; commas before operators before hanging breaks; the latest."""
     row, line = i + 1, lines[i]
     x = _cross(v, row, limit)
     if x is None or v.spanned(row): return None
     ks = v.on_row(row)
-    spanning = list(reversed(v.stack[x]))
-    others = [k for k in ks if v.toks[k].string in _OPEN and k not in spanning]
-    for o in spanning + sorted(others, key=lambda o: -max([v.toks[k].end[1] for k in ks
-                                                            if v.stack[k][-1:] == (o,)] or [0])):
+    code = [k for k in ks if v.toks[k].type != tokenize.COMMENT]
+    opens = sorted({o for k in code for o in v.stack[k]} | {k for k in code if v.toks[k].string in _OPEN})
+    start = ks[0] if v.lstart[ks[0]] == ks[0] else None
+    hang = _indent(line) + (8 if start is not None and v.toks[start].string in _COMPOUND else 4)
+    cands = []                                        # (fits, depth, kind, -col, col, continuation col)
+    for o in opens:
+        t_o, level = v.toks[o], v.stack[o] + (o,)
         cc = _cont_col(v, o, row, line)
-        level = v.stack[o] + (o,)
-        cands = []
-        for n, k in enumerate(ks):
-            t = v.toks[k]
-            if v.stack[k] != level or n + 1 >= len(ks) or v.toks[ks[n + 1]].type == tokenize.COMMENT: continue
-            if not ops and t.string == ',' and t.end[1] <= limit and t.end[1] > cc: cands.append(t.end[1])
-            if ops and t.string in _BREAK_OPS and t.start[1] > cc + 4 and n and \
-               len(line[:t.start[1]].rstrip()) <= limit:
-                prev = v.toks[ks[n - 1]]
-                if prev.type == tokenize.OP and prev.string not in _CLOSE: continue   # unary / *args
-                cands.append(t.start[1])
-        if cands:
-            c = cands[-1]
-            second = ' ' * cc + line[c:].lstrip()
-            if len(second) >= len(line): continue
-            return lines[:i] + [line[:c].rstrip(), second] + lines[i + 1:]
-    return None
+        inside = [n for n, k in enumerate(code) if v.stack[k] == level]
+        for n in inside:
+            k, t = code[n], v.toks[code[n]]
+            if n + 1 >= len(code): continue
+            if t.string == ',': kind, c = 0, t.end[1]
+            elif t.string in _BREAK_OPS and v.toks[code[n - 1]].string not in _OPEN + ',=:' and \
+                 not (v.toks[code[n - 1]].type == tokenize.OP and v.toks[code[n - 1]].string not in _CLOSE):
+                kind, c = 1, t.start[1]
+            else: continue
+            if c - cc < 20: continue                  # `isinstance(x,` / `max(1,`: too little on the first line
+            cands.append((kind, c, cc, len(v.stack[o]), level))
+        if t_o.start[0] == row and o + 1 < len(v.toks) and v.toks[o + 1].start[0] == row and \
+           v.toks[o + 1].type not in (tokenize.COMMENT, tokenize.NL) and v.toks[o + 1].string not in _CLOSE:
+            cands.append((2, t_o.end[1], hang, len(v.stack[o]), level))
+    best = None
+    for kind, c, cc, depth, level in cands:
+        first, second = line[:c].rstrip(), ' ' * cc + line[c:].lstrip()
+        if len(first) > limit or len(second) >= len(line): continue
+        fits = len(second) <= limit
+        if not fits and cc > limit // 2: continue    # far right and still too long: it would only get worse
+        if only_fitting and not fits: continue
+        key = (not fits, depth, kind, -c)
+        if best is None or key < best[0]: best = (key, first, second, cc, level)
+    if best is None: return None
+    _, first, second, cc, level = best
+    # a short remainder joins the next line when that one continues the same bracket at the same column,
+    # so an argument list is re-packed instead of leaving `pad_token=PAD,` alone on a line
+    nxt = v.on_row(row + 1)
+    if len(second.strip()) < 40 and i + 1 < len(lines) and nxt and v.stack[nxt[0]] == level and \
+       _indent(lines[i + 1]) == cc and not v.spanned(row + 1) and second.rstrip().endswith(','):
+        return lines[:i] + [first, second + ' ' + lines[i + 1].lstrip()] + lines[i + 2:]
+    return lines[:i] + [first, second] + lines[i + 1:]
 
-def fix_ops(lines, i, limit, v): return fix_comma(lines, i, limit, v, ops=True)
+def fix_semicolon(lines, i, limit, v):
+    "`a; b` on one line (not the body of a one-liner): split at the last `;` that leaves a fitting line."
+    row, ks = i + 1, v.on_row(i + 1)
+    if not ks or v.lstart[ks[0]] != ks[0] or v.spanned(row) or v.toks[ks[0]].string in _COMPOUND: return None
+    semis = [k for k in ks if v.toks[k].string == ';' and not v.stack[k] and v.toks[k].end[1] <= limit + 1]
+    if not semis: return None
+    t = v.toks[semis[-1]]
+    rest = lines[i][t.end[1]:].strip()
+    if not rest or rest.startswith('#'): return None
+    return lines[:i] + [lines[i][:t.start[1]].rstrip(), ' ' * v.toks[ks[0]].start[1] + rest] + lines[i + 1:]
 
 def fix_import(lines, i, limit, v):
     "`import a, b, c, ...` too long: several `import` lines, names packed greedily."
@@ -249,7 +283,10 @@ def fix_wrap(lines, i, limit, v):
     elif t0.string == 'assert':
         commas = [k for k in code if v.toks[k].string == ',' and not v.stack[k]]
         s = commas[0] + 1 if commas else None
-    elif t0.type == tokenize.NAME and t0.string in _COMPOUND | {'raise', 'import', 'from', 'del', 'global'}: return None
+    elif t0.string == 'from':
+        imp = [k for k in code if v.toks[k].string == 'import']
+        s = imp[0] + 1 if imp and v.toks[imp[0] + 1].string != '(' else None
+    elif t0.type == tokenize.NAME and t0.string in _COMPOUND | {'raise', 'import', 'del', 'global'}: return None
     else:
         eqs = [k for k in code if not v.stack[k] and v.toks[k].type == tokenize.OP and v.toks[k].string.endswith('=')
                and v.toks[k].string not in ('==', '!=', '<=', '>=')]
@@ -257,27 +294,25 @@ def fix_wrap(lines, i, limit, v):
     if s is None or s > code[-1]: return None
     a, b = v.toks[s].start[1], v.toks[code[-1]].end[1]
     line = lines[i]
-    wrapped = lines[:i] + [line[:a] + '(' + line[a:b] + ')' + line[b:]] + lines[i + 1:]
-    w = View(wrapped)
-    for f in (fix_string_any, fix_comma, fix_ops):
-        new = f(wrapped, i, limit, w)
-        if new: return new
-    return None
+    lines = lines[:i] + [line[:a] + '(' + line[a:b] + ')' + line[b:]] + lines[i + 1:]
+    # keep the parentheses only if breaking inside them makes the whole statement fit
+    j, end = i, i + 1
+    while j < end:
+        if len(lines[j]) <= limit: j += 1; continue
+        w = View(lines)
+        new = fix_string_any(lines, j, limit, w) or fix_comma(lines, j, limit, w)
+        if not new or end - i > 20: return None
+        lines, end = new, end + len(new) - len(lines)
+    return lines
 
 def fix_string_any(lines, i, limit, v): return fix_string(lines, i, limit, v, depth0=True)
 
 def fix_bracket(lines, i, limit, v):
-    "A string split or a comma break: the string first when it starts early on the line, else the comma."
-    row = i + 1
-    x = _cross(v, row, limit)
-    late = x is not None and v.toks[x].type == tokenize.STRING and v.toks[x].start[1] > 0.6 * limit
-    order = (fix_comma, fix_string) if late else (fix_string, fix_comma)
-    for f in order:
-        new = f(lines, i, limit, v)
-        if new: return new
-    return None
+    "A comma break that makes both lines fit; else a string split; else the best comma/operator break."
+    return fix_comma(lines, i, limit, v, only_fitting=True) or fix_string(lines, i, limit, v) or \
+        fix_comma(lines, i, limit, v)
 
-STEPS = (fix_comment_line, fix_trailing_comment, fix_one_liner, fix_bracket, fix_ops, fix_import, fix_wrap)
+STEPS = (fix_comment_line, fix_trailing_comment, fix_one_liner, fix_semicolon, fix_bracket, fix_import, fix_wrap)
 
 def wrap_source(src: str, limit: int = LIMIT):
     "Wrap the lines of `src` wider than `limit`. Returns (new source, rows (1-based) still too wide)."
