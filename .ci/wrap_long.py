@@ -217,17 +217,21 @@ def fix_comma(lines, i, limit, v, only_fitting=False):
         t_o, level = v.toks[o], v.stack[o] + (o,)
         cc = _cont_col(v, o, row, line)
         inside = [n for n, k in enumerate(code) if v.stack[k] == level]
+        binding = False                               # between `for` and `in`, or `lambda` and `:`
         for n in inside:
             k, t = code[n], v.toks[code[n]]
+            if t.string in ('for', 'lambda'): binding = True
+            elif t.string in ('in', ':'): binding = False
             if n + 1 >= len(code): continue
-            if t.string == ',': kind, c = 0, t.end[1]
+            if t.string == ',' and not binding: kind, c = 0, t.end[1]
             elif t.string in _BREAK_OPS and v.toks[code[n - 1]].string not in _OPEN + ',=:' and \
                  not (v.toks[code[n - 1]].type == tokenize.OP and v.toks[code[n - 1]].string not in _CLOSE):
                 kind, c = 1, t.start[1]
             else: continue
             if c - cc < 20: continue                  # `isinstance(x,` / `max(1,`: too little on the first line
             cands.append((kind, c, cc, len(v.stack[o]), level))
-        if t_o.start[0] == row and o + 1 < len(v.toks) and v.toks[o + 1].start[0] == row and \
+        closes = [k for k in code if k > o and v.stack[k] == v.stack[o] and v.toks[k].string in _CLOSE]
+        if closes and t_o.start[0] == row and o + 1 < len(v.toks) and v.toks[o + 1].start[0] == row and \
            v.toks[o + 1].type not in (tokenize.COMMENT, tokenize.NL) and v.toks[o + 1].string not in _CLOSE:
             cands.append((2, t_o.end[1], hang, len(v.stack[o]), level))
     best = None
@@ -245,8 +249,9 @@ def fix_comma(lines, i, limit, v, only_fitting=False):
     # so an argument list is re-packed instead of leaving `pad_token=PAD,` alone on a line
     nxt = v.on_row(row + 1)
     if len(second.strip()) < 40 and i + 1 < len(lines) and nxt and v.stack[nxt[0]] == level and \
-       _indent(lines[i + 1]) == cc and not v.spanned(row + 1) and second.rstrip().endswith(','):
-        return lines[:i] + [first, second + ' ' + lines[i + 1].lstrip()] + lines[i + 2:]
+       not v.spanned(row + 1) and second.rstrip().endswith(','):
+        nl = lines[i + 1]
+        return lines[:i] + [first, nl[:_indent(nl)] + second.strip() + ' ' + nl.lstrip()] + lines[i + 2:]
     return lines[:i] + [first, second] + lines[i + 1:]
 
 def fix_semicolon(lines, i, limit, v):
