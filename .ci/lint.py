@@ -8,7 +8,7 @@ Fix what it reports with `python .ci/wrap_long.py nbs/*.ipynb` (then `nbdev-expo
 
 Usage: python .ci/lint.py [--limit 100] [notebooks or .py files ...]   (default: nbs/*.ipynb and fttk/*.py)
 """
-import argparse, json, sys
+import argparse, ast, json, sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,8 +27,15 @@ def long_lines(path, limit=LIMIT):
             out += [(f"cell {c.get('id', '?')} ", n, len(l))
                     for n, l in enumerate(src.split('\n'), 1) if len(l) > limit]
         return out
-    lines = path.read_text(encoding='utf-8').splitlines()
-    return [('', n, len(l)) for n, l in enumerate(lines, 1) if len(l) > limit]
+    text = path.read_text(encoding='utf-8')
+    skip = set()
+    # nbdev writes two things no notebook cell holds: the module docstring (the notebook's title and
+    # description) and the `__all__` list after `# %% auto` (wrapped by nbdev at 120 columns)
+    for node in ast.parse(text).body:
+        gen = (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node.lineno == 1) or \
+              (isinstance(node, ast.Assign) and [getattr(t, 'id', None) for t in node.targets] == ['__all__'])
+        if gen: skip |= set(range(node.lineno, node.end_lineno + 1))
+    return [('', n, len(l)) for n, l in enumerate(text.splitlines(), 1) if len(l) > limit and n not in skip]
 
 def default_paths(root=ROOT):
     "The notebooks, and the library files nbdev generates from them (not the index `_modidx.py`)."

@@ -49,10 +49,63 @@ def _flatten_imports(tree):
             for h in node.handlers: _flatten_imports(ast.Module(body=h.body, type_ignores=[]))
     return tree
 
+class _Blank(ast.NodeTransformer):
+    """Where only whitespace counts, compare whitespace-normalized text: docstrings (rendered as markdown,
+    where a line break inside a paragraph is a space) and `'''word word ...'''.split()` word lists."""
+    def _doc(self, node):
+        b = node.body
+        if b and isinstance(b[0], ast.Expr) and isinstance(b[0].value, ast.Constant) and \
+           isinstance(b[0].value.value, str): b[0].value.value = ' '.join(b[0].value.value.split())
+        self.generic_visit(node)
+        return node
+    visit_Module = visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _doc
+    def visit_Call(self, node):
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr == 'split' and not node.args and not node.keywords and \
+           isinstance(f.value, ast.Constant) and isinstance(f.value.value, str):
+            f.value.value = ' '.join(f.value.value.split())
+        self.generic_visit(node)
+        return node
+
 def ast_key(src: str):
     "The cell's AST as text, or None if it does not parse (then the cell is never touched)."
-    try: return ast.dump(_flatten_imports(ast.parse(src)))
+    try: return ast.dump(_Blank().visit(_flatten_imports(ast.parse(src))))
     except (SyntaxError, ValueError): return None
+
+_TRIPLE = re.compile(r'[A-Za-z]*("""|' + "''')")
+
+def fix_blank_string(lines, i, limit, v):
+    """A line inside a triple-quoted docstring or `'''...'''.split()` word list: break it at a space
+    (whitespace there means no more than a space). Other triple-quoted strings are left alone."""
+    row = i + 1
+    ks = [k for k, t in enumerate(v.toks) if t.type == tokenize.STRING and t.start[0] <= row <= t.end[0]
+          and _TRIPLE.match(t.string)]
+    if not ks: return None
+    k = ks[0]
+    t = v.toks[k]
+    nxt = [x.string for x in v.toks[k + 1:k + 5]]
+    prev = v.toks[k - 1] if k else None
+    is_split = nxt == ['.', 'split', '(', ')']
+    is_doc = (prev is None or prev.type in (tokenize.INDENT, tokenize.NEWLINE, tokenize.NL, tokenize.DEDENT)) \
+        and k + 1 < len(v.toks) and v.toks[k + 1].type == tokenize.NEWLINE and _is_docstring(lines, t.start[0])
+    if not (is_split or is_doc): return None
+    line = lines[i]
+    lo = t.start[1] + 4 if row == t.start[0] else _indent(line) + 1
+    cut = line.rfind(' ', lo, limit + 1)
+    if cut < 0: return None
+    rest = line[cut:].strip()
+    if not rest or _TRIPLE.match(rest) or (is_doc and re.match(r'([-*+>#|]|\d+[.)])(\s|$)', rest)): return None
+    ind = 0 if is_split else (t.start[1] if row == t.start[0] else _indent(line))
+    return lines[:i] + [line[:cut].rstrip(), ' ' * ind + rest] + lines[i + 1:]
+
+def _is_docstring(lines, row):
+    "Is the statement starting on `row` the docstring of a module, class or function?"
+    tree = ast.parse('\n'.join(lines))
+    for node in ast.walk(tree):
+        b = getattr(node, 'body', None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and b and \
+           isinstance(b[0], ast.Expr) and isinstance(b[0].value, ast.Constant) and b[0].lineno == row: return True
+    return False
 
 # ---------------------------------------------------------------- token view of a cell
 class View:
@@ -144,11 +197,12 @@ def fix_one_liner(lines, i, limit, v):
 def _split_string(tok, col_budget):
     "Split a one-line string token (text `tok`) into (piece1, piece2) with len(piece1) <= col_budget, or None."
     m = re.match(r'([A-Za-z]*)(["\'])', tok)
-    if not m or tok.startswith(m.group(2) * 3, m.start(2)): return None      # triple-quoted: leave it
+    if not m or '\n' in tok: return None
     prefix, q = m.group(1), m.group(2)
-    body = tok[m.end():-1]
+    if tok.startswith(q * 3, m.start(2)): q = q * 3              # a one-line triple-quoted string
+    body = tok[len(prefix) + len(q):-len(q)]
     is_f, raw = 'f' in prefix.lower(), 'r' in prefix.lower()
-    ok, j, depth = [], 0, 0                          # ok: indices where a split *after* body[j] is allowed
+    ok, bars, j, depth = [], [], 0, 0                # ok: indices where a split *after* body[j] is allowed
     while j < len(body):
         ch = body[j]
         if depth == 0 and ch == '\\':
@@ -161,8 +215,10 @@ def _split_string(tok, col_budget):
         elif depth and ch in '\'"':
             j = body.index(ch, j + 1) + 1; continue
         elif depth == 0 and ch == ' ' and body[j + 1:j + 2] not in (' ', ''): ok.append(j)
+        elif depth == 0 and ch == '|': bars.append(j)          # a regex alternation, when no space will do
         j += 1
-    ok = [j for j in ok if len(prefix) + 1 + j + 1 + 1 <= col_budget and j >= 8]
+    fit = lambda js: [j for j in js if len(prefix) + 2 * len(q) + j + 1 <= col_budget and j >= 8]
+    ok = (fit(bars) or fit(ok)) if raw else (fit(ok) or fit(bars))
     if not ok: return None
     j = ok[-1]
     a, b = body[:j + 1], body[j + 1:]
@@ -317,7 +373,7 @@ def fix_bracket(lines, i, limit, v):
     return fix_comma(lines, i, limit, v, only_fitting=True) or fix_string(lines, i, limit, v) or \
         fix_comma(lines, i, limit, v)
 
-STEPS = (fix_comment_line, fix_trailing_comment, fix_one_liner, fix_semicolon, fix_bracket, fix_import, fix_wrap)
+STEPS = (fix_blank_string, fix_comment_line, fix_trailing_comment, fix_one_liner, fix_semicolon, fix_bracket, fix_import, fix_wrap)
 
 def wrap_source(src: str, limit: int = LIMIT):
     "Wrap the lines of `src` wider than `limit`. Returns (new source, rows (1-based) still too wide)."

@@ -121,8 +121,20 @@ def test_semicolon_statements_split():
     assert left == [] and out.split('\n')[-1] == '    ax.set_title(title)'
 
 def test_unfixable_line_left_alone():
-    src = 'NAMES = """' + ' '.join(['Ada'] * 40) + '"""\nx = 1'
-    assert wrap(src) == (src, [1])
+    "Inside a multi-line template string every character counts: the line is reported, the cell unchanged."
+    src = 'TEMPLATE = """first line\n' + ' '.join(['Ada'] * 40) + '\n"""\nx = 1'
+    assert wrap(src) == (src, [2])
+
+def test_word_list_and_docstring_reflowed():
+    "Where whitespace only separates words (a `.split()` word list, a docstring) long lines break at a space."
+    src = ('NAMES = """Ada Alan\n' + ' '.join(['Ada'] * 40) + '\nZeno""".split()\n'
+           'def f():\n    """Doc line one ' + 'word ' * 25 + 'end.\n    - a list item stays."""\n    return 1')
+    out, left = wrap(src)
+    assert left == []
+    ns, ns2 = {}, {}
+    exec(out, ns); exec(src, ns2)
+    assert ns['NAMES'] == ns2['NAMES'] and ns['f'].__doc__.split() == ns2['f'].__doc__.split()
+    assert '\n    - a list item stays.' in out
 
 def test_no_break_inside_comprehension_target():
     src = "row = {'step': step, **{key_name: (value.item() if hasattr(value, 'item') else value) for key_name, value in m.items()}}"
