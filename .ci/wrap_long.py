@@ -96,6 +96,11 @@ def fix_blank_string(lines, i, limit, v):
     rest = line[cut:].strip()
     if not rest or _TRIPLE.match(rest) or (is_doc and re.match(r'([-*+>#|]|\d+[.)])(\s|$)', rest)): return None
     ind = 0 if is_split else (t.start[1] if row == t.start[0] else _indent(line))
+    if row < t.end[0]:              # the rest joins the next line of the string: a word list, or the rest
+        nl = lines[i + 1]           # of a docstring paragraph, is re-packed (to its blank line or list item)
+        joined = nl[:_indent(nl)] + rest + ' ' + nl.lstrip()
+        if nl.strip() and (is_split or not re.match(r'([-*+>#|]|\d+[.)])(\s|$)', nl.lstrip())):
+            return lines[:i] + [line[:cut].rstrip(), joined] + lines[i + 2:]
     return lines[:i] + [line[:cut].rstrip(), ' ' * ind + rest] + lines[i + 1:]
 
 def _is_docstring(lines, row):
