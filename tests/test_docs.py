@@ -7,7 +7,7 @@ are skipped locally and fail under CI (CI=true), so a CI run can never pass by s
 
 FTTK_DOCS_ONLY='^(index|00_core)' limits the build and the checks to the notebooks whose names match (a regex),
 for a quick look at one page while others are being written; CI leaves it unset and checks every notebook."""
-import importlib.util, json, os, re, shutil, subprocess, sys, threading
+import ast, importlib.util, json, os, re, shutil, subprocess, sys, threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -23,6 +23,10 @@ CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic
                   '--disable-background-networking', '--disable-component-update', '--disable-sync',
                   '--window-size=1280,1600']
 ONLY = os.environ.get('FTTK_DOCS_ONLY', '')
+# Screenshots of the index and every notebook's page land here, for a person to look at (gitignored).
+SHOTS = Path(os.environ.get('FTTK_DOCS_SCREENSHOTS') or ROOT/'_docs_screenshots')
+MAX_STDERR_BLOCKS = 3  # more than this on one page is a progress bar or warnings printed update by update
+LOCAL_PATHS = re.compile(r'/root/|/home/|/work/|/tmp/|site-packages')
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/svg+xml', 'image/gif')
 
 def _load_ci_module(name):
@@ -121,6 +125,22 @@ Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = i.on
     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
     resources: [...document.querySelectorAll('link[href]')].map(l => l.href)
                .concat([...document.querySelectorAll('script[src], img[src]')].map(s => s.src)),
+    // every output block of a cell: which cell (its n-th code cell on the page), its kind, and its text
+    outputs: [...document.querySelectorAll('.cell')].flatMap((c, i) =>
+      [...c.querySelectorAll('[class*="cell-output"]')].filter(o => !o.parentElement.closest('[class*="cell-output"]'))
+        .map(o => ({cell: i, cls: o.className, text: o.innerText.slice(0, 20000),
+                    code: (c.querySelector('pre code') || {textContent: ''}).textContent.slice(0, 80)}))),
+    raw_tex: (() => { const w = document.createTreeWalker(document.querySelector('main') || document.body, NodeFilter.SHOW_TEXT);
+      const res = []; let n;
+      while ((n = w.nextNode())) {
+        if (n.parentElement.closest('pre, code, script, style, .katex, .sourceCode')) continue;
+        if (['\\\\(', '\\\\[', '$$'].some(d => n.textContent.includes(d))) res.push(n.textContent.trim().slice(0, 120));
+      }
+      return res; })(),
+    katex_errors: [...document.querySelectorAll('.katex-error')].map(e => (e.getAttribute('title') || e.textContent).slice(0, 200)),
+    katex_rendered: document.querySelectorAll('.katex').length,
+    clipped: [...document.querySelectorAll('main pre, .katex-display, table')].filter(e =>
+      e.scrollWidth > e.clientWidth + 1 && !['auto', 'scroll'].includes(getComputedStyle(e).overflowX)).length,
     ids: [...document.querySelectorAll('[id]')].map(e => e.id).concat([...document.querySelectorAll('a[name]')].map(a => a.name)),
   });
 });
@@ -138,9 +158,8 @@ def page(site, server, browser):
         browser.get(server['base'] + src['html'])
         info = browser.execute_async_script(_COLLECT)
         info.update(html=src['html'], missing=server['missing'][before:])
-        if os.environ.get('FTTK_DOCS_SCREENSHOTS'):
-            d = Path(os.environ['FTTK_DOCS_SCREENSHOTS']); d.mkdir(parents=True, exist_ok=True)
-            browser.save_screenshot(str(d/(Path(src['html']).stem + '.png')))
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SHOTS/(Path(src['html']).stem + '.png')))
         _pages[nb] = info
         return info
     return _open
@@ -241,3 +260,78 @@ def test_no_broken_anchors(nb, page, site, server, site_url):
             ids_of[path] = set(re.findall(r'''\s(?:id|name)=["']([^"']+)["']''', text))
         if frag not in ids_of[path]: broken.append(f'{path}#{frag}')
     assert not broken, f'{nb}: links to anchors that do not exist: {sorted(set(broken))}'
+
+def _where(nb, o):
+    "Which notebook cell an output on the page belongs to: its index and id in the notebook, found by its code."
+    code = o['code'].strip()[:60]
+    cells = json.loads((NBS/nb).read_text(encoding='utf-8'))['cells']
+    body = lambda c: '\n'.join(l for l in ''.join(c['source']).splitlines() if not re.match(r'\s*#\|', l)).strip()
+    for test in (lambda b: b.startswith(code), lambda b: code in b):  # the cell that starts so, else contains it
+        for i, c in enumerate(cells):
+            if c['cell_type'] == 'code' and code and test(body(c)):
+                return f"notebook cell {i} (id {c.get('id')}, {code[:40]!r})"
+    return f"page cell {o['cell']} ({code[:40]!r})"
+
+@pytest.mark.parametrize('nb', notebooks())
+def test_few_stderr_blocks(nb, page):
+    "A page shows at most a few stderr blocks: a progress bar printed update by update would be dozens."
+    info = page(nb)
+    err = [o for o in info['outputs'] if 'stderr' in o['cls']]
+    by_cell = {}
+    for o in err: by_cell.setdefault(_where(nb, o), []).append(o['text'].strip()[:60])
+    assert len(err) <= MAX_STDERR_BLOCKS, (f'{nb}: {len(err)} stderr blocks (at most {MAX_STDERR_BLOCKS}):\n' + '\n'.join(
+        f'  {w}: {len(t)} blocks, first {t[0]!r}' for w, t in by_cell.items()))
+
+@pytest.mark.parametrize('nb', notebooks())
+def test_no_local_paths(nb, page):
+    "No output shows a path of the machine that ran the notebook."
+    info = page(nb)
+    bad = [f"{_where(nb, o)}: ...{o['text'][max(0, m.start()-40):m.end()+40]!r}..." for o in info['outputs']
+           for m in [LOCAL_PATHS.search(o['text'])] if m]
+    assert not bad, f'{nb}: outputs with local paths:\n' + '\n'.join(bad)
+
+@pytest.mark.parametrize('nb', notebooks())
+def test_maths_rendered(nb, page):
+    "All maths is typeset by KaTeX (served by the site): no raw TeX delimiters left in text, no KaTeX errors."
+    info = page(nb)
+    assert not info['raw_tex'], f'{nb}: raw TeX left in the text: {info["raw_tex"][:5]}'
+    assert not info['katex_errors'], f'{nb}: KaTeX errors: {info["katex_errors"][:5]}'
+
+@pytest.mark.parametrize('nb', notebooks())
+def test_nothing_clipped(nb, page):
+    "Code, equations and tables wider than the column wrap or scroll; none is cut off."
+    assert page(nb)['clipped'] == 0, f'{nb}: {page(nb)["clipped"]} elements overflow without scrolling'
+
+def test_katex_is_local(site):
+    "The pages load KaTeX from the site, not from a CDN (the docs must read offline)."
+    for p in site['dir'].rglob('*.html'):
+        assert 'cdn.jsdelivr.net/npm/katex' not in p.read_text(encoding='utf-8'), p
+    assert (site['dir']/'site_libs'/'katex'/'katex.min.js').is_file()
+
+def test_exported_source_shown(site):
+    "Exported code is on the page (in an 'Exported source' fold under its entry) with a local source link."
+    text = (site['dir']/site['sources']['00_core.ipynb']['html']).read_text(encoding='utf-8') if '00_core.ipynb' in site['sources'] else None
+    if text is None: pytest.skip('00_core is not built (FTTK_DOCS_ONLY)')
+    assert 'Exported source' in text
+    links = re.findall(r'href="(src/fttk/core\.py\.html)#(L-\d+)"', text)
+    assert links, 'no local source links'
+    src = (site['dir']/links[0][0]).read_text(encoding='utf-8')
+    assert all(f'id="{a}"' in src for _, a in links)
+    # a cell defining in_test then get_device documents them in that order (nbdev alone reverses them)
+    assert text.index('id="in_test"') < text.index('id="get_device"')
+    assert 'github.com/fttk/fttk/blob' not in text and 'https://fttk.github.io/fttk/' not in text.split('</head>', 1)[1]
+
+def test_api_entries():
+    "API entries render from the source: definition order, `class` for dataclasses with their field table."
+    docs = _load_ci_module('docs')
+    src = 'from dataclasses import dataclass, field\n@dataclass\nclass C:\n    "Doc."\n    a: int = 1  # the a\n' \
+          "    b: Literal['x', 'y'] = 'x'\n    c: list = field(default_factory=list)\n    def go(self, n: int) -> int:\n        'Go.'\n" \
+          "    @property\n    def p(self): return 1\n    def _hidden(self): pass\n"
+    node = ast.parse(src).body[1]
+    md = docs._class_md(None, node, src, 'C', 3)
+    assert md.startswith('```python\nclass C:\n```\n\n*Doc.*')
+    assert "| `a` | `int` | `1` | the a |" in md and "| `b` | `Literal['x', 'y']` | `'x'` |  |" in md and '| `c` | `list` | `list()` |' in md
+    assert '#### C.go\n\n```python\ndef go(self, n: int) -> int:\n```\n\n*Go.*' in md
+    assert '#### C.p\n\n```python\n@property\ndef p(self):\n```' in md and '_hidden' not in md
+    long = ast.parse('def f(' + ', '.join(f'argument_{i}: int = {i}' for i in range(8)) + ') -> int: pass').body[0]
+    assert docs._sig(long) == 'def f(\n' + ''.join(f'    argument_{i}: int={i},\n' for i in range(8)) + ') -> int:'
