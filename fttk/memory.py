@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/memory.html.md"""
 
 # %% ../nbs/05_memory.ipynb #8f4d028c
 from __future__ import annotations
-import argparse, json, math, sys
+import argparse, json, math, numbers, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,9 +18,9 @@ from .core import Config, ConfigError
 # %% auto #0
 __all__ = ['DTYPES', 'OPTIMIZERS', 'GB', 'NF4_DQ_BITS', 'StateBytes', 'state_bytes', 'zero_model_states', 'lab_config',
            'load_config', 'ModelSpec', 'model_spec', 'lora_params', 'activation_bytes', 'measure_saved_activations',
-           'comm_volume', 'MemoryConfig', 'MemoryEstimate', 'estimate_memory', 'plot_estimates',
-           'deepspeed_zero2_estimate', 'deepspeed_zero3_estimate', 'accelerate_training_estimate', 'memory_parser',
-           'memory_main']
+           'comm_volume', 'MemoryConfig', 'MemoryEstimate', 'estimate_memory', 'plot_estimates', 'deepspeed_zero2_mem',
+           'deepspeed_zero3_mem', 'deepspeed_zero2_estimate', 'deepspeed_zero3_estimate',
+           'accelerate_training_estimate', 'memory_parser', 'memory_main']
 
 # %% ../nbs/05_memory.ipynb #5249016a
 DTYPES = ('mixed', 'fp32', 'bf16')       # mixed = bf16/fp16 weights and grads, fp32 master + optimizer state
@@ -56,11 +56,18 @@ def _check_ranks(stage, ranks):
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks (data-parallel processes) must be a positive integer, got {ranks!r}")
 
+def _check_count(what, v):
+    "A parameter count: a real, finite, positive whole number (7.5e9 is fine, 1.5 and nan are not)."
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v) or v <= 0 or v != int(v):
+        raise ValueError(f"{what} must be a finite positive whole number, got {v!r}")
+
 def zero_model_states(psi: float, stage: int = 0, ranks: int = 1, dtype: str = 'mixed', optim: str = 'adamw',
                       engine: Literal['zero', 'fsdp2'] = 'zero') -> dict[str, float]:
     "Bytes per rank of parameters, gradients and optimizer states for `psi` trainable parameters."
     _check_ranks(stage, ranks)
-    if psi < 0: raise ValueError(f"parameter count must be >= 0, got {psi}")
+    _check_count('parameter count psi', psi)
     _check_choice('engine', engine, ('zero', 'fsdp2'))
     b, N = state_bytes(dtype, optim), ranks
     p, g, K = b.param*psi, b.grad*psi, b.optim*psi
@@ -202,7 +209,8 @@ def measure_saved_activations(model, input_ids) -> int:
 # %% ../nbs/05_memory.ipynb #24042324
 def comm_volume(psi_trainable: float, psi_total: float | None = None, stage: int = 0, ranks: int = 1) -> float:
     "Elements each rank sends per step (ring collectives): 2 Psi for stages 0-2, 3 Psi for stage 3."
-    _check_ranks(stage, ranks)
+    _check_ranks(stage, ranks); _check_count('psi_trainable', psi_trainable)
+    if psi_total is not None: _check_count('psi_total', psi_total)
     psi_total = psi_trainable if psi_total is None else psi_total
     # stage 3 gathers every parameter (frozen ones too) twice; gradients exist only for trainable ones
     elems = 2*psi_trainable if stage < 3 else 2*psi_total + psi_trainable
@@ -231,7 +239,8 @@ class MemoryConfig(Config):
     def validate(self):
         if (self.config is None) == (self.params is None):
             raise ConfigError("give exactly one of config (a model config) or params (a parameter count)")
-        if self.params is not None and self.params <= 0: raise ConfigError(f"params must be > 0, got {self.params}")
+        if self.params is not None and (self.params <= 0 or self.params != int(self.params)):
+            raise ConfigError(f"params must be a positive whole number (a parameter count), got {self.params}")
         try:
             _check_ranks(self.stage, self.ranks)
             _check_choice('dtype', self.dtype, DTYPES); _check_choice('optimizer', self.optim, tuple(OPTIMIZERS))
@@ -322,13 +331,37 @@ def plot_estimates(estimates: dict[str, MemoryEstimate], title: str = '', ax=Non
     return ax
 
 # %% ../nbs/05_memory.ipynb #5fa6b28a
+def deepspeed_zero2_mem(psi, gpus_per_node=1, nodes=1, cpu_offload=True, buffer_factor=1.5):
+    "(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero2_model_states_mem_needs`, same arguments."
+    _check_count('psi', psi); _check_count('gpus_per_node', gpus_per_node); _check_count('nodes', nodes)
+    n = gpus_per_node*nodes
+    if cpu_offload: return int(psi*max(4*n, 16)*buffer_factor), int(2*psi)
+    # GPU: 2-byte weights in full; sharded: 2 (16-bit grads) + 4 (fp32 grads) + 4 (master) + 8 (m, v)
+    return int(psi*4*gpus_per_node*buffer_factor), int(2*psi + int(18*psi/n))
+
+def deepspeed_zero3_mem(psi, largest_layer, gpus_per_node=1, nodes=1, cpu_offload=True,
+                        cpu_offload_params=True, zero_init=True, buffer_factor=1.5):
+    "(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero3_model_states_mem_needs`, same arguments."
+    _check_count('psi', psi); _check_count('largest_layer', largest_layer)
+    _check_count('gpus_per_node', gpus_per_node); _check_count('nodes', nodes)
+    n, per_node, b = gpus_per_node*nodes, 1/nodes, buffer_factor
+    big = 4*largest_layer                   # the largest layer gathered: 2-byte weights + 2-byte grads
+    if cpu_offload and cpu_offload_params:
+        cpu = psi*18*per_node*b if zero_init else psi*max(4*gpus_per_node, 18*per_node)*b
+        return int(cpu), int(big)
+    if cpu_offload:
+        cpu = psi*16*per_node*b if zero_init else psi*max(4*gpus_per_node, 16*per_node)*b
+        return int(cpu), int(big + int(2*psi/n))
+    cpu = largest_layer*4*gpus_per_node*b if zero_init else psi*4*gpus_per_node*b
+    return int(cpu), int(big + int(18*psi/n))
+
 def deepspeed_zero2_estimate(psi: float, ranks: int) -> float:
-    "DeepSpeed's `estimate_zero2_model_states_mem_needs`, GPU bytes without offload."
-    return 4*psi + int(16*psi/ranks)
+    "DeepSpeed's ZeRO-2 GPU bytes without offload, on one node: $2\\Psi + 18\\Psi/N_d$."
+    return deepspeed_zero2_mem(psi, ranks, cpu_offload=False)[1]
 
 def deepspeed_zero3_estimate(psi: float, largest_layer: float, ranks: int) -> float:
-    "DeepSpeed's `estimate_zero3_model_states_mem_needs`, GPU bytes without offload."
-    return 4*largest_layer + int(18*psi/ranks)
+    "DeepSpeed's ZeRO-3 GPU bytes without offload, on one node: $4\\Psi_\\text{largest} + 18\\Psi/N_d$."
+    return deepspeed_zero3_mem(psi, largest_layer, ranks, cpu_offload=False)[1]
 
 def accelerate_training_estimate(psi: float, dtype: str = 'float32') -> float:
     "What `accelerate estimate-memory` prints under 'Training using Adam' (the largest component)."
@@ -343,9 +376,11 @@ def _positive_int(s):
     return v
 
 def _positive_float(s):
+    "A parameter count from the command line: 7.5e9 and 7500000000 are fine, nan, inf and 1.5 are not."
     try: v = float(s)
     except ValueError: raise argparse.ArgumentTypeError(f"expected a number like 7.5e9, got {s!r}") from None
     if not v > 0 or math.isinf(v): raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    if v != int(v): raise argparse.ArgumentTypeError(f"must be a whole number of parameters, got {s}")
     return v
 
 def memory_parser() -> argparse.ArgumentParser:
@@ -376,7 +411,7 @@ def memory_main(argv: list[str] | None = None) -> int:
                            lora_r=a.lora_r, qlora=a.qlora, batch=a.batch, seq=a.seq, gradient_checkpointing=a.checkpointing,
                            method=a.method, attn=a.attn, engine=a.engine)
         est = estimate_memory(cfg)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:   # OSError: an unreadable config file
         parser.print_usage(sys.stderr)
         print(f"fttk memory: error: {e}", file=sys.stderr)
         return 2

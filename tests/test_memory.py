@@ -1,11 +1,12 @@
 "Tests for fttk.memory: the paper's numbers, shapes from configs, LoRA/QLoRA, activations, CLI and bad input."
 import json
+import re
 import pytest
 import torch
 
 from fttk.core import ConfigError
 from fttk.memory import (GB, NF4_DQ_BITS, MemoryConfig, activation_bytes, comm_volume, deepspeed_zero2_estimate,
-                         deepspeed_zero3_estimate, estimate_memory, lab_config, lora_params, measure_saved_activations,
+                         deepspeed_zero3_estimate, deepspeed_zero2_mem, deepspeed_zero3_mem, estimate_memory, lab_config, lora_params, measure_saved_activations,
                          memory_main, model_spec, state_bytes, zero_model_states)
 
 LLAMA2_7B = dict(model_type='llama', hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -129,8 +130,48 @@ def test_comm_volume():
 
 
 def test_deepspeed_formulas():
-    assert deepspeed_zero2_estimate(1e9, 8) == 4e9 + 2e9
+    # DeepSpeed >= PR #5099: 2 Psi + 18 Psi/N at stage 2 (the paper's 2 Psi + 14 Psi/N plus fp32 grads)
+    assert deepspeed_zero2_estimate(1e9, 8) == 2e9 + 18e9/8
     assert deepspeed_zero3_estimate(1e9, 1e8, 8) == 4e8 + 18e9/8
+    assert deepspeed_zero2_estimate(1e9, 8) - sum(zero_model_states(1e9, 2, 8).values()) == 4e9/8
+
+
+@pytest.fixture(scope='module')
+def ds():
+    "DeepSpeed's own estimators (imports on CPU; its 'Setting accelerator to CPU' log line is harmless)."
+    pytest.importorskip('deepspeed')
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+    return stage_1_and_2.estimate_zero2_model_states_mem_needs, stage3.estimate_zero3_model_states_mem_needs
+
+
+# (total params, largest layer, gpus per node, nodes): a lab model, Llama-2-7B (and its largest layer),
+# a count that does not divide evenly, and multi-node setups where CPU and GPU terms part ways
+DS_SETTINGS = [(2_164_416, 393_216, 1, 1), (6_738_415_616, 131_072_000, 8, 1), (7.5e9, 1e8, 8, 8),
+               (1_000_000_007, 12_345_679, 3, 2), (175e9, 2.5e9, 16, 64), (1e6, 1e6, 1, 4)]
+
+
+@pytest.mark.parametrize('psi,largest,gpus,nodes', DS_SETTINGS)
+@pytest.mark.parametrize('cpu_offload', [False, True])
+def test_zero2_equals_deepspeed(ds, psi, largest, gpus, nodes, cpu_offload):
+    z2, _ = ds
+    for f in (1.5, 1.0):
+        assert deepspeed_zero2_mem(psi, gpus, nodes, cpu_offload, f) == z2(psi, gpus, nodes, cpu_offload, f)
+
+
+@pytest.mark.parametrize('psi,largest,gpus,nodes', DS_SETTINGS)
+@pytest.mark.parametrize('cpu_offload,offload_params', [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize('zero_init', [True, False])
+def test_zero3_equals_deepspeed(ds, psi, largest, gpus, nodes, cpu_offload, offload_params, zero_init):
+    _, z3 = ds
+    ours = deepspeed_zero3_mem(psi, largest, gpus, nodes, cpu_offload, offload_params, zero_init)
+    assert ours == z3(psi, largest, gpus, nodes, cpu_offload, offload_params, zero_init)[:2]
+
+
+def test_estimate_wrappers_equal_deepspeed(ds):
+    z2, z3 = ds
+    assert deepspeed_zero2_estimate(6_738_415_616, 8) == z2(6_738_415_616, 8, 1, cpu_offload=False)[1]
+    assert deepspeed_zero3_estimate(6_738_415_616, 131_072_000, 8) == \
+        z3(6_738_415_616, 131_072_000, 8, 1, cpu_offload=False)[1]
 
 
 def test_cli_table(capsys):
@@ -166,3 +207,88 @@ def test_cli_semantic_errors(capsys, tmp_path):
     assert 'no hidden size' in capsys.readouterr().err
     assert memory_main(['--params', '7e9', '--qlora']) == 2
     assert 'qlora needs lora_r' in capsys.readouterr().err
+
+
+def _exact(msg): return '^' + re.escape(msg) + '$'
+
+
+@pytest.mark.parametrize('call,exc,msg', [
+    (lambda: zero_model_states(float('nan')), ValueError,
+     'parameter count psi must be a finite positive whole number, got nan'),
+    (lambda: zero_model_states(float('inf'), 2, 8), ValueError,
+     'parameter count psi must be a finite positive whole number, got inf'),
+    (lambda: zero_model_states(-1), ValueError, 'parameter count psi must be a finite positive whole number, got -1'),
+    (lambda: zero_model_states(0), ValueError, 'parameter count psi must be a finite positive whole number, got 0'),
+    (lambda: zero_model_states(1.5), ValueError, 'parameter count psi must be a finite positive whole number, got 1.5'),
+    (lambda: zero_model_states(True), TypeError, 'parameter count psi must be a number, got bool True'),
+    (lambda: zero_model_states('7e9'), TypeError, "parameter count psi must be a number, got str '7e9'"),
+    (lambda: zero_model_states(1e9, 2, 2.0), ValueError,
+     'ranks (data-parallel processes) must be a positive integer, got 2.0'),
+    (lambda: zero_model_states(1e9, True), ValueError, 'ZeRO stage must be 0, 1, 2 or 3, got True'),
+    (lambda: zero_model_states(1e9, 2, 8, engine='megatron'), ValueError,
+     "unknown engine 'megatron'; choose one of: zero, fsdp2"),
+    (lambda: state_bytes('fp16'), ValueError, "unknown dtype 'fp16'; choose one of: mixed, fp32, bf16"),
+    (lambda: state_bytes('mixed', 'lion'), ValueError, "unknown optimizer 'lion'; choose one of: adamw, adam, sgd"),
+    (lambda: comm_volume(float('nan')), ValueError, 'psi_trainable must be a finite positive whole number, got nan'),
+    (lambda: comm_volume(1e9, -5.0, 3, 2), ValueError, 'psi_total must be a finite positive whole number, got -5.0'),
+    (lambda: comm_volume(1e9, stage=3, ranks=0), ValueError,
+     'ranks (data-parallel processes) must be a positive integer, got 0'),
+    (lambda: deepspeed_zero2_mem(1e9, 0), ValueError, 'gpus_per_node must be a finite positive whole number, got 0'),
+    (lambda: deepspeed_zero2_mem(1e9, 8, 1.5), ValueError, 'nodes must be a finite positive whole number, got 1.5'),
+    (lambda: deepspeed_zero3_mem(1e9, float('nan')), ValueError,
+     'largest_layer must be a finite positive whole number, got nan'),
+    (lambda: deepspeed_zero2_estimate(float('inf'), 8), ValueError, 'psi must be a finite positive whole number, got inf'),
+])
+def test_numeric_inputs_refused(call, exc, msg):
+    with pytest.raises(exc, match=_exact(msg)): call()
+
+
+@pytest.mark.parametrize('kwargs,msg', [
+    (dict(params=float('nan')), "config field 'params' must be a finite number, got nan"),
+    (dict(params=float('inf')), "config field 'params' must be a finite number, got inf"),
+    (dict(params=1.5), 'params must be a positive whole number (a parameter count), got 1.5'),
+    (dict(params=-5), 'params must be a positive whole number (a parameter count), got -5.0'),
+    (dict(params=7e9, ranks=2.5), "config field 'ranks' expects int, got float 2.5"),
+    (dict(params=7e9, stage=7), 'ZeRO stage must be 0, 1, 2 or 3, got 7'),
+    (dict(params=7e9, method='kto'), "config field 'method' must be one of ['sft', 'dpo', 'ppo'], got 'kto'"),
+    (dict(params=7e9, engine='megatron'), "config field 'engine' must be one of ['zero', 'fsdp2'], got 'megatron'"),
+    (dict(params=7e9, dtype='fp16'), "unknown dtype 'fp16'; choose one of: mixed, fp32, bf16"),
+    (dict(params=7e9, optim='lion'), "unknown optimizer 'lion'; choose one of: adamw, adam, sgd"),
+    (dict(config='lab:default', lora_r=0), 'lora_r must be a positive integer, got 0'),
+    (dict(config='lab:default', batch=0, seq=8), 'batch must be a positive integer, got 0'),
+])
+def test_memory_config_refuses(kwargs, msg):
+    with pytest.raises(ConfigError, match=_exact(msg)): MemoryConfig(**kwargs)
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['--params', 'nan'], 'argument --params: must be a positive number, got nan'),
+    (['--params', 'inf'], 'argument --params: must be a positive number, got inf'),
+    (['--params', '1e400'], 'argument --params: must be a positive number, got 1e400'),
+    (['--params', '0'], 'argument --params: must be a positive number, got 0'),
+    (['--params', '1.5'], 'argument --params: must be a whole number of parameters, got 1.5'),
+    (['--params', 'seven'], "argument --params: expected a number like 7.5e9, got 'seven'"),
+    (['--params', '7e9', '--ranks', '2.5'], "argument --ranks: expected a positive integer, got '2.5'"),
+    (['--params', '7e9', '--ranks', 'nan'], "argument --ranks: expected a positive integer, got 'nan'"),
+    (['--params', '7e9', '--stage', 'two'], "argument --stage: invalid int value: 'two'"),
+    (['--params', '7e9', '--stage', '4'], 'argument --stage: invalid choice: 4 (choose from 0, 1, 2, 3)'),
+    (['--params', '7e9', '--dtype', 'fp16'], "argument --dtype: invalid choice: 'fp16' (choose from mixed, fp32, bf16)"),
+    (['--params', '7e9', '--optim', 'lion'], "argument --optim: invalid choice: 'lion' (choose from adamw, adam, sgd)"),
+    (['--params', '7e9', '--engine', 'megatron'], "argument --engine: invalid choice: 'megatron' (choose from zero, fsdp2)"),
+    (['--config', 'lab:test', '--batch', '-2', '--seq', '8'], 'argument --batch: must be a positive integer, got -2'),
+    (['--config', 'lab:test', '--lora-r', '0'], 'argument --lora-r: must be a positive integer, got 0'),
+])
+def test_cli_bad_numbers_exact(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e: memory_main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    # argparse quotes string choices in some Python versions, not in others: compare the list unquoted
+    unquote = lambda line: re.sub(r'\(choose from .*\)', lambda m: m.group(0).replace("'", ''), line)
+    assert unquote(err.splitlines()[-1]) == f'fttk memory: error: {msg}'
+
+
+def test_cli_unreadable_config_is_one_line(tmp_path, capsys):
+    d = tmp_path/'cfg.json'; d.mkdir()          # a folder named like a file: reading it is an OSError
+    assert memory_main(['--config', str(d/'config.json')]) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.splitlines()[-1].startswith('fttk memory: error: no model config file at')
