@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #20ce14b3
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, io, json, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
+import contextlib, dataclasses, hashlib, io, json, logging, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -18,6 +18,11 @@ import yaml
 # datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and prints
 # the path of the install); the plain text bars it falls back to are what fttk wants anyway.
 warnings.filterwarnings('ignore', message='IProgress not found')
+# transformers imports DeepSpeed when it is installed (fttk's dev extra has it, for the memory estimator tests);
+# on a machine without a GPU DeepSpeed then prints a notice that it fell back to the CPU on stdout, into every
+# output that builds a model. Drop that one notice; the logger's level is reset when DeepSpeed creates it, a
+# filter is not.
+logging.getLogger('DeepSpeed').addFilter(lambda r: 'Setting accelerator to CPU' not in r.getMessage())
 
 # %% auto #0
 __all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
