@@ -52,11 +52,12 @@ def fresh_folder(base: str | Path) -> Path:
 
 def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = True,
              overwrite: bool = False) -> Path:
-    """The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`; returns the
-    report's path. Without `out`, a new folder `runs/demo`, `runs/demo-2`, ...; a non-empty `out` is an error
-    unless `overwrite`."""
+    """The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`;
+    returns the report's path. Without `out`, a new folder `runs/demo`, `runs/demo-2`, ...; a
+    non-empty `out` is an error unless `overwrite`."""
     import matplotlib; matplotlib.use('Agg')
-    from fttk.world import lab_world, base_model, base_model_report, plot_pretraining, greedy_complete, attribute_prompt
+    from fttk.world import (lab_world, base_model, base_model_report, plot_pretraining,
+                            greedy_complete, attribute_prompt)
     t0 = time.time()
     run = RunFolder(fresh_folder('runs/demo') if out is None else out, overwrite=overwrite)
     world = lab_world(size)
@@ -65,18 +66,26 @@ def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = T
     rep = base_model_report(size)
     run.plots.mkdir(exist_ok=True)
     plot_pretraining(rep, run.plots/'pretraining.png')
-    run.write_fingerprint(seed=world.cfg.seed, config={'size': size, **world.cfg.to_dict()}, data=world.corpus())
+    run.write_fingerprint(seed=world.cfg.seed, config={'size': size, **world.cfg.to_dict()},
+                          data=world.corpus())
     p = world.known[0]
-    sample = greedy_complete(model, tok, [attribute_prompt(p.name, a) for a in ('birth_city', 'employer')])
+    sample = greedy_complete(
+        model, tok, [attribute_prompt(p.name, a) for a in ('birth_city', 'employer')])
     md = [f"# fttk demo ({size})", "",
-          f"World: {len(world.people)} people, {len(world.known)} known (in the pretraining corpus), "
-          f"{len(world.unknown)} unknown; {len(world.corpus())} biographies. Files: {', '.join(p.name for p in files.values())}.", "",
-          f"Base model: {rep['params']/1e6:.2f}M-parameter Llama, built in {rep['seconds']/60:.1f} min on "
-          f"{rep['torch_threads']} torch thread(s), {rep['tokens_seen']/1e6:.1f}M tokens, final loss {rep['final_loss']:.3f}.", "",
+          f"World: {len(world.people)} people, {len(world.known)} known (in the pretraining "
+          "corpus), "
+          f"{len(world.unknown)} unknown; {len(world.corpus())} biographies. Files: "
+          f"{', '.join(p.name for p in files.values())}.", "",
+          f"Base model: {rep['params']/1e6:.2f}M-parameter Llama, built in {rep['seconds']/60:.1f} "
+          "min on "
+          f"{rep['torch_threads']} torch thread(s), {rep['tokens_seen']/1e6:.1f}M tokens, final "
+          f"loss {rep['final_loss']:.3f}.", "",
           "Greedy fact recall (canonical prompt completes to the true value):", "",
-          _md_table({'known people': rep['known_recall'], 'unknown people': rep['unknown_recall']}), "",
-          f"Sample: `{attribute_prompt(p.name, 'birth_city')}` -> `{sample[0].strip()}` (true: {p.birth_city}); "
-          f"`{attribute_prompt(p.name, 'employer')}` -> `{sample[1].strip()}` (true: {p.employer}).", "",
+          _md_table({'known people': rep['known_recall'], 'unknown people': rep['unknown_recall']}),
+          "", f"Sample: `{attribute_prompt(p.name, 'birth_city')}` -> `{sample[0].strip()}` (true: "
+              f"{p.birth_city}); "
+          f"`{attribute_prompt(p.name, 'employer')}` -> `{sample[1].strip()}` (true: "
+          f"{p.employer}).", "",
           "![pretraining](plots/pretraining.png)", ""]
     if sft:
         from fttk.sft import sft_demo
@@ -96,13 +105,15 @@ def cmd_memory(argv: list[str]) -> int:
 
 # %% ../nbs/90_cli.ipynb #49ce6a98
 def run_command(func, *args) -> int:
-    "Run one subcommand; errors become one line on stderr and an exit status (2: bad input, 1: anything else)."
+    ("Run one subcommand; errors become one line on stderr and an exit status (2: bad input, 1: "
+     "anything else).")
     try: return func(*args)
     except KeyboardInterrupt:
         print('fttk: interrupted', file=sys.stderr); return 130
     except Exception as e:
         if os.environ.get('FTTK_DEBUG'): raise
-        bad_input = isinstance(e, (ValueError, TypeError, KeyError, OSError))   # ConfigError is a ValueError
+        # ConfigError is a ValueError
+        bad_input = isinstance(e, (ValueError, TypeError, KeyError, OSError))
         what = 'error' if bad_input else f'unexpected {type(e).__name__}'
         print(f"fttk: {what}: {e}" + ('' if bad_input else ' (FTTK_DEBUG=1 shows the traceback)'),
               file=sys.stderr)
@@ -112,25 +123,32 @@ def run_command(func, *args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fttk', description='fttk, the fine-tuning toolkit')
     sub = p.add_subparsers(dest='command', required=True)
-    w = sub.add_parser('world', help='the lab world').add_subparsers(dest='world_command', required=True)
-    b = w.add_parser('build', help='write the lab world as JSONL (and build the base model with --model)')
+    w = sub.add_parser('world', help='the lab world').add_subparsers(dest='world_command',
+                                                                     required=True)
+    b = w.add_parser(
+        'build', help='write the lab world as JSONL (and build the base model with --model)')
     b.add_argument('--size', default='default', choices=['test', 'default'])
-    b.add_argument('--out', default=None, help='folder for the JSONL files (default: runs/world-SIZE)')
-    b.add_argument('--overwrite', action='store_true', help='replace files in --out that hold other content')
+    b.add_argument('--out', default=None,
+                   help='folder for the JSONL files (default: runs/world-SIZE)')
+    b.add_argument('--overwrite', action='store_true',
+                   help='replace files in --out that hold other content')
     b.add_argument('--model', action='store_true', help='also build and cache the base model')
     b.set_defaults(func=cmd_world_build)
     sub.add_parser('info', help="print this machine's fingerprint").set_defaults(func=cmd_info)
     d = sub.add_parser('demo', help='the main job: world, base model, report under runs/')
     d.add_argument('--size', default='default', choices=['test', 'default'])
-    d.add_argument('--out', default=None, help='run folder (default: a new runs/demo, runs/demo-2, ...)')
+    d.add_argument('--out', default=None,
+                   help='run folder (default: a new runs/demo, runs/demo-2, ...)')
     d.add_argument('--overwrite', action='store_true', help='replace an earlier fttk run in --out')
-    d.add_argument('--no-sft', action='store_true', help='stop after the base model (skip the SFT stage)')
+    d.add_argument('--no-sft', action='store_true',
+                   help='stop after the base model (skip the SFT stage)')
     d.set_defaults(func=cmd_demo)
     sub.add_parser('memory', help='training-memory estimate (fttk memory --help)', add_help=False)
     return p
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['memory']: return run_command(cmd_memory, argv[1:])   # its own parser, its own --help
+    # its own parser, its own --help
+    if argv[:1] == ['memory']: return run_command(cmd_memory, argv[1:])
     args = build_parser().parse_args(argv)
     return run_command(args.func, args)

@@ -6,7 +6,8 @@ Docs: https://fttk.github.io/fttk/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #20ce14b3
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, io, json, logging, math, os, platform, random, shutil, sys, tempfile, time, types, typing, warnings
+import contextlib, dataclasses, hashlib, io, json, logging, math, os, platform, random, shutil, sys
+import tempfile, time, types, typing, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -15,14 +16,17 @@ import numpy as np
 import torch
 import yaml
 
-# datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and prints
-# the path of the install); the plain text bars it falls back to are what fttk wants anyway.
+# datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and
+# prints the path of the install); the plain text bars it falls back to are what fttk wants anyway.
 warnings.filterwarnings('ignore', message='IProgress not found')
-# transformers imports DeepSpeed when it is installed (fttk's dev extra has it, for the memory estimator tests);
-# on a machine without a GPU DeepSpeed then prints a notice that it fell back to the CPU on stdout, into every
-# output that builds a model. Drop that one notice; the logger's level is reset when DeepSpeed creates it, a
-# filter is not.
-logging.getLogger('DeepSpeed').addFilter(lambda r: 'Setting accelerator to CPU' not in r.getMessage())
+# transformers imports DeepSpeed when it is installed (fttk's dev extra has it, for the memory
+# estimator tests);
+# on a machine without a GPU DeepSpeed then prints a notice that it fell back to the CPU on stdout,
+# into every
+# output that builds a model. Drop that one notice; the logger's level is reset when DeepSpeed
+# creates it, a filter is not.
+logging.getLogger('DeepSpeed').addFilter(
+    lambda r: 'Setting accelerator to CPU' not in r.getMessage())
 
 # %% auto #0
 __all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', 'Config', 'CorruptFileError', 'atomic_write_text',
@@ -40,17 +44,21 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         d = torch.device(device)
         if d.type == 'cuda' and not torch.cuda.is_available():
-            raise RuntimeError(f"device {str(device)!r} was asked for, but torch sees no CUDA GPU here")
+            raise RuntimeError(
+                f"device {str(device)!r} was asked for, but torch sees no CUDA GPU here")
         if d.type == 'mps' and not torch.backends.mps.is_available():
-            raise RuntimeError(f"device {str(device)!r} was asked for, but MPS is not available here")
+            raise RuntimeError(
+                f"device {str(device)!r} was asked for, but MPS is not available here")
         return d
     if torch.cuda.is_available(): return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #8856c5cc
 def set_seed(seed: int, deterministic: bool = True) -> torch.Generator:
-    "Seed python, numpy and torch (all devices); optionally force deterministic kernels. Returns a seeded `torch.Generator`."
+    ("Seed python, numpy and torch (all devices); optionally force deterministic kernels. Returns "
+     "a seeded `torch.Generator`.")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     random.seed(seed)
@@ -73,7 +81,8 @@ def _type_name(tp) -> str:
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
 def _coerce(name: str, value: Any, tp) -> Any:
-    "Check `value` against annotation `tp`, converting only the lossless cases (int -> float, list -> tuple)."
+    ("Check `value` against annotation `tp`, converting only the lossless cases (int -> float, "
+     "list -> tuple).")
     if tp is Any: return value
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
@@ -84,19 +93,22 @@ def _coerce(name: str, value: Any, tp) -> Any:
             try: return _coerce(name, value, a)
             except ConfigError as e: errs.append(e)
         if len(errs) == 1: raise errs[0]     # `float | None`: the float's own message says more
-        raise ConfigError(f"config field {name!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"config field {name!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value in args: return value
         raise ConfigError(f"config field {name!r} must be one of {list(args)}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field {name!r} expects a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config field {name!r} expects a list, got {type(value).__name__} {value!r}")
         inner = args[0] if args else Any
         out = [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config field {name!r} expects a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config field {name!r} expects a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if tp is float:
         if isinstance(value, str):
@@ -104,7 +116,8 @@ def _coerce(name: str, value: Any, tp) -> Any:
             try: value = float(value)
             except ValueError: pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config field {name!r} expects float, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config field {name!r} expects float, got {type(value).__name__} {value!r}")
         value = float(value)
         # NaN passes every `<`/`>` range check (all comparisons are False): refuse it, and inf, here
         if not math.isfinite(value):
@@ -112,11 +125,13 @@ def _coerce(name: str, value: Any, tp) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config field {name!r} expects int, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config field {name!r} expects int, got {type(value).__name__} {value!r}")
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):
-            raise ConfigError(f"config field {name!r} expects {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"config field {name!r} expects {tp.__name__}, got "
+                              f"{type(value).__name__} {value!r}")
         return value
     return value
 
@@ -126,7 +141,8 @@ class Config:
     "Base class for fttk configs: typed fields, YAML in and out, unknown keys rejected by name."
     def __post_init__(self):
         hints = get_type_hints(type(self))
-        for f in fields(self): setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self):
@@ -134,22 +150,27 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict):
-        if not isinstance(d, dict): raise ConfigError(f"{cls.__name__} needs a mapping, got {type(d).__name__}")
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__} needs a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown key(s) for {cls.__name__}: {', '.join(map(repr, unknown))}; "
+            raise ConfigError(f"unknown key(s) for {cls.__name__}: "
+                              f"{', '.join(map(repr, unknown))}; "
                               f"known keys are: {', '.join(sorted(known))}")
         return cls(**d)
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path):
-        "Load from a YAML file, or from YAML text if no such file exists and the string looks like YAML."
-        p = Path(path_or_text) if not (isinstance(path_or_text, str) and '\n' in path_or_text) else None
+        ("Load from a YAML file, or from YAML text if no such file exists and the string looks "
+         "like YAML.")
+        p = Path(path_or_text) if not (isinstance(path_or_text, str)
+                                       and '\n' in path_or_text) else None
         if p is not None and not p.exists(): raise FileNotFoundError(f"config file not found: {p}")
         text = p.read_text() if p is not None else path_or_text
         try: d = yaml.safe_load(text)
-        except yaml.YAMLError as e: raise ConfigError(f"config {p or 'text'} is not valid YAML: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p or 'text'} is not valid YAML: {e}") from e
         return cls.from_dict(d or {})
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
@@ -159,8 +180,10 @@ class Config:
         return text
 
     def config_hash(self) -> str:
-        "A short, stable hash of the config's values (same values, same hash, across runs and machines)."
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        ("A short, stable hash of the config's values (same values, same hash, across runs and "
+         "machines).")
+        return hashlib.sha256(
+            json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/00_core.ipynb #92d61753
 class CorruptFileError(RuntimeError):
@@ -188,7 +211,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 # %% ../nbs/00_core.ipynb #16539fc6
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> Path:
     "Save a flat dict of tensors as safetensors, atomically."
     from safetensors.torch import save_file
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
@@ -206,7 +230,8 @@ def load_tensors(path: str | Path, device: str = 'cpu') -> dict[str, torch.Tenso
     except Exception as e: raise CorruptFileError(f"cannot read tensors from {path}: {e}") from e
 
 def safe_torch_load(path: str | Path, map_location='cpu'):
-    "`torch.load` with `weights_only=True`: tensors and plain containers only, never arbitrary code."
+    ("`torch.load` with `weights_only=True`: tensors and plain containers only, never arbitrary "
+     "code.")
     path = Path(path)
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise CorruptFileError(f"cannot safely load {path}: {e}") from e
@@ -218,15 +243,18 @@ def cache_dir(sub: str | None = None) -> Path:
     p = root/sub if sub else root
     try: p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PermissionError(f"fttk cache directory {p} cannot be created ({e.strerror}); set FTTK_CACHE to a writable folder") from e
+        raise PermissionError(f"fttk cache directory {p} cannot be created ({e.strerror}); set "
+                              "FTTK_CACHE to a writable folder") from e
     if not os.access(p, os.W_OK):
-        raise PermissionError(f"fttk cache directory {p} is not writable; set FTTK_CACHE to a writable folder")
+        raise PermissionError(
+            f"fttk cache directory {p} is not writable; set FTTK_CACHE to a writable folder")
     return p
 
 # %% ../nbs/00_core.ipynb #47d9e98d
 @contextlib.contextmanager
 def quiet_progress():
-    "Hide transformers' per-file progress bars inside the block; restore the previous setting after."
+    ("Hide transformers' per-file progress bars inside the block; restore the previous setting "
+     "after.")
     from transformers.utils import logging as hf_logging
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -249,7 +277,8 @@ class _OneLineBar(_tqdm):
         super().close()
 
 def progress_bar(iterable=None, **kwargs):
-    "tqdm in a terminal; in a notebook (a Jupyter kernel) one final line instead of a redraw per update."
+    ("tqdm in a terminal; in a notebook (a Jupyter kernel) one final line instead of a redraw per "
+     "update.")
     return (_OneLineBar if 'ipykernel' in sys.modules else _tqdm)(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #3b33a4d2
@@ -265,18 +294,20 @@ def cpu_features() -> dict:
         info.setdefault(key.strip(), val.strip())
     flags = set(info.get('flags', '').split())
     feats = {'cpu_model': info.get('model name') or platform.processor() or platform.machine()}
-    feats |= {'avx2': 'avx2' in flags, 'avx512f': 'avx512f' in flags, 'avx512_bf16': 'avx512_bf16' in flags,
-              'amx': bool({'amx_bf16', 'amx_tile'} & flags)}
+    feats |= {'avx2': 'avx2' in flags, 'avx512f': 'avx512f' in flags,
+              'avx512_bf16': 'avx512_bf16' in flags, 'amx': bool({'amx_bf16', 'amx_tile'} & flags)}
     feats['torch_cpu_capability'] = torch.backends.cpu.get_cpu_capability()
     return feats
 
 # %% ../nbs/00_core.ipynb #fa175d88
-def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 5, device: str | None = None) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 5,
+                  device: str | None = None) -> float:
     "Best-of-`repeats` throughput of one n x n by n x n matmul in `dtype` on `device`, in GFLOP/s."
     dev = get_device(device)
     a, b = (torch.randn(n, n, device=dev).to(dtype) for _ in range(2))
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    a @ b; sync()                                       # warm-up: first calls pay for dispatch and caches
+    # warm-up: first calls pay for dispatch and caches
+    a @ b; sync()
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter(); a @ b; sync()
@@ -287,7 +318,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 5, device: st
 BF16_SPEEDUP = 1.5     # bf16 must beat float32 by this much to be chosen
 
 def best_precision(device: str | None = None, refresh: bool = False) -> str:
-    "'bf16' or 'fp32': what this machine measurably trains fastest in, measured once and cached per machine."
+    ("'bf16' or 'fp32': what this machine measurably trains fastest in, measured once and cached "
+     "per machine.")
     dev = get_device(device)
     if dev.type == 'mps': return 'fp32'
     if dev.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
@@ -304,25 +336,30 @@ def best_precision(device: str | None = None, refresh: bool = False) -> str:
 
 # %% ../nbs/00_core.ipynb #84f95af9
 def read_jsonl(path: str | Path) -> list[dict]:
-    "The rows of a JSONL file, one JSON object a line; a bad line raises `CorruptFileError` naming file and line."
+    ("The rows of a JSONL file, one JSON object a line; a bad line raises `CorruptFileError` "
+     "naming file and line.")
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no JSONL file at {path}")
     try: text = path.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e: raise CorruptFileError(f"{path} is not UTF-8 text (byte {e.start})") from e
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path} is not UTF-8 text (byte {e.start})") from e
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         try: row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CorruptFileError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            raise CorruptFileError(
+                f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise CorruptFileError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+            raise CorruptFileError(
+                f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
         rows.append(row)
     if not rows: raise CorruptFileError(f"{path} holds no rows")
     return rows
 
 # %% ../nbs/00_core.ipynb #61f211d6
-_LIBS = ('fttk', 'torch', 'transformers', 'peft', 'trl', 'datasets', 'tokenizers', 'accelerate', 'bitsandbytes', 'numpy')
+_LIBS = ('fttk', 'torch', 'transformers', 'peft', 'trl', 'datasets', 'tokenizers', 'accelerate',
+         'bitsandbytes', 'numpy')
 
 def hash_data(data) -> str | None:
     "A sha256 of `data`'s content (first 16 hex digits); `None` for no data."
@@ -345,8 +382,9 @@ def lib_versions() -> dict[str, str | None]:
     return out
 
 def hardware() -> dict:
-    hw = {'platform': platform.platform(), 'machine': platform.machine(), 'cpu_count': os.cpu_count(),
-          'torch_threads': torch.get_num_threads(), 'device': str(get_device())}
+    hw = {'platform': platform.platform(), 'machine': platform.machine(),
+          'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+          'device': str(get_device())}
     hw['cpu'] = cpu_features()
     if torch.cuda.is_available():
         hw['gpu'] = torch.cuda.get_device_name(0)
@@ -357,7 +395,9 @@ def fingerprint(seed: int | None = None, config: Config | dict | None = None, da
     "Everything needed to say whether two runs should give the same numbers."
     if isinstance(config, Config): chash = config.config_hash()
     elif config is None: chash = None
-    else: chash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    else:
+        chash = hashlib.sha256(
+            json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {'seed': seed, 'config_hash': chash, 'data_hash': hash_data(data),
             'versions': lib_versions(), 'hardware': hardware()}
 
@@ -370,42 +410,54 @@ class RunFolder:
         self.path = Path(path)
         self.metrics_file, self.plots = self.path/'metrics.jsonl', self.path/'plots'
         self.checkpoints = self.path/'checkpoints'
-        if resume and overwrite: raise ValueError("resume=True and overwrite=True contradict each other: pick one")
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other: pick one")
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"run folder {self.path} is a file, not a folder")
         held = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
         if resume: self._check_resumable(held)
         elif held and overwrite: self._clear(held)
         elif held:
-            raise FileExistsError(f"run folder {self.path} is not empty (it holds {', '.join(held[:5])}"
-                                  f"{', ...' if len(held) > 5 else ''}); pass resume=True to continue the run "
+            raise FileExistsError(f"run folder {self.path} is not empty (it holds "
+                                  f"{', '.join(held[:5])}"
+                                  f"{', ...' if len(held) > 5 else ''}); pass resume=True to "
+                                  "continue the run "
                                   "in it, overwrite=True to replace it, or choose another folder")
         try: self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e: raise PermissionError(f"cannot create run folder {self.path}: {e}") from e
-        if not os.access(self.path, os.W_OK): raise PermissionError(f"run folder {self.path} is not writable")
+        except OSError as e:
+            raise PermissionError(f"cannot create run folder {self.path}: {e}") from e
+        if not os.access(self.path, os.W_OK):
+            raise PermissionError(f"run folder {self.path} is not writable")
         (self.path/self.MARKER).touch()
 
     def _check_resumable(self, held):
-        if not self.path.is_dir(): raise FileNotFoundError(f"cannot resume: run folder {self.path} does not exist")
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"cannot resume: run folder {self.path} does not exist")
         if self.latest_checkpoint() is None:
-            raise FileNotFoundError(f"cannot resume: run folder {self.path} has no complete checkpoint "
-                                    f"(checkpoints/step_*/COMPLETE); it holds {', '.join(held) or 'nothing'}")
+            raise FileNotFoundError(f"cannot resume: run folder {self.path} has no complete "
+                                    "checkpoint "
+                                    "(checkpoints/step_*/COMPLETE); it holds "
+                                    f"{', '.join(held) or 'nothing'}")
 
     def _clear(self, held):
         if self.MARKER not in held:
-            raise FileExistsError(f"overwrite=True refused: {self.path} is not an fttk run folder (no {self.MARKER} "
-                                  f"marker) and holds {', '.join(held[:5])}; choose an empty or new folder")
+            raise FileExistsError(f"overwrite=True refused: {self.path} is not an fttk run folder "
+                                  f"(no {self.MARKER} "
+                                  f"marker) and holds {', '.join(held[:5])}; choose an empty or "
+                                  "new folder")
         for name in held:
             p = self.path/name
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     @classmethod
     def open(cls, path: str | Path) -> 'RunFolder':
-        "An existing run folder, for reading its metrics and checkpoints; never creates or clears anything."
+        ("An existing run folder, for reading its metrics and checkpoints; never creates or clears "
+         "anything.")
         if not Path(path).is_dir(): raise FileNotFoundError(f"no run folder at {path}")
         run = cls.__new__(cls)
         run.path = Path(path)
-        run.metrics_file, run.plots, run.checkpoints = run.path/'metrics.jsonl', run.path/'plots', run.path/'checkpoints'
+        run.metrics_file, run.plots, run.checkpoints = (run.path/'metrics.jsonl', run.path/'plots',
+                                                        run.path/'checkpoints')
         return run
 
     def write_config(self, cfg: Config): cfg.to_yaml(self.path/'config.yaml')
@@ -415,9 +467,12 @@ class RunFolder:
         return fp
 
     def log(self, step: int, **metrics):
-        "Append one line of metrics; NaN and inf are written as strings so the file stays valid JSON."
-        row = {'step': step, **{k: (v.item() if hasattr(v, 'item') else v) for k, v in metrics.items()}}
-        row = {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+        ("Append one line of metrics; NaN and inf are written as strings so the file stays valid "
+         "JSON.")
+        row = {'step': step, **{k: (v.item() if hasattr(v, 'item') else v)
+                                for k, v in metrics.items()}}
+        row = {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)
+               for k, v in row.items()}
         with open(self.metrics_file, 'a') as f: f.write(json.dumps(row) + '\n')
 
     def read_metrics(self) -> list[dict]:
@@ -425,14 +480,16 @@ class RunFolder:
         return [json.loads(l) for l in self.metrics_file.read_text().splitlines() if l.strip()]
 
     def truncate_metrics(self, after_step: int):
-        "Drop metric rows past `after_step`: used on resume, so a resumed run's log equals an uninterrupted one's."
+        ("Drop metric rows past `after_step`: used on resume, so a resumed run's log equals an "
+         "uninterrupted one's.")
         rows = [r for r in self.read_metrics() if r['step'] <= after_step]
         atomic_write_text(self.metrics_file, ''.join(json.dumps(r) + '\n' for r in rows))
 
     def checkpoint_dir(self, step: int) -> Path: return self.checkpoints/f'step_{step:06d}'
 
     def list_checkpoints(self) -> list[Path]:
-        "Complete checkpoints, oldest first: a folder counts only once its `COMPLETE` marker is written."
+        ("Complete checkpoints, oldest first: a folder counts only once its `COMPLETE` marker is "
+         "written.")
         if not self.checkpoints.exists(): return []
         return sorted(p for p in self.checkpoints.iterdir() if (p/'COMPLETE').exists())
 

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .core import Config, ConfigError, set_seed, save_tensors, load_tensors, in_test
-from .memory import lab_config, model_spec, zero_model_states, deepspeed_zero2_estimate, deepspeed_zero3_estimate, accelerate_training_estimate, GB
+from .memory import (lab_config, model_spec, zero_model_states, deepspeed_zero2_estimate,
+                         deepspeed_zero3_estimate, accelerate_training_estimate, GB)
 
 # %% auto #0
 __all__ = ['ENGINES', 'ShardedRunConfig', 'model_state_bytes', 'EngineResult', 'run_sharded', 'train_single', 'predict',
@@ -40,9 +41,12 @@ class ShardedRunConfig(Config):
         bad = [e for e in self.engines if e not in ENGINES]
         if bad: raise ConfigError(f"unknown engine(s) {bad}; choose from: {', '.join(ENGINES)}")
         for k in ('world_size', 'steps', 'per_device_train_batch_size', 'seq'):
-            if getattr(self, k) < 1: raise ConfigError(f"{k} must be a positive integer, got {getattr(self, k)}")
-        if self.size not in ('test', 'default'): raise ConfigError(f"size must be 'test' or 'default', got {self.size!r}")
-        if self.learning_rate <= 0: raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be a positive integer, got {getattr(self, k)}")
+        if self.size not in ('test', 'default'):
+            raise ConfigError(f"size must be 'test' or 'default', got {self.size!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
 
 # %% ../nbs/06_distributed.ipynb #8b9d326c
@@ -56,12 +60,14 @@ def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
     def add(kind, t):
         if t is None: return
         s = _local(t).untyped_storage()
-        if s.nbytes() == 0 or s.data_ptr() in seen: return     # freed (resharded) or already counted
+        # freed (resharded) or already counted
+        if s.nbytes() == 0 or s.data_ptr() in seen: return
         seen.add(s.data_ptr()); out[kind] += s.nbytes()
     params = list(model.parameters()) + [p for g in optimizer.param_groups for p in g['params']]
     for p in params: add('params', p)
     for p in params: add('grads', p.grad)
-    inner = getattr(optimizer, 'optim', optimizer)             # ZeroRedundancyOptimizer wraps a local optimizer
+    # ZeroRedundancyOptimizer wraps a local optimizer
+    inner = getattr(optimizer, 'optim', optimizer)
     for state in inner.state.values():
         for v in state.values():
             if torch.is_tensor(v) and v.dim() > 0: add('optim', v)
@@ -75,7 +81,8 @@ def _model(cfg: ShardedRunConfig):
 
 def _global_batches(cfg: ShardedRunConfig, vocab: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    return [torch.randint(0, vocab, (cfg.world_size*cfg.per_device_train_batch_size, cfg.seq), generator=g)
+    return [torch.randint(0, vocab, (cfg.world_size*cfg.per_device_train_batch_size, cfg.seq),
+                          generator=g)
             for _ in range(cfg.steps)]
 
 def _wrap(model, engine: str, lr: float):
@@ -85,7 +92,8 @@ def _wrap(model, engine: str, lr: float):
         model = DDP(model, gradient_as_bucket_view=True)
         if engine == 'ddp': return model, torch.optim.AdamW(model.parameters(), lr=lr)
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=lr)
+        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
+                                              lr=lr)
     from torch.distributed.fsdp import fully_shard
     keep = engine == 'fsdp2-keep'
     for layer in model.model.layers: fully_shard(layer, reshard_after_forward=not keep)
@@ -115,11 +123,14 @@ def _worker(rank: int, cfg_dict: dict, port: int, out_dir: str):
                 opt.step(); snap['step'] = model_state_bytes(model, opt)
                 rss_peak = max(rss_peak, _rss())
                 snaps.append(snap); losses.append(loss.item())
-            if engine == 'zero1': opt.consolidate_state_dict(to=0)      # exercise the gather path as a user would
-            full = {n.removeprefix('module.'): (p.full_tensor() if hasattr(p, 'full_tensor') else p.detach()).clone()
+            # exercise the gather path as a user would
+            if engine == 'zero1': opt.consolidate_state_dict(to=0)
+            full = {n.removeprefix('module.'): (p.full_tensor() if hasattr(p, 'full_tensor')
+                                                else p.detach()).clone()
                     for n, p in model.named_parameters()}
             res = {'engine': engine, 'rank': rank, 'snapshots': snaps[-1], 'losses': losses,
-                   'rss_increase': rss_peak - rss0, 'maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024}
+                   'rss_increase': rss_peak - rss0,
+                   'maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024}
             Path(out_dir, f'{engine}.rank{rank}.json').write_text(json.dumps(res))
             if rank == 0: save_tensors(full, Path(out_dir)/f'{engine}.safetensors')
             del model, opt, full
@@ -136,13 +147,16 @@ def _free_port() -> int:
 class EngineResult:
     engine: str
     stage: int
-    ranks: list[dict]                    # per rank: snapshots {fwd,bwd,step} -> {params,grads,optim}, losses, rss
+    # per rank: snapshots {fwd,bwd,step} -> {params,grads,optim}, losses, rss
+    ranks: list[dict]
     weights: dict[str, torch.Tensor]     # final full weights from rank 0
 
     def measured(self, rank: int = 0) -> dict[str, int]:
-        "Resident model-state bytes of one rank: as held after the step, but with the weights as held during it."
+        ("Resident model-state bytes of one rank: as held after the step, but with the weights as "
+         "held during it.")
         s = self.ranks[rank]['snapshots']
-        # fsdp2-keep frees its gathered weights after backward: its weights peak between forward and backward
+        # fsdp2-keep frees its gathered weights after backward: its weights peak between forward and
+        # backward
         params = s['fwd']['params'] if self.engine == 'fsdp2-keep' else s['step']['params']
         return {'params': params, 'grads': s['step']['grads'], 'optim': s['step']['optim']}
 
@@ -150,13 +164,15 @@ def run_sharded(cfg: ShardedRunConfig | None = None, **kwargs) -> dict[str, Engi
     "Spawn `world_size` gloo processes, train each engine in turn, return what every rank measured."
     cfg = cfg or ShardedRunConfig(**kwargs)
     with tempfile.TemporaryDirectory() as d:
-        # spawned children unpickle the worker by module path, so hand them the exported module's copy
-        # (a function defined in a notebook lives in __main__, which they cannot import)
+        # spawned children unpickle the worker by module path, so hand them the exported module's
+        # copy (a function defined in a notebook lives in __main__, which they cannot import)
         import fttk.distributed as exported
-        mp.start_processes(exported._worker, args=(cfg.to_dict(), _free_port(), d), nprocs=cfg.world_size, start_method='spawn')
+        mp.start_processes(exported._worker, args=(cfg.to_dict(), _free_port(), d),
+                           nprocs=cfg.world_size, start_method='spawn')
         out = {}
         for e in cfg.engines:
-            ranks = [json.loads(Path(d, f'{e}.rank{r}.json').read_text()) for r in range(cfg.world_size)]
+            ranks = [json.loads(Path(d, f'{e}.rank{r}.json').read_text())
+                     for r in range(cfg.world_size)]
             out[e] = EngineResult(e, ENGINES[e], ranks, load_tensors(Path(d)/f'{e}.safetensors'))
     return out
 
@@ -174,7 +190,8 @@ def train_single(cfg: ShardedRunConfig) -> tuple[dict[str, torch.Tensor], list[f
 # %% ../nbs/06_distributed.ipynb #ab496c1f
 def predict(engine: str, psi: float, ranks: int) -> dict[str, float]:
     "The accountant's per-rank model-state bytes for one of the engines, fp32 AdamW."
-    return zero_model_states(psi, ENGINES[engine], ranks, 'fp32', 'adamw', 'fsdp2' if engine.startswith('fsdp2') else 'zero')
+    return zero_model_states(psi, ENGINES[engine], ranks, 'fp32', 'adamw',
+                             'fsdp2' if engine.startswith('fsdp2') else 'zero')
 
 def compare(results: dict[str, EngineResult], psi: float, ranks: int) -> list[dict]:
     "One row per engine and rank: predicted and measured model-state bytes and their ratio."
@@ -184,7 +201,9 @@ def compare(results: dict[str, EngineResult], psi: float, ranks: int) -> list[di
         paper = zero_model_states(psi, ENGINES[e], ranks, 'fp32', 'adamw', 'zero')
         for r in range(ranks):
             meas = res.measured(r)
-            rows.append({'engine': e, 'stage': ENGINES[e], 'rank': r, **{f'measured {k}': v for k, v in meas.items()},
-                         'measured': sum(meas.values()), 'predicted': sum(pred.values()), 'paper formula': sum(paper.values()),
-                         'ratio': sum(meas.values())/sum(pred.values()), 'rss increase': res.ranks[r]['rss_increase']})
+            rows.append({'engine': e, 'stage': ENGINES[e], 'rank': r,
+                         **{f'measured {k}': v for k, v in meas.items()},
+                         'measured': sum(meas.values()), 'predicted': sum(pred.values()),
+                         'paper formula': sum(paper.values()), 'ratio': sum(meas.values())
+                         /sum(pred.values()), 'rss increase': res.ranks[r]['rss_increase']})
     return rows

@@ -26,7 +26,8 @@ __all__ = ['lora_param_count', 'LoRAConfig', 'base_weight', 'LoRALinear', 'lora_
 
 # %% ../nbs/03_lora.ipynb #38c87d81
 def lora_param_count(d_in: int, d_out: int, r: int) -> int:
-    "Trainable numbers of one rank-`r` adapter on a `d_out x d_in` matrix: A is r x d_in, B is d_out x r."
+    ("Trainable numbers of one rank-`r` adapter on a `d_out x d_in` matrix: A is r x d_in, B is "
+     "d_out x r.")
     return r * (d_in + d_out)
 
 # %% ../nbs/03_lora.ipynb #3095bbd4
@@ -89,7 +90,8 @@ class LoRAConfig(Config):
         if self.lora_alpha <= 0: raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.target_modules: raise ConfigError("target_modules is empty: name at least one module to adapt")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty: name at least one module to adapt")
         for name in ('target_modules', 'exclude_modules', 'modules_to_save', 'layers_pattern'):
             _check_patterns(name, getattr(self, name))
         if self.fan_in_fan_out:
@@ -97,7 +99,8 @@ class LoRAConfig(Config):
                               "is not supported; fttk adapts layers with in_features/out_features "
                               "such as nn.Linear")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            raise ConfigError(f"loraplus_lr_ratio must be > 0 (LoRA+ uses 2 to 16), got {self.loraplus_lr_ratio}")
+            raise ConfigError(
+                f"loraplus_lr_ratio must be > 0 (LoRA+ uses 2 to 16), got {self.loraplus_lr_ratio}")
         _check_layer_selection(self)
         _check_pattern_dict('rank_pattern', self.rank_pattern, int)
         _check_pattern_dict('alpha_pattern', self.alpha_pattern, float)
@@ -109,37 +112,46 @@ class LoRAConfig(Config):
 
 # %% ../nbs/03_lora.ipynb #601bea18
 def base_weight(base: nn.Module) -> torch.Tensor:
-    "The base layer's weight as a dense `(out_features, in_features)` float tensor (dequantized if need be)."
+    ("The base layer's weight as a dense `(out_features, in_features)` float tensor (dequantized "
+     "if need be).")
     if callable(getattr(base, 'dequantize_weight', None)): return base.dequantize_weight()
     w = getattr(base, 'weight', None)
     if w is not None and type(w).__name__ == 'Params4bit':   # bitsandbytes 4-bit: dequantize a copy
         import bitsandbytes.functional as bnbF
         return bnbF.dequantize_4bit(w.data, w.quant_state)
     if isinstance(w, torch.Tensor) and w.is_floating_point(): return w
-    raise TypeError(f"{type(base).__name__} has no float weight that fttk can read; merging and DoRA need one "
+    raise TypeError(f"{type(base).__name__} has no float weight that fttk can read; merging and "
+                    "DoRA need one "
                     f"(give the layer a `dequantize_weight()` method)")
 
 def _check_linear_like(base: nn.Module, name: str = 'base layer'):
     d_in, d_out = getattr(base, 'in_features', None), getattr(base, 'out_features', None)
     if not (isinstance(d_in, int) and isinstance(d_out, int)):
-        raise TypeError(f"{name} is a {type(base).__name__}, not a linear layer: LoRA wraps layers that have "
-                        f"in_features and out_features (nn.Linear, bitsandbytes Linear4bit/Linear8bitLt)")
+        raise TypeError(f"{name} is a {type(base).__name__}, not a linear layer: LoRA wraps layers "
+                        "that have "
+                        "in_features and out_features (nn.Linear, bitsandbytes "
+                        "Linear4bit/Linear8bitLt)")
     return d_in, d_out
 
 # %% ../nbs/03_lora.ipynb #5f000ed3
 class LoRALinear(nn.Module):
-    "A frozen base linear layer plus a trainable low-rank update `scaling * B A` (LoRA, rsLoRA or DoRA)."
-    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, use_dora: bool = False, init_lora_weights: bool = True):
+    ("A frozen base linear layer plus a trainable low-rank update `scaling * B A` (LoRA, rsLoRA or "
+     "DoRA).")
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
+                 init_lora_weights: bool = True):
         super().__init__()
         d_in, d_out = _check_linear_like(base_layer)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0: raise ValueError(f"r must be a positive integer, got {r!r}")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
         if not (lora_alpha > 0 and math.isfinite(lora_alpha)):
             raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0: raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.base_layer, self.in_features, self.out_features = base_layer, d_in, d_out
         for p in base_layer.parameters(): p.requires_grad_(False)
-        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = (r, lora_alpha, use_rslora,
+                                                                   use_dora)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         # created in the default dtype, then cast, exactly as peft does: same seed -> same A as peft
@@ -153,10 +165,12 @@ class LoRALinear(nn.Module):
             self.lora_A.to(w.device); self.lora_B.to(w.device)
             if w.is_floating_point(): self.lora_A.to(w.dtype); self.lora_B.to(w.dtype)
         if use_dora:
-            with torch.no_grad(): m = self.weight_norm(base_weight(base_layer).to(self.lora_A.weight.dtype))
+            with torch.no_grad():
+                m = self.weight_norm(base_weight(base_layer).to(self.lora_A.weight.dtype))
             self.lora_magnitude_vector = nn.Parameter(m)
         self.merged, self.disabled, self.fast = False, False, False
-        self._pre_norm = ()     # set by enable_fast_lora when it folds the RMSNorm before q/k/v into this layer
+        # set by enable_fast_lora when it folds the RMSNorm before q/k/v into this layer
+        self._pre_norm = ()
 
     def delta_weight(self) -> torch.Tensor:
         "The update s B A as a dense (out, in) matrix."
@@ -167,17 +181,21 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(W0 if delta is None else W0 + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_pre_norm", ()):      # the RMSNorm before this layer was folded in (see enable_fast_lora)
+        # the RMSNorm before this layer was folded in (see enable_fast_lora)
+        if getattr(self, "_pre_norm", ()):
             hit = _qkv_stash.pop(self, None)
-            if hit is not None and hit[0] is x: return hit[1]    # k or v, already computed by q's fused call
+            # k or v, already computed by q's fused call
+            if hit is not None and hit[0] is x: return hit[1]
             qkv = getattr(self, '_qkv', None)
-            if qkv is not None and all(_fused_ok(m) for m in qkv): return _fused_qkv(qkv, self._pre_norm[0], x)
+            if qkv is not None and all(_fused_ok(m) for m in qkv):
+                return _fused_qkv(qkv, self._pre_norm[0], x)
             x = _call_norm(self._pre_norm[0], x)
         if self.merged or self.disabled: return self.base_layer(x)
         if self.use_dora: return self._dora_forward(x)
         if self.fast and _fast_ok(self):
             W0, b0 = self.base_layer.weight, self.base_layer.bias
-            return LoRALinearFunction.apply(x, self.lora_dropout(x), W0, b0, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            return LoRALinearFunction.apply(x, self.lora_dropout(x), W0, b0, self.lora_A.weight,
+                                            self.lora_B.weight, self.scaling)
         result = self.base_layer(x)
         xl = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         return result + (self.lora_B(self.lora_A(xl)) * self.scaling).to(result.dtype)
@@ -195,17 +213,22 @@ class LoRALinear(nn.Module):
         else:   # W0 x must see the same dropped-out input as B A x
             xl = self.lora_dropout(xl)
             base_result = F.linear(xl, W0)
-        dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * self.lora_B(self.lora_A(xl)) * self.scaling
+        dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * self.lora_B(
+            self.lora_A(xl)) * self.scaling
         return result + dora.to(result.dtype)
 
     @torch.no_grad()
     def merge(self):
         "Fold the update into the base weight: inference then costs nothing extra."
-        if self.merged: raise RuntimeError("this LoRALinear is already merged; merging again would add B A to the weight "
-                                           "twice (call unmerge() first)")
+        if self.merged:
+            raise RuntimeError("this LoRALinear is already merged; merging again would add B A to "
+                               "the weight "
+                               "twice (call unmerge() first)")
         W = getattr(self.base_layer, 'weight', None)
-        if not (isinstance(W, torch.Tensor) and W.is_floating_point()) or type(W).__name__ == 'Params4bit':
-            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: merging needs a float weight")
+        if not (isinstance(W, torch.Tensor)
+                and W.is_floating_point()) or type(W).__name__ == 'Params4bit':
+            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: merging needs "
+                            "a float weight")
         delta = self.delta_weight().to(W.dtype)
         if self.use_dora:
             self._merge_norm = self.weight_norm(W, delta)
@@ -226,7 +249,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         kind = 'DoRA' if self.use_dora else 'rsLoRA' if self.use_rslora else 'LoRA'
-        return f"{kind} r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        return (f"{kind} r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
+                f"merged={self.merged}")
 
 # %% ../nbs/03_lora.ipynb #2a3cf25f
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -260,7 +284,8 @@ def _in_layers(name: str, layers, layers_pattern) -> bool:
 def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
                         layers_to_transform=None, layers_pattern=None,
                         modules_to_save=None) -> list[str]:
-    "Names of the modules `target_modules` selects (peft's rule); errors for no match or a non-linear match."
+    ("Names of the modules `target_modules` selects (peft's rule); errors for no match or a "
+     "non-linear match.")
     out_head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
     names, inside, n_hit = [], (), 0
     for name, mod in model.named_modules():
@@ -283,8 +308,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
                          f"{type(model).__name__}, but exclude_modules, layers_to_transform or "
                          "modules_to_save removed all of them")
     if not names:
-        lin = sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"target_modules {target_modules!r} matched no module of {type(model).__name__}; "
+        lin = sorted(
+            {n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules {target_modules!r} matched no module of "
+                         f"{type(model).__name__}; "
                          f"its linear layers are named: {', '.join(lin) or '(none)'}")
     return names
 
@@ -407,7 +434,8 @@ def _as_lora_config(config, model=None) -> LoRAConfig:
 # %% ../nbs/03_lora.ipynb #0b51970c
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     "(trainable, total) parameter counts."
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
 
 def merge_lora(model: nn.Module):
     for m in lora_layers(model).values(): m.merge()
@@ -416,8 +444,10 @@ def unmerge_lora(model: nn.Module):
     for m in lora_layers(model).values(): m.unmerge()
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    "Replace every `LoRALinear` by its base layer, merged first unless `merge=False` (peft's `merge_and_unload`)."
-    _unfold_norms(model)                                    # a folded RMSNorm must compute again without us
+    ("Replace every `LoRALinear` by its base layer, merged first unless `merge=False` (peft's "
+     "`merge_and_unload`).")
+    # a folded RMSNorm must compute again without us
+    _unfold_norms(model)
     for name, m in lora_layers(model).items():
         if merge and not m.merged: m.merge()
         _set_module(model, name, m.base_layer)
@@ -441,7 +471,8 @@ def _untie_config(model: nn.Module):
 def lora_disabled(model: nn.Module):
     "Inside this block the model computes its base outputs (the reference model of DPO, for free)."
     layers = lora_layers(model).values()
-    if any(m.merged for m in layers): raise RuntimeError("cannot disable merged LoRA layers; unmerge_lora(model) first")
+    if any(m.merged for m in layers):
+        raise RuntimeError("cannot disable merged LoRA layers; unmerge_lora(model) first")
     for m in layers: m.disabled = True
     try: yield model
     finally:
@@ -455,52 +486,62 @@ _PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias
 def peft_lora_config(config: LoRAConfig, **kw):
     "The peft `LoraConfig` that means the same as `config`."
     from peft import LoraConfig
-    tm = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    tm = config.target_modules if isinstance(config.target_modules,
+                                             str) else list(config.target_modules)
     return LoraConfig(target_modules=tm, **{k: getattr(config, k) for k in _PEFT_SAME}, **kw)
 
 _PREFIX = 'base_model.model.'
 
 def from_peft_name(name: str) -> str:
-    "A peft parameter or adapter-file name as fttk names it (drops the prefix and the adapter name `default`)."
+    ("A peft parameter or adapter-file name as fttk names it (drops the prefix and the adapter "
+     "name `default`).")
     return (name.removeprefix(_PREFIX).replace('.default', '')
             .replace('lora_magnitude_vector.weight', 'lora_magnitude_vector'))
 
 # %% ../nbs/03_lora.ipynb #bdd08ba0
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float | None = None,
                           weight_decay: float = 0.0) -> list[dict]:
-    "Optimizer parameter groups for LoRA+: lr for A (and other matrices), lr * ratio for B and 1-d parameters."
+    ("Optimizer parameter groups for LoRA+: lr for A (and other matrices), lr * ratio for B and "
+     "1-d parameters.")
     ratio = loraplus_lr_ratio
-    if ratio is None: ratio = getattr(getattr(model, 'fttk_lora_config', None), 'loraplus_lr_ratio', None) or 1.0
+    if ratio is None:
+        ratio = getattr(getattr(model, 'fttk_lora_config', None), 'loraplus_lr_ratio', None) or 1.0
     if ratio <= 0: raise ValueError(f"loraplus_lr_ratio must be > 0, got {ratio}")
     a, b = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
         (b if ('lora_B' in n or p.ndim == 1) else a).append(p)
     return [g for g in ({'params': a, 'lr': lr, 'weight_decay': weight_decay},
-                        {'params': b, 'lr': lr * ratio, 'weight_decay': weight_decay}) if g['params']]
+                        {'params': b, 'lr': lr * ratio, 'weight_decay': weight_decay})
+                        if g['params']]
 
 # %% ../nbs/03_lora.ipynb #03f16e6b
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    "The tensors an adapter file holds: every trainable parameter (LoRA factors, magnitudes, trained biases, modules_to_save)."
+    ("The tensors an adapter file holds: every trainable parameter (LoRA factors, magnitudes, "
+     "trained biases, modules_to_save).")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in trainable or 'lora_' in k}
 
 def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
-    return {'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': base_model_name_or_path,
+    return {'peft_type': 'LORA', 'task_type': None,
+            'base_model_name_or_path': base_model_name_or_path,
             **{k: getattr(cfg, k) for k in _PEFT_SAME}, 'lora_alpha': alpha,
             'target_modules': cfg.target_modules, 'fan_in_fan_out': cfg.fan_in_fan_out,
             'inference_mode': True}
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, path: str | Path,
+                 base_model_name_or_path: str | None = None) -> Path:
     "Write `model`'s adapter as peft does: `adapter_config.json` + `adapter_model.safetensors`."
     cfg = getattr(model, 'fttk_lora_config', None)
     if cfg is None: raise ValueError("model has no LoRA adapter to save (inject_lora it first)")
-    if any(m.merged for m in lora_layers(model).values()): raise RuntimeError("unmerge_lora(model) before saving the adapter")
+    if any(m.merged for m in lora_layers(model).values()):
+        raise RuntimeError("unmerge_lora(model) before saving the adapter")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    save_tensors({_PREFIX + k: v for k, v in lora_state_dict(model).items()}, path/'adapter_model.safetensors',
-                 metadata={'format': 'pt'})
-    atomic_write_text(path/'adapter_config.json', json.dumps(_peft_config_dict(cfg, base_model_name_or_path), indent=2))
+    save_tensors({_PREFIX + k: v for k, v in lora_state_dict(model).items()},
+                 path/'adapter_model.safetensors', metadata={'format': 'pt'})
+    atomic_write_text(path/'adapter_config.json',
+                      json.dumps(_peft_config_dict(cfg, base_model_name_or_path), indent=2))
     return path
 
 # %% ../nbs/03_lora.ipynb #3c9f76f0
@@ -519,7 +560,8 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     try: d = json.loads(p.read_text())
     except json.JSONDecodeError as e: raise ConfigError(f"{p} is not valid JSON: {e}") from None
     if not isinstance(d, dict): raise ConfigError(f"{p} holds a {type(d).__name__}, not a mapping")
-    if d.get('peft_type', 'LORA') != 'LORA': raise ConfigError(f"{p} is a {d['peft_type']} adapter, not LoRA")
+    if d.get('peft_type', 'LORA') != 'LORA':
+        raise ConfigError(f"{p} is a {d['peft_type']} adapter, not LoRA")
     bad = [k for k, v in _PEFT_DEFAULTS.items() if d.get(k, v) not in (v, [], {}, None, False)]
     if d.get('init_lora_weights', True) not in (True, False): bad.append('init_lora_weights')
     if bad: raise ConfigError(f"{p} uses peft features fttk does not implement: {', '.join(bad)}")
@@ -562,12 +604,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 # %% ../nbs/03_lora.ipynb #b05c012a
 class LoRALinearFunction(torch.autograd.Function):
-    "y = x W0^T + b0 + s (xd A^T) B^T with a hand-derived backward; `xd` is x after LoRA dropout (may be x itself)."
+    ("y = x W0^T + b0 + s (xd A^T) B^T with a hand-derived backward; `xd` is x after LoRA dropout "
+     "(may be x itself).")
     @staticmethod
     def forward(ctx, x, xd, W0, b0, A, B, scaling):
         shape = x.shape
         X, Xd = x.reshape(-1, shape[-1]), xd.reshape(-1, shape[-1])
-        XA = Xd @ A.t()                                        # N x r: the only extra activation LoRA keeps
+        # N x r: the only extra activation LoRA keeps
+        XA = Xd @ A.t()
         Y = torch.addmm(b0, X, W0.t()) if b0 is not None else X @ W0.t()
         Y.addmm_(XA, B.t(), alpha=scaling)
         ctx.same, ctx.scaling, ctx.shape = xd is x, scaling, shape
@@ -591,14 +635,17 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dxd, None, None, dA, dB, None
 
 def _fast_ok(m: LoRALinear) -> bool:
-    "The fused function applies: a plain frozen nn.Linear base, no DoRA, and lora dtype = base dtype."
+    ("The fused function applies: a plain frozen nn.Linear base, no DoRA, and lora dtype = base "
+     "dtype.")
     b = m.base_layer
-    return (type(b) is nn.Linear and not b.weight.requires_grad and (b.bias is None or not b.bias.requires_grad)
+    return (type(b) is nn.Linear and not b.weight.requires_grad
+            and (b.bias is None or not b.bias.requires_grad)
             and not m.use_dora and b.weight.dtype == m.lora_A.weight.dtype)
 
 # %% ../nbs/03_lora.ipynb #698282c6
 class LoRAMLPFunction(torch.autograd.Function):
-    "down(silu(gate(x)) * up(x)) with three LoRA linears; keeps x, e, g and the thin x A^T products only (optionally RMSNorm-ed first)."
+    ("down(silu(gate(x)) * up(x)) with three LoRA linears; keeps x, e, g and the thin x A^T "
+     "products only (optionally RMSNorm-ed first).")
     @staticmethod
     def forward(ctx, x, Wg, Ag, Bg, sg, Wu, Au, Bu, su, Wd, Ad, Bd, sd, norm_weight=None, eps=1e-6):
         shape = x.shape
@@ -611,8 +658,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         HAd = h @ Ad.t()
         out = (h @ Wd.t()).addmm_(HAd, Bd.t(), alpha=sd)
         ctx.s, ctx.shape = (sg, su, sd), shape
-        # with the norm folded in, keep its input R and rho, not X; if no gradient flows to x, X alone is enough
-        keep = (R, rho, norm_weight) if norm_weight is not None and ctx.needs_input_grad[0] else (X, None, None)
+        # with the norm folded in, keep its input R and rho, not X; if no gradient flows to x, X
+        # alone is enough
+        keep = (R, rho, norm_weight) if norm_weight is not None and ctx.needs_input_grad[0] else (
+            X, None, None)
         ctx.save_for_backward(*keep, e, g, XAg, XAu, HAd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
         return out.view(*shape[:-1], out.shape[-1])
 
@@ -635,13 +684,17 @@ class LoRAMLPFunction(torch.autograd.Function):
         dAu, dBu = torch.mm(dgB.t(), X).mul_(su), torch.mm(dg.t(), XAu).mul_(su)
         dX = (de @ Wg).addmm_(deB, Ag, alpha=sg).addmm_(dg, Wu).addmm_(dgB, Au, alpha=su)
         if nw is not None: dX = _rms_norm_backward(dX, R, rho, nw)
-        return dX.view(ctx.shape), None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None, None, None
+        return dX.view(
+            ctx.shape), None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None, None, None
 
-def _is_silu(act) -> bool: return isinstance(act, nn.SiLU) or type(act).__name__ in ('SiLUActivation', 'SiLU')
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ('SiLUActivation', 'SiLU')
 
 def _fused_ok(m, bias_ok: bool = True) -> bool:
-    "This LoRA layer can go through a fused function right now (no dropout in training, not merged or disabled)."
-    return (isinstance(m, LoRALinear) and m.fast and _fast_ok(m) and (bias_ok or m.base_layer.bias is None) and not m.merged
+    ("This LoRA layer can go through a fused function right now (no dropout in training, not "
+     "merged or disabled).")
+    return (isinstance(m, LoRALinear) and m.fast and _fast_ok(m)
+            and (bias_ok or m.base_layer.bias is None) and not m.merged
             and not m.disabled and (isinstance(m.lora_dropout, nn.Identity) or not m.training))
 
 def _fast_mlp_forward(self, x):
@@ -650,29 +703,34 @@ def _fast_mlp_forward(self, x):
     if not all(_fused_ok(m, bias_ok=False) for m in (g, u, d)):
         return type(self).forward(self, _call_norm(norm, x) if norm is not None else x)
     nw, eps = (norm.weight, norm.variance_epsilon) if norm is not None else (None, 1e-6)
-    return LoRAMLPFunction.apply(x, g.base_layer.weight, g.lora_A.weight, g.lora_B.weight, g.scaling,
-                                 u.base_layer.weight, u.lora_A.weight, u.lora_B.weight, u.scaling,
-                                 d.base_layer.weight, d.lora_A.weight, d.lora_B.weight, d.scaling, nw, eps)
+    return LoRAMLPFunction.apply(x, g.base_layer.weight, g.lora_A.weight, g.lora_B.weight,
+                                 g.scaling, u.base_layer.weight, u.lora_A.weight, u.lora_B.weight,
+                                 u.scaling, d.base_layer.weight, d.lora_A.weight, d.lora_B.weight,
+                                 d.scaling, nw, eps)
 
 # %% ../nbs/03_lora.ipynb #003d9164
 def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    "LlamaRMSNorm with the same roundings (float32 inside; float64 stays float64): returns (w * r * rho, rho)."
+    ("LlamaRMSNorm with the same roundings (float32 inside; float64 stays float64): returns (w * r "
+     "* rho, rho).")
     rf = r if r.dtype == torch.float64 else r.float()
     rho = torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
     return _rms_scale(r, rho, w), rho
 
 def _rms_scale(r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    "w * r * rho with rho's precision inside: the norm's output, also rebuilt from (r, rho) in backward."
+    ("w * r * rho with rho's precision inside: the norm's output, also rebuilt from (r, rho) in "
+     "backward.")
     return w * (r.to(rho.dtype) * rho).to(r.dtype)
 
-def _rms_norm_backward(dxhat: torch.Tensor, r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _rms_norm_backward(dxhat: torch.Tensor, r: torch.Tensor, rho: torch.Tensor,
+                       w: torch.Tensor) -> torch.Tensor:
     g, r_hat = (dxhat * w).to(rho.dtype), r.to(rho.dtype) * rho
     return ((g - r_hat * (g * r_hat).mean(-1, keepdim=True)) * rho).to(r.dtype)
 
 class NormLoRAQKVFunction(torch.autograd.Function):
     "q, k, v = three LoRA linears of RMSNorm(x); keeps x, rho and the thin x A^T products."
     @staticmethod
-    def forward(ctx, x, norm_weight, eps, Wq, bq, Aq, Bq, sq, Wk, bk, Ak, Bk, sk, Wv, bv, Av, Bv, sv):
+    def forward(ctx, x, norm_weight, eps, Wq, bq, Aq, Bq, sq, Wk, bk, Ak, Bk, sk, Wv, bv, Av, Bv,
+                sv):
         shape = x.shape
         R = x.reshape(-1, shape[-1])
         X, rho = _rms_norm(R, norm_weight, eps)
@@ -682,7 +740,8 @@ class NormLoRAQKVFunction(torch.autograd.Function):
             Y = torch.addmm(b, X, W.t()) if b is not None else X @ W.t()
             outs.append(Y.addmm_(XA, B.t(), alpha=s).view(*shape[:-1], -1))
         ctx.s, ctx.shape = (sq, sk, sv), shape
-        keep = (R, rho, norm_weight) if ctx.needs_input_grad[0] else (X, None, None)   # as in LoRAMLPFunction
+        # as in LoRAMLPFunction
+        keep = (R, rho, norm_weight) if ctx.needs_input_grad[0] else (X, None, None)
         ctx.save_for_backward(*keep, *XAs, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv)
         return tuple(outs)
 
@@ -691,28 +750,35 @@ class NormLoRAQKVFunction(torch.autograd.Function):
         R, rho, nw, XAq, XAk, XAv, Wq, Aq, Bq, Wk, Ak, Bk, Wv, Av, Bv = ctx.saved_tensors
         X = _rms_scale(R, rho, nw) if nw is not None else R
         grads, dX = [], None
-        for dY, XA, W, A, B, s in ((dq, XAq, Wq, Aq, Bq, ctx.s[0]), (dk, XAk, Wk, Ak, Bk, ctx.s[1]), (dv, XAv, Wv, Av, Bv, ctx.s[2])):
-            if dY is None: grads += [None, None]; continue     # an output that did not reach the loss
+        for dY, XA, W, A, B, s in ((dq, XAq, Wq, Aq, Bq, ctx.s[0]), (dk, XAk, Wk, Ak, Bk, ctx.s[1]),
+                                   (dv, XAv, Wv, Av, Bv, ctx.s[2])):
+            # an output that did not reach the loss
+            if dY is None: grads += [None, None]; continue
             G = dY.reshape(-1, dY.shape[-1])
             GB = G @ B
             grads += [torch.mm(GB.t(), X).mul_(s), torch.mm(G.t(), XA).mul_(s)]
             if ctx.needs_input_grad[0]:
                 dX = G @ W if dX is None else dX.addmm_(G, W)
                 dX.addmm_(GB, A, alpha=s)
-        dx = _rms_norm_backward(dX, R, rho, nw).view(ctx.shape) if ctx.needs_input_grad[0] and dX is not None else None
-        return (dx, None, None, None, None, grads[0], grads[1], None, None, None, grads[2], grads[3], None,
-                None, None, grads[4], grads[5], None)
+        dx = _rms_norm_backward(dX, R, rho, nw).view(ctx.shape) if ctx.needs_input_grad[
+            0] and dX is not None else None
+        return (dx, None, None, None, None, grads[0], grads[1], None, None, None, grads[2],
+                grads[3], None, None, None, grads[4], grads[5], None)
 
-_qkv_stash = weakref.WeakKeyDictionary()     # k_proj / v_proj -> (input, output) from q_proj's fused call
+# k_proj / v_proj -> (input, output) from q_proj's fused call
+_qkv_stash = weakref.WeakKeyDictionary()
 
 def _fused_qkv(qkv, norm, x):
     args = []
-    for m in qkv: args += [m.base_layer.weight, m.base_layer.bias, m.lora_A.weight, m.lora_B.weight, m.scaling]
+    for m in qkv:
+        args += [m.base_layer.weight, m.base_layer.bias, m.lora_A.weight, m.lora_B.weight,
+                 m.scaling]
     q, k, v = NormLoRAQKVFunction.apply(x, norm.weight, norm.variance_epsilon, *args)
     _qkv_stash[qkv[1]], _qkv_stash[qkv[2]] = (x, k), (x, v)
     return q
 
-def _call_norm(norm, x): return type(norm).forward(norm, x)     # the class's forward, past the identity patch
+# the class's forward, past the identity patch
+def _call_norm(norm, x): return type(norm).forward(norm, x)
 
 def _identity_forward(self, x): return x
 
@@ -721,11 +787,14 @@ _FOLD_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
 
 def _foldable_norm(norm) -> bool:
     w = getattr(norm, 'weight', None)
-    if not (type(norm).__name__.endswith('RMSNorm') and isinstance(w, nn.Parameter) and not w.requires_grad
+    if not (type(norm).__name__.endswith('RMSNorm') and isinstance(w, nn.Parameter)
+            and not w.requires_grad
             and w.dim() == 1 and hasattr(norm, 'variance_epsilon')): return False
     probe = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w)
     # equal for float32/bf16; a float64 model differs by HF's float32 rounding, which we do not copy
-    with torch.no_grad(): return torch.allclose(_call_norm(norm, probe), _rms_norm(probe, w, norm.variance_epsilon)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        return torch.allclose(_call_norm(norm, probe),
+                              _rms_norm(probe, w, norm.variance_epsilon)[0], rtol=1e-5, atol=1e-6)
 
 def _unfold_norms(model: nn.Module):
     for mod in model.modules():
@@ -735,7 +804,8 @@ def _unfold_norms(model: nn.Module):
         if '_qkv' in mod.__dict__: del mod._qkv
 
 def _fold_norms(model: nn.Module) -> int:
-    if getattr(getattr(model, 'config', None), 'model_type', None) not in _FOLD_MODEL_TYPES: return 0
+    if getattr(getattr(model, 'config', None), 'model_type', None) not in _FOLD_MODEL_TYPES:
+        return 0
     n = 0
     for layer in list(model.modules()):
         n1, attn = getattr(layer, 'input_layernorm', None), getattr(layer, 'self_attn', None)
@@ -745,29 +815,36 @@ def _fold_norms(model: nn.Module) -> int:
             qkv[0]._qkv = qkv
             n1.forward, n1._fttk_folded = types.MethodType(_identity_forward, n1), True; n += 1
         n2, mlp = getattr(layer, 'post_attention_layernorm', None), getattr(layer, 'mlp', None)
-        if mlp is not None and 'forward' in mlp.__dict__ and _foldable_norm(n2):   # the fused MLP is on
+        # the fused MLP is on
+        if mlp is not None and 'forward' in mlp.__dict__ and _foldable_norm(n2):
             mlp._pre_norm = (n2,)
             n2.forward, n2._fttk_folded = types.MethodType(_identity_forward, n2), True; n += 1
     return n
 
-def enable_fast_lora(model: nn.Module, enable: bool = True, fold_norms: bool = True) -> dict[str, int]:
-    "Route LoRA layers (and SwiGLU MLPs whose three projections are LoRA) through the fused functions; fold RMSNorms in."
+def enable_fast_lora(model: nn.Module, enable: bool = True,
+                     fold_norms: bool = True) -> dict[str, int]:
+    ("Route LoRA layers (and SwiGLU MLPs whose three projections are LoRA) through the fused "
+     "functions; fold RMSNorms in.")
     _unfold_norms(model)
     n_lin = n_mlp = 0
     for m in lora_layers(model).values():
         m.fast = enable; n_lin += enable and _fast_ok(m)
     for mod in model.modules():
-        if all(isinstance(getattr(mod, k, None), LoRALinear) for k in ('gate_proj', 'up_proj', 'down_proj')) \
+        if all(isinstance(getattr(mod, k, None), LoRALinear)
+               for k in ('gate_proj', 'up_proj', 'down_proj')) \
            and _is_silu(getattr(mod, 'act_fn', None)):
             if enable: mod.forward = types.MethodType(_fast_mlp_forward, mod); n_mlp += 1
             elif 'forward' in mod.__dict__: del mod.forward
-    return {'linear': n_lin, 'mlp': n_mlp, 'norm': _fold_norms(model) if enable and fold_norms else 0}
+    return {'linear': n_lin, 'mlp': n_mlp,
+            'norm': _fold_norms(model) if enable and fold_norms else 0}
 
 # %% ../nbs/03_lora.ipynb #2b159e9c
 @contextlib.contextmanager
 def count_saved_bytes(model: nn.Module | None = None):
-    "Within the block, count bytes of distinct tensors saved for backward (parameters of `model` excluded)."
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+    ("Within the block, count bytes of distinct tensors saved for backward (parameters of `model` "
+     "excluded).")
+    skip = {p.untyped_storage().data_ptr()
+            for p in model.parameters()} if model is not None else set()
     seen, stats = set(), {'bytes': 0, 'tensors': 0}
     def pack(t):
         st = t.untyped_storage()
@@ -779,18 +856,22 @@ def count_saved_bytes(model: nn.Module | None = None):
 
 # %% ../nbs/03_lora.ipynb #fb99b7c7
 def lowrank_task(d: int = 128, k: int | None = 8, n: int = 512, seed: int = 0):
-    "(W0, X, Y): a regression whose true update over W0 has rank k (k=None: full rank with a 1/sqrt(i) spectrum)."
+    ("(W0, X, Y): a regression whose true update over W0 has rank k (k=None: full rank with a "
+     "1/sqrt(i) spectrum).")
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(d, d, generator=g) / math.sqrt(d)
-    if k is not None: dW = torch.randn(d, k, generator=g) @ torch.randn(k, d, generator=g) / math.sqrt(d * k)
+    if k is not None:
+        dW = torch.randn(d, k, generator=g) @ torch.randn(k, d, generator=g) / math.sqrt(d * k)
     else:
-        U, _ = torch.linalg.qr(torch.randn(d, d, generator=g)); V, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        U, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        V, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
         dW = U @ torch.diag(torch.arange(1, d + 1).float() ** -0.5) @ V.T
     X = torch.randn(n, d, generator=g)
     return W0, X, X @ (W0 + dW).T
 
-def fit_lora(W0, X, Y, r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 1e-2, steps: int = 300,
-             loraplus_lr_ratio: float = 1.0, stop_below: float | None = None, seed: int = 0) -> list[float]:
+def fit_lora(W0, X, Y, r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 1e-2,
+             steps: int = 300, loraplus_lr_ratio: float = 1.0, stop_below: float | None = None,
+             seed: int = 0) -> list[float]:
     "Train one LoRA layer on W0 to map X to Y with Adam; the loss of every step."
     set_seed(seed)
     base = nn.Linear(W0.shape[1], W0.shape[0], bias=False)

@@ -23,8 +23,10 @@ __all__ = ['DTYPES', 'OPTIMIZERS', 'GB', 'NF4_DQ_BITS', 'StateBytes', 'state_byt
            'accelerate_training_estimate', 'memory_parser', 'memory_main']
 
 # %% ../nbs/05_memory.ipynb #5249016a
-DTYPES = ('mixed', 'fp32', 'bf16')       # mixed = bf16/fp16 weights and grads, fp32 master + optimizer state
-OPTIMIZERS = {'adamw': 2, 'adam': 2, 'sgd': 1}   # optimizer states per parameter (Adam: m and v; SGD: momentum)
+# mixed = bf16/fp16 weights and grads, fp32 master + optimizer state
+DTYPES = ('mixed', 'fp32', 'bf16')
+# optimizer states per parameter (Adam: m and v; SGD: momentum)
+OPTIMIZERS = {'adamw': 2, 'adam': 2, 'sgd': 1}
 GB = 1e9                                  # the ZeRO paper and the slides count decimal gigabytes
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def _check_ranks(stage, ranks):
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks (data-parallel processes) must be a positive integer, got {ranks!r}")
+        raise ValueError(
+            f"ranks (data-parallel processes) must be a positive integer, got {ranks!r}")
 
 def _check_count(what, v):
     "A parameter count: a real, finite, positive whole number (7.5e9 is fine, 1.5 and nan are not)."
@@ -63,7 +66,8 @@ def _check_count(what, v):
     if not math.isfinite(v) or v <= 0 or v != int(v):
         raise ValueError(f"{what} must be a finite positive whole number, got {v!r}")
 
-def zero_model_states(psi: float, stage: int = 0, ranks: int = 1, dtype: str = 'mixed', optim: str = 'adamw',
+def zero_model_states(psi: float, stage: int = 0, ranks: int = 1, dtype: str = 'mixed',
+                      optim: str = 'adamw',
                       engine: Literal['zero', 'fsdp2'] = 'zero') -> dict[str, float]:
     "Bytes per rank of parameters, gradients and optimizer states for `psi` trainable parameters."
     _check_ranks(stage, ranks)
@@ -80,7 +84,8 @@ def zero_model_states(psi: float, stage: int = 0, ranks: int = 1, dtype: str = '
     # gradients are reduce-scattered into that dtype too
     master_b = 4 if dtype in ('mixed', 'fp32') else 2
     shard = 0 if b.master else master_b*psi/N          # a separate master is already inside K
-    unsharded = p if stage == 2 else 0                  # the compute copy held from forward to backward
+    # the compute copy held from forward to backward
+    unsharded = p if stage == 2 else 0
     return {'params': unsharded + shard, 'grads': master_b*psi/N, 'optim': K/N}
 
 # %% ../nbs/05_memory.ipynb #915424d3
@@ -88,10 +93,12 @@ _HIDDEN_KEYS = ('hidden_size', 'n_embd', 'd_model', 'dim')
 
 # Stand-in for fttk.world.model_config, used only when fttk.world cannot be imported.
 _LAB_SIZES = {
-    'test': dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
-    'default': dict(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
+    'test': dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                 tie_word_embeddings=True),
+    'default': dict(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                    tie_word_embeddings=True),
 }
 
 def lab_config(size: str = 'default'):
@@ -101,7 +108,8 @@ def lab_config(size: str = 'default'):
         return model_config(size)
     except ImportError:
         from transformers import LlamaConfig
-        if size not in _LAB_SIZES: raise ValueError(f"unknown lab size {size!r}; choose one of: {', '.join(_LAB_SIZES)}")
+        if size not in _LAB_SIZES:
+            raise ValueError(f"unknown lab size {size!r}; choose one of: {', '.join(_LAB_SIZES)}")
         return LlamaConfig(**_LAB_SIZES[size])
 
 def load_config(config):
@@ -116,25 +124,34 @@ def load_config(config):
         if p.suffix == '.json' or p.exists():
             if not p.exists(): raise FileNotFoundError(f"no model config file at {p}")
             try: config = json.loads(p.read_text())
-            except json.JSONDecodeError as e: raise ValueError(f"model config {p} is not valid JSON: {e}") from e
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model config {p} is not valid JSON: {e}") from e
         else:
             try: return AutoConfig.from_pretrained(s)
             except Exception as e:
-                raise ValueError(f"cannot load a model config named {s!r} ({type(e).__name__}); offline, pass a config.json "
+                raise ValueError(f"cannot load a model config named {s!r} ({type(e).__name__}); "
+                                 "offline, pass a config.json "
                                  f"path, a lab size like lab:default, or --params") from e
-    if not isinstance(config, dict): raise TypeError(f"a model config must be a dict, path or transformers config, got {type(config).__name__}")
+    if not isinstance(config, dict):
+        raise TypeError("a model config must be a dict, path or transformers config, got "
+                        f"{type(config).__name__}")
     if not any(k in config for k in _HIDDEN_KEYS):
-        raise ValueError(f"model config has no hidden size (looked for {', '.join(_HIDDEN_KEYS)}): cannot work out its shapes")
+        raise ValueError(f"model config has no hidden size (looked for {', '.join(_HIDDEN_KEYS)}): "
+                         "cannot work out its shapes")
     model_type = config.get('model_type')
-    if model_type is None: raise ValueError("model config has no 'model_type' (e.g. 'llama'): cannot pick the architecture")
-    return AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != 'model_type'})
+    if model_type is None:
+        raise ValueError(
+            "model config has no 'model_type' (e.g. 'llama'): cannot pick the architecture")
+    return AutoConfig.for_model(
+        model_type, **{k: v for k, v in config.items() if k != 'model_type'})
 
 # %% ../nbs/05_memory.ipynb #6e617a68
 @dataclass
 class ModelSpec:
     "What the accountant needs to know about a model: counts and shapes, no weights."
     n_params: int                              # unique parameters (tied embeddings counted once)
-    linears: list[tuple[str, int, int]]        # (name, d_in, d_out) of the linear layers inside the blocks
+    # (name, d_in, d_out) of the linear layers inside the blocks
+    linears: list[tuple[str, int, int]]
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -153,14 +170,16 @@ def model_spec(config, name: str = '') -> ModelSpec:
     from transformers import AutoModelForCausalLM
     cfg = load_config(config)
     with torch.device('meta'): model = AutoModelForCausalLM.from_config(cfg)
-    n_params = sum(p.numel() for p in model.parameters())          # parameters() yields a tied weight once
+    # parameters() yields a tied weight once
+    n_params = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings()
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not head]
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     h, a = cfg.hidden_size, cfg.num_attention_heads
     inter = getattr(cfg, 'intermediate_size', None) or 4*h
-    return ModelSpec(n_params, linears, h, cfg.num_hidden_layers, a, getattr(cfg, 'num_key_value_heads', None) or a,
+    return ModelSpec(n_params, linears, h, cfg.num_hidden_layers, a,
+                     getattr(cfg, 'num_key_value_heads', None) or a,
                      getattr(cfg, 'head_dim', None) or h//a, inter, cfg.vocab_size, largest,
                      name or getattr(cfg, 'name_or_path', '') or cfg.model_type)
 
@@ -168,18 +187,23 @@ def model_spec(config, name: str = '') -> ModelSpec:
 NF4_DQ_BITS = 4 + 8/64 + 32/(64*256)
 
 def lora_params(spec: ModelSpec, r: int, target_modules: list[str] | None = None) -> int:
-    "Trainable LoRA parameters: r*(d_in+d_out) per adapted linear (default: every linear in the blocks)."
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1: raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-    hit = [(n, i, o) for n, i, o in spec.linears if target_modules is None or n.split('.')[-1] in target_modules]
+    ("Trainable LoRA parameters: r*(d_in+d_out) per adapted linear (default: every linear in the "
+     "blocks).")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    hit = [(n, i, o) for n, i, o in spec.linears if target_modules is None
+           or n.split('.')[-1] in target_modules]
     if not hit: raise ValueError(f"no linear layer matches target_modules={target_modules}")
     return sum(r*(i + o) for _, i, o in hit)
 
 # %% ../nbs/05_memory.ipynb #9b22b51c
-def activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str = 'mixed', checkpointing: bool = False,
-                     attn: Literal['sdpa', 'eager'] = 'sdpa') -> float:
-    "Bytes saved for backward by one forward of `batch` sequences of `seq` tokens (peak, with checkpointing)."
+def activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str = 'mixed',
+                     checkpointing: bool = False, attn: Literal['sdpa', 'eager'] = 'sdpa') -> float:
+    ("Bytes saved for backward by one forward of `batch` sequences of `seq` tokens (peak, with "
+     "checkpointing).")
     for k, v in (('batch', batch), ('seq', seq)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
     _check_choice('dtype', dtype, DTYPES); _check_choice('attention', attn, ('sdpa', 'eager'))
     c = 4 if dtype == 'fp32' else 2
     h, a, V, L = spec.hidden_size, spec.num_heads, spec.vocab_size, spec.num_layers
@@ -187,8 +211,10 @@ def activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str = 'mixed'
     norm = 4*h + 2*c*h + 4
     attn_extra = 4*a if attn == 'sdpa' else (4 + (c if c != 4 else 0))*a*seq
     A_layer = 2*norm + c*(2*h + 2*h_kv + 4*i) + attn_extra
-    top = norm + 4*V + 16                                   # final norm, fp32 log-softmax, ids and labels
-    rope = 2*seq*spec.head_dim*c                            # cos and sin tables, once per sequence length
+    # final norm, fp32 log-softmax, ids and labels
+    top = norm + 4*V + 16
+    # cos and sin tables, once per sequence length
+    rope = 2*seq*spec.head_dim*c
     tokens = batch*seq
     blocks = (L*c*h + A_layer) if checkpointing else L*A_layer
     return tokens*(blocks + top) + rope
@@ -207,12 +233,14 @@ def measure_saved_activations(model, input_ids) -> int:
     return sum(v for k, v in saved.items() if k not in params)
 
 # %% ../nbs/05_memory.ipynb #24042324
-def comm_volume(psi_trainable: float, psi_total: float | None = None, stage: int = 0, ranks: int = 1) -> float:
+def comm_volume(psi_trainable: float, psi_total: float | None = None, stage: int = 0,
+                ranks: int = 1) -> float:
     "Elements each rank sends per step (ring collectives): 2 Psi for stages 0-2, 3 Psi for stage 3."
     _check_ranks(stage, ranks); _check_count('psi_trainable', psi_trainable)
     if psi_total is not None: _check_count('psi_total', psi_total)
     psi_total = psi_trainable if psi_total is None else psi_total
-    # stage 3 gathers every parameter (frozen ones too) twice; gradients exist only for trainable ones
+    # stage 3 gathers every parameter (frozen ones too) twice; gradients exist only for trainable
+    # ones
     elems = 2*psi_trainable if stage < 3 else 2*psi_total + psi_trainable
     return elems*(ranks - 1)/ranks
 
@@ -238,21 +266,29 @@ class MemoryConfig(Config):
 
     def validate(self):
         if (self.config is None) == (self.params is None):
-            raise ConfigError("give exactly one of config (a model config) or params (a parameter count)")
+            raise ConfigError(
+                "give exactly one of config (a model config) or params (a parameter count)")
         if self.params is not None and (self.params <= 0 or self.params != int(self.params)):
-            raise ConfigError(f"params must be a positive whole number (a parameter count), got {self.params}")
+            raise ConfigError(
+                f"params must be a positive whole number (a parameter count), got {self.params}")
         try:
             _check_ranks(self.stage, self.ranks)
-            _check_choice('dtype', self.dtype, DTYPES); _check_choice('optimizer', self.optim, tuple(OPTIMIZERS))
+            _check_choice('dtype', self.dtype, DTYPES)
+            _check_choice('optimizer', self.optim, tuple(OPTIMIZERS))
         except ValueError as e: raise ConfigError(str(e)) from None
-        if self.lora_r is not None and self.lora_r < 1: raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r}")
-        if self.qlora and self.lora_r is None: raise ConfigError("qlora needs lora_r (QLoRA trains LoRA adapters on a 4-bit base)")
-        if (self.batch is None) != (self.seq is None): raise ConfigError("give batch and seq together (activations need both)")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r}")
+        if self.qlora and self.lora_r is None:
+            raise ConfigError("qlora needs lora_r (QLoRA trains LoRA adapters on a 4-bit base)")
+        if (self.batch is None) != (self.seq is None):
+            raise ConfigError("give batch and seq together (activations need both)")
         for k in ('batch', 'seq'):
             v = getattr(self, k)
-            if v is not None and v < 1: raise ConfigError(f"{k} must be a positive integer, got {v}")
+            if v is not None and v < 1:
+                raise ConfigError(f"{k} must be a positive integer, got {v}")
         if self.params is not None and (self.lora_r is not None or self.batch is not None):
-            raise ConfigError("LoRA and activations need layer shapes: pass a model config, not a bare parameter count")
+            raise ConfigError("LoRA and activations need layer shapes: pass a model config, not a "
+                              "bare parameter count")
 
 # %% ../nbs/05_memory.ipynb #aff8854a
 @dataclass
@@ -264,16 +300,22 @@ class MemoryEstimate:
     psi_trainable: float
     cfg: MemoryConfig | None = None
     @property
-    def model_states(self) -> float: return sum(v for k, v in self.rows.items() if k in ('params', 'grads', 'optim', 'frozen base'))
+    def model_states(self) -> float:
+        return sum(v for k, v in self.rows.items()
+                   if k in ('params', 'grads', 'optim', 'frozen base'))
     @property
     def total(self) -> float: return sum(self.rows.values())
 
     def table(self) -> str:
         c = self.cfg
-        head = (f"model: {c.config or 'bare count'}  params: {self.psi_total:,.0f}  trainable: {self.psi_trainable:,.0f}\n"
-                f"recipe: {c.dtype} {c.optim}  ZeRO stage {c.stage} x {c.ranks} rank(s)  method: {c.method}"
-                + (f"  LoRA r={c.lora_r}" + (' (QLoRA NF4+DQ base)' if c.qlora else '') if c.lora_r else '')
-                + (f"\nactivations: batch {c.batch} x seq {c.seq}" + (' with checkpointing' if c.gradient_checkpointing else '')
+        head = (f"model: {c.config or 'bare count'}  params: {self.psi_total:,.0f}  trainable: "
+                f"{self.psi_trainable:,.0f}\n"
+                f"recipe: {c.dtype} {c.optim}  ZeRO stage {c.stage} x {c.ranks} rank(s)  method: "
+                f"{c.method}"
+                + (f"  LoRA r={c.lora_r}" + (' (QLoRA NF4+DQ base)' if c.qlora else '') if c.lora_r
+                   else '')
+                + (f"\nactivations: batch {c.batch} x seq {c.seq}"
+                   + (' with checkpointing' if c.gradient_checkpointing else '')
                    if c.batch else '') + '\n')
         w = max(len(k) for k in [*self.rows, 'sent per step']) + 2
         lines = [f"{'component':<{w}}{'GB per rank':>12}", '-'*(w + 12)]
@@ -285,7 +327,8 @@ class MemoryEstimate:
 # %% ../nbs/05_memory.ipynb #65d69739
 def _frozen_shard(nbytes, stage, ranks): return nbytes/ranks if stage == 3 else nbytes
 
-def estimate_memory(cfg: MemoryConfig | None = None, spec: ModelSpec | None = None, **kwargs) -> MemoryEstimate:
+def estimate_memory(cfg: MemoryConfig | None = None, spec: ModelSpec | None = None,
+                    **kwargs) -> MemoryEstimate:
     "Per-rank training memory for the question in `cfg` (or keyword fields of `MemoryConfig`)."
     cfg = cfg or MemoryConfig(**kwargs)
     if spec is None and cfg.config is not None: spec = model_spec(cfg.config)
@@ -297,7 +340,8 @@ def estimate_memory(cfg: MemoryConfig | None = None, spec: ModelSpec | None = No
         rows.update(zero_model_states(psi, cfg.stage, cfg.ranks, cfg.dtype, cfg.optim, cfg.engine))
     else:
         psi_t = float(lora_params(spec, cfg.lora_r, cfg.target_modules))
-        rows.update(zero_model_states(psi_t, cfg.stage, cfg.ranks, cfg.dtype, cfg.optim, cfg.engine))
+        rows.update(
+            zero_model_states(psi_t, cfg.stage, cfg.ranks, cfg.dtype, cfg.optim, cfg.engine))
         lin = spec.linear_params
         base = (lin*NF4_DQ_BITS/8 + (psi - lin)*2) if cfg.qlora else psi*c
         rows['frozen base'] = _frozen_shard(base, cfg.stage, cfg.ranks)
@@ -306,10 +350,13 @@ def estimate_memory(cfg: MemoryConfig | None = None, spec: ModelSpec | None = No
     if cfg.method == 'ppo':
         rows['reward model'] = _frozen_shard(psi*c, cfg.stage, cfg.ranks)
         # the value model is a second trained network: the policy's states once more
-        rows['value model'] = sum(rows[k] for k in ('params', 'grads', 'optim', 'frozen base') if k in rows)
+        rows['value model'] = sum(rows[k] for k in ('params', 'grads', 'optim', 'frozen base')
+                                  if k in rows)
     if cfg.batch is not None:
-        act = activation_bytes(spec, cfg.batch, cfg.seq, cfg.dtype, cfg.gradient_checkpointing, cfg.attn)
-        rows['activations'] = act * (2 if cfg.method in ('dpo', 'ppo') else 1)   # chosen+rejected / policy+value
+        act = activation_bytes(spec, cfg.batch, cfg.seq, cfg.dtype, cfg.gradient_checkpointing,
+                               cfg.attn)
+        # chosen+rejected / policy+value
+        rows['activations'] = act * (2 if cfg.method in ('dpo', 'ppo') else 1)
     grad_b = state_bytes(cfg.dtype, cfg.optim).grad
     comm = comm_volume(psi_t, psi, cfg.stage, cfg.ranks)*grad_b
     if cfg.method == 'ppo': comm *= 2
@@ -332,20 +379,25 @@ def plot_estimates(estimates: dict[str, MemoryEstimate], title: str = '', ax=Non
 
 # %% ../nbs/05_memory.ipynb #5fa6b28a
 def deepspeed_zero2_mem(psi, gpus_per_node=1, nodes=1, cpu_offload=True, buffer_factor=1.5):
-    "(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero2_model_states_mem_needs`, same arguments."
-    _check_count('psi', psi); _check_count('gpus_per_node', gpus_per_node); _check_count('nodes', nodes)
+    ("(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero2_model_states_mem_needs`, same "
+     "arguments.")
+    _check_count('psi', psi); _check_count('gpus_per_node', gpus_per_node)
+    _check_count('nodes', nodes)
     n = gpus_per_node*nodes
     if cpu_offload: return int(psi*max(4*n, 16)*buffer_factor), int(2*psi)
-    # GPU: 2-byte weights in full; sharded: 2 (16-bit grads) + 4 (fp32 grads) + 4 (master) + 8 (m, v)
+    # GPU: 2-byte weights in full; sharded: 2 (16-bit grads) + 4 (fp32 grads) + 4 (master) + 8 (m,
+    # v)
     return int(psi*4*gpus_per_node*buffer_factor), int(2*psi + int(18*psi/n))
 
 def deepspeed_zero3_mem(psi, largest_layer, gpus_per_node=1, nodes=1, cpu_offload=True,
                         cpu_offload_params=True, zero_init=True, buffer_factor=1.5):
-    "(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero3_model_states_mem_needs`, same arguments."
+    ("(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero3_model_states_mem_needs`, same "
+     "arguments.")
     _check_count('psi', psi); _check_count('largest_layer', largest_layer)
     _check_count('gpus_per_node', gpus_per_node); _check_count('nodes', nodes)
     n, per_node, b = gpus_per_node*nodes, 1/nodes, buffer_factor
-    big = 4*largest_layer                   # the largest layer gathered: 2-byte weights + 2-byte grads
+    # the largest layer gathered: 2-byte weights + 2-byte grads
+    big = 4*largest_layer
     if cpu_offload and cpu_offload_params:
         cpu = psi*18*per_node*b if zero_init else psi*max(4*gpus_per_node, 18*per_node)*b
         return int(cpu), int(big)
@@ -360,7 +412,8 @@ def deepspeed_zero2_estimate(psi: float, ranks: int) -> float:
     return deepspeed_zero2_mem(psi, ranks, cpu_offload=False)[1]
 
 def deepspeed_zero3_estimate(psi: float, largest_layer: float, ranks: int) -> float:
-    "DeepSpeed's ZeRO-3 GPU bytes without offload, on one node: $4\\Psi_\\text{largest} + 18\\Psi/N_d$."
+    ("DeepSpeed's ZeRO-3 GPU bytes without offload, on one node: $4\\Psi_\\text{largest} + "
+     "18\\Psi/N_d$.")
     return deepspeed_zero3_mem(psi, largest_layer, ranks, cpu_offload=False)[1]
 
 def accelerate_training_estimate(psi: float, dtype: str = 'float32') -> float:
@@ -371,35 +424,48 @@ def accelerate_training_estimate(psi: float, dtype: str = 'float32') -> float:
 # %% ../nbs/05_memory.ipynb #260300cc
 def _positive_int(s):
     try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v < 1: raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return v
 
 def _positive_float(s):
-    "A parameter count from the command line: 7.5e9 and 7500000000 are fine, nan, inf and 1.5 are not."
+    ("A parameter count from the command line: 7.5e9 and 7500000000 are fine, nan, inf and 1.5 are "
+     "not.")
     try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number like 7.5e9, got {s!r}") from None
-    if not v > 0 or math.isinf(v): raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    if v != int(v): raise argparse.ArgumentTypeError(f"must be a whole number of parameters, got {s}")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 7.5e9, got {s!r}") from None
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    if v != int(v):
+        raise argparse.ArgumentTypeError(f"must be a whole number of parameters, got {s}")
     return v
 
 def memory_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='fttk memory', description='Per-rank training memory: model states, ZeRO, LoRA/QLoRA, activations.')
+    p = argparse.ArgumentParser(prog='fttk memory', description='Per-rank training memory: model '
+                                                                'states, ZeRO, LoRA/QLoRA, '
+                                                                'activations.')
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--config', help='model config: config.json path or folder, lab:test / lab:default, or a hub name (online)')
+    src.add_argument('--config', help='model config: config.json path or folder, lab:test / '
+                                      'lab:default, or a hub name (online)')
     src.add_argument('--params', type=_positive_float, help='a bare parameter count, e.g. 7.5e9')
     p.add_argument('--stage', type=int, choices=range(4), default=0, help='ZeRO stage (default 0)')
-    p.add_argument('--ranks', type=_positive_int, default=1, help='data-parallel processes N_d (default 1)')
-    p.add_argument('--dtype', choices=DTYPES, default='mixed', help='mixed: bf16/fp16 + fp32 master (default)')
+    p.add_argument('--ranks', type=_positive_int, default=1,
+                   help='data-parallel processes N_d (default 1)')
+    p.add_argument('--dtype', choices=DTYPES, default='mixed',
+                   help='mixed: bf16/fp16 + fp32 master (default)')
     p.add_argument('--optim', choices=tuple(OPTIMIZERS), default='adamw')
     p.add_argument('--lora-r', type=_positive_int, help='LoRA rank: train adapters only')
-    p.add_argument('--qlora', action='store_true', help='frozen base in NF4 + double quantization (needs --lora-r)')
+    p.add_argument('--qlora', action='store_true',
+                   help='frozen base in NF4 + double quantization (needs --lora-r)')
     p.add_argument('--batch', type=_positive_int, help='per-device batch size (with --seq)')
     p.add_argument('--seq', type=_positive_int, help='sequence length (with --batch)')
-    p.add_argument('--checkpointing', action='store_true', help='activation (gradient) checkpointing')
+    p.add_argument('--checkpointing', action='store_true',
+                   help='activation (gradient) checkpointing')
     p.add_argument('--method', choices=('sft', 'dpo', 'ppo'), default='sft')
     p.add_argument('--attn', choices=('sdpa', 'eager'), default='sdpa')
-    p.add_argument('--engine', choices=('zero', 'fsdp2'), default='zero', help="zero: the paper's formula; fsdp2: PyTorch FSDP2")
+    p.add_argument('--engine', choices=('zero', 'fsdp2'), default='zero',
+                   help="zero: the paper's formula; fsdp2: PyTorch FSDP2")
     return p
 
 def memory_main(argv: list[str] | None = None) -> int:
@@ -407,8 +473,9 @@ def memory_main(argv: list[str] | None = None) -> int:
     parser = memory_parser()
     a = parser.parse_args(argv)
     try:
-        cfg = MemoryConfig(config=a.config, params=a.params, stage=a.stage, ranks=a.ranks, dtype=a.dtype, optim=a.optim,
-                           lora_r=a.lora_r, qlora=a.qlora, batch=a.batch, seq=a.seq, gradient_checkpointing=a.checkpointing,
+        cfg = MemoryConfig(config=a.config, params=a.params, stage=a.stage, ranks=a.ranks,
+                           dtype=a.dtype, optim=a.optim, lora_r=a.lora_r, qlora=a.qlora,
+                           batch=a.batch, seq=a.seq, gradient_checkpointing=a.checkpointing,
                            method=a.method, attn=a.attn, engine=a.engine)
         est = estimate_memory(cfg)
     except (ValueError, OSError, TypeError) as e:   # OSError: an unreadable config file

@@ -30,24 +30,31 @@ def check_text_pairs(predictions, references, fn: str) -> tuple[list[str], list[
     "Check text-metric inputs; return the predictions and, per prediction, a list of references."
     for arg, val in (('predictions', predictions), ('references', references)):
         if isinstance(val, str):
-            raise TypeError(f"{fn}: {arg} must be a list of strings, got a single str {_short(val)}; wrap it in a list")
+            raise TypeError(f"{fn}: {arg} must be a list of strings, got a single str "
+                            f"{_short(val)}; wrap it in a list")
         if not isinstance(val, (list, tuple)):
             raise TypeError(f"{fn}: {arg} must be a list, got {type(val).__name__}")
     if len(predictions) != len(references):
-        raise ValueError(f"{fn}: {len(predictions)} predictions but {len(references)} references; they must pair up one to one")
+        raise ValueError(f"{fn}: {len(predictions)} predictions but {len(references)} references; "
+                         "they must pair up one to one")
     if not predictions: raise ValueError(f"{fn}: no predictions given")
     for i, p in enumerate(predictions):
         if not isinstance(p, str):
-            raise TypeError(f"{fn}: predictions[{i}] is {type(p).__name__} {_short(p)}, expected a string")
+            raise TypeError(
+                f"{fn}: predictions[{i}] is {type(p).__name__} {_short(p)}, expected a string")
     refs = []
     for i, r in enumerate(references):
         if isinstance(r, str): refs.append([r]); continue
         if isinstance(r, (list, tuple)):
-            if not r: raise ValueError(f"{fn}: references[{i}] is an empty list; give at least one reference string")
+            if not r:
+                raise ValueError(
+                    f"{fn}: references[{i}] is an empty list; give at least one reference string")
             bad = [j for j, x in enumerate(r) if not isinstance(x, str)]
             if not bad: refs.append(list(r)); continue
-            raise TypeError(f"{fn}: references[{i}][{bad[0]}] is {type(r[bad[0]]).__name__} {_short(r[bad[0]])}, expected a string")
-        raise TypeError(f"{fn}: references[{i}] is {type(r).__name__} {_short(r)}, expected a string or a list of strings")
+            raise TypeError(f"{fn}: references[{i}][{bad[0]}] is {type(r[bad[0]]).__name__} "
+                            f"{_short(r[bad[0]])}, expected a string")
+        raise TypeError(f"{fn}: references[{i}] is {type(r).__name__} {_short(r)}, expected a "
+                        "string or a list of strings")
     return list(predictions), refs
 
 # %% ../nbs/07_metrics.ipynb #88ac16fa
@@ -57,8 +64,11 @@ _ARTICLES = re.compile(r'\b(a|an|the)\b')
 def _is_punct(ch: str) -> bool: return ch in _PUNCT or unicodedata.category(ch).startswith('P')
 
 def normalize_answer(text: str) -> str:
-    "SQuAD normalisation: lowercase, drop punctuation (ASCII and Unicode), drop articles, squeeze spaces."
-    if not isinstance(text, str): raise TypeError(f"normalize_answer: expected a string, got {type(text).__name__} {_short(text)}")
+    ("SQuAD normalisation: lowercase, drop punctuation (ASCII and Unicode), drop articles, squeeze "
+     "spaces.")
+    if not isinstance(text, str):
+        raise TypeError(
+            f"normalize_answer: expected a string, got {type(text).__name__} {_short(text)}")
     text = ''.join(ch for ch in text.lower() if not _is_punct(ch))
     text = _ARTICLES.sub(' ', text)
     return ' '.join(text.split())
@@ -73,15 +83,20 @@ def _em_one(pred: list[str], gold: list[str], mode: str) -> bool:
     k = len(gold)
     return any(pred[i:i + k] == gold for i in range(len(pred) - k + 1))
 
-def exact_match_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]], mode: str = 'exact') -> list[bool]:
-    "Per example: does the normalised prediction match any normalised reference (`mode`: exact, prefix, contains)?"
-    if mode not in EM_MODES: raise ValueError(f"exact_match: mode must be one of {list(EM_MODES)}, got {mode!r}")
+def exact_match_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                       mode: str = 'exact') -> list[bool]:
+    ("Per example: does the normalised prediction match any normalised reference (`mode`: exact, "
+     "prefix, contains)?")
+    if mode not in EM_MODES:
+        raise ValueError(f"exact_match: mode must be one of {list(EM_MODES)}, got {mode!r}")
     preds, refs = check_text_pairs(predictions, references, 'exact_match')
     return [any(_em_one(normalize_answer(p).split(), normalize_answer(g).split(), mode) for g in gs)
             for p, gs in zip(preds, refs)]
 
-def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]], mode: str = 'exact') -> float:
-    "Fraction of predictions that match a reference after SQuAD normalisation (see `exact_match_scores`)."
+def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+                mode: str = 'exact') -> float:
+    ("Fraction of predictions that match a reference after SQuAD normalisation (see "
+     "`exact_match_scores`).")
     s = exact_match_scores(predictions, references, mode)
     return sum(s) / len(s)
 
@@ -93,44 +108,56 @@ def _f1_one(pred: list[str], gold: list[str]) -> float:
     P, R = c / len(pred), c / len(gold)
     return 2 * P * R / (P + R)
 
-def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]], average: bool = True):
-    "SQuAD token F1 after `normalize_answer`, best over references; mean over examples (or the list if `average=False`)."
+def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+             average: bool = True):
+    ("SQuAD token F1 after `normalize_answer`, best over references; mean over examples (or the "
+     "list if `average=False`).")
     preds, refs = check_text_pairs(predictions, references, 'token_f1')
-    s = [max(_f1_one(normalize_answer(p).split(), normalize_answer(g).split()) for g in gs) for p, gs in zip(preds, refs)]
+    s = [max(_f1_one(normalize_answer(p).split(), normalize_answer(g).split()) for g in gs)
+         for p, gs in zip(preds, refs)]
     return sum(s) / len(s) if average else s
 
 # %% ../nbs/07_metrics.ipynb #0869c759
 def _as_1d(x, fn: str, arg: str) -> list:
     if isinstance(x, (str, bytes)) or not (isinstance(x, (list, tuple)) or hasattr(x, 'tolist')):
-        raise TypeError(f"{fn}: {arg} must be a list or 1-d array, got {type(x).__name__} {_short(x)}")
+        raise TypeError(
+            f"{fn}: {arg} must be a list or 1-d array, got {type(x).__name__} {_short(x)}")
     out = x.tolist() if hasattr(x, 'tolist') else list(x)
     if not isinstance(out, list) or any(isinstance(v, (list, tuple)) for v in out):
         raise ValueError(f"{fn}: {arg} must be 1-d (one value per example)")
     return out
 
 def _check_lengths(fn: str, a: list, b: list, an: str, bn: str):
-    if len(a) != len(b): raise ValueError(f"{fn}: {len(a)} {an} but {len(b)} {bn}; they must pair up one to one")
+    if len(a) != len(b):
+        raise ValueError(f"{fn}: {len(a)} {an} but {len(b)} {bn}; they must pair up one to one")
     if not a: raise ValueError(f"{fn}: no {an} given")
 
 def accuracy(predictions, references) -> float:
-    "Fraction of predicted labels equal to the reference labels (any comparable labels: ints, strings, bools)."
-    p, r = _as_1d(predictions, 'accuracy', 'predictions'), _as_1d(references, 'accuracy', 'references')
+    ("Fraction of predicted labels equal to the reference labels (any comparable labels: ints, "
+     "strings, bools).")
+    p, r = _as_1d(predictions, 'accuracy', 'predictions'), _as_1d(references, 'accuracy',
+                                                                  'references')
     _check_lengths('accuracy', p, r, 'predictions', 'references')
     return sum(a == b for a, b in zip(p, r)) / len(p)
 
 def roc_auc(prediction_scores, references) -> float:
-    "Area under the ROC curve of scores against 0/1 labels, by average ranks (equals sklearn's `roc_auc_score`)."
-    s, y = _as_1d(prediction_scores, 'roc_auc', 'prediction_scores'), _as_1d(references, 'roc_auc', 'references')
+    ("Area under the ROC curve of scores against 0/1 labels, by average ranks (equals sklearn's "
+     "`roc_auc_score`).")
+    s, y = _as_1d(prediction_scores, 'roc_auc', 'prediction_scores'), _as_1d(references, 'roc_auc',
+                                                                             'references')
     _check_lengths('roc_auc', s, y, 'prediction_scores', 'references')
     for i, v in enumerate(y):
-        if v not in (0, 1): raise ValueError(f"roc_auc: references[{i}] is {_short(v)}; labels must be 0 or 1")
+        if v not in (0, 1):
+            raise ValueError(f"roc_auc: references[{i}] is {_short(v)}; labels must be 0 or 1")
     for i, v in enumerate(s):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"roc_auc: prediction_scores[{i}] is {_short(v)}; scores must be finite numbers")
+            raise ValueError(
+                f"roc_auc: prediction_scores[{i}] is {_short(v)}; scores must be finite numbers")
     y, s = np.asarray(y, dtype=bool), np.asarray(s, dtype=np.float64)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"roc_auc: references hold only {'positives' if n_neg == 0 else 'negatives'}; AUC needs both classes")
+        raise ValueError("roc_auc: references hold only "
+                         f"{'positives' if n_neg == 0 else 'negatives'}; AUC needs both classes")
     # average ranks: a tie group occupying ranks a..b gets (a+b)/2 for every member
     _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
     last_rank = np.cumsum(counts)
@@ -189,8 +216,10 @@ def lcs_positions(ref: Sequence[str], pred: Sequence[str]) -> list[int]:
         else: i -= 1
     return out[::-1]
 
-def rouge_lsum(pred_sents: Sequence[Sequence[str]], ref_sents: Sequence[Sequence[str]]) -> RougeScore:
-    "Summary-level ROUGE-L over tokenised sentences: union LCS per reference sentence, hits clipped by counts."
+def rouge_lsum(pred_sents: Sequence[Sequence[str]],
+               ref_sents: Sequence[Sequence[str]]) -> RougeScore:
+    ("Summary-level ROUGE-L over tokenised sentences: union LCS per reference sentence, hits "
+     "clipped by counts.")
     m, n = sum(map(len, ref_sents)), sum(map(len, pred_sents))
     if not m or not n: return RougeScore(0.0, 0.0, 0.0)
     cnt_ref = Counter(t for s in ref_sents for t in s)
@@ -213,9 +242,11 @@ ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')
 
 def _check_rouge_types(rouge_types) -> list[str]:
     if isinstance(rouge_types, str): rouge_types = [rouge_types]
-    bad = [t for t in rouge_types if not (t in ('rougeL', 'rougeLsum') or _ROUGE_TYPE.match(str(t)))]
+    bad = [t for t in rouge_types
+           if not (t in ('rougeL', 'rougeLsum') or _ROUGE_TYPE.match(str(t)))]
     if bad or not rouge_types:
-        raise ValueError(f"rouge: unknown rouge type(s) {bad}; use 'rouge1'..'rouge9', 'rougeL' or 'rougeLsum'")
+        raise ValueError(
+            f"rouge: unknown rouge type(s) {bad}; use 'rouge1'..'rouge9', 'rougeL' or 'rougeLsum'")
     return list(rouge_types)
 
 def _pick_backend(backend: str, lib: str, fn: str) -> str:
@@ -224,11 +255,14 @@ def _pick_backend(backend: str, lib: str, fn: str) -> str:
     if backend == 'fttk': return backend
     try: __import__(lib)
     except ImportError:
-        if backend == lib: raise ImportError(f"{fn}: backend={lib!r} needs the {lib} package (pip install {lib.replace('_', '-')})")
+        if backend == lib:
+            raise ImportError(f"{fn}: backend={lib!r} needs the {lib} package (pip install "
+                              f"{lib.replace('_', '-')})")
         return 'fttk'
     return lib
 
-def rouge_scores(prediction: str, references: Sequence[str], rouge_types=ROUGE_TYPES) -> dict[str, RougeScore]:
+def rouge_scores(prediction: str, references: Sequence[str],
+                 rouge_types=ROUGE_TYPES) -> dict[str, RougeScore]:
     "From-scratch ROUGE of one prediction against one or more references (best F1 per type)."
     types = _check_rouge_types(rouge_types)
     pred_toks, pred_sents = rouge_tokenize(prediction), _sentences(prediction)
@@ -243,14 +277,17 @@ def rouge_scores(prediction: str, references: Sequence[str], rouge_types=ROUGE_T
     # the first reference with the best F1, type by type (rouge-score's score_multi)
     return {t: max(per_ref, key=lambda d: d[t].fmeasure)[t] for t in types}
 
-def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]], rouge_types=ROUGE_TYPES,
-          use_aggregator: bool = True, use_stemmer: bool = False, backend: str = 'auto') -> dict:
+def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+          rouge_types=ROUGE_TYPES, use_aggregator: bool = True, use_stemmer: bool = False,
+          backend: str = 'auto') -> dict:
     "ROUGE F1 per type: mean over examples (or the per-example list if `use_aggregator=False`)."
     preds, refs = check_text_pairs(predictions, references, 'rouge')
     types = _check_rouge_types(rouge_types)
     backend = _pick_backend(backend, 'rouge_score', 'rouge')
     if backend == 'fttk':
-        if use_stemmer: raise ValueError("rouge: use_stemmer=True needs backend='rouge_score' (the fttk backend does not stem)")
+        if use_stemmer:
+            raise ValueError("rouge: use_stemmer=True needs backend='rouge_score' (the fttk "
+                             "backend does not stem)")
         per = [rouge_scores(p, rs, types) for p, rs in zip(preds, refs)]
     else:
         from rouge_score import rouge_scorer
@@ -261,7 +298,8 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
 
 # %% ../nbs/07_metrics.ipynb #ea1cf1fa
 _13A_RULES = [
-    (re.compile(r'([\{-\~\[-\` -\&\(-\+\:-\@\/])'), r' \1 '),   # ASCII symbols: { | } ~ [ \ ] ^ _ ` ! " # $ % & ( ) * + : ; < = > ? @ /
+    # ASCII symbols: { | } ~ [ \ ] ^ _ ` ! " # $ % & ( ) * + : ; < = > ? @ /
+    (re.compile(r'([\{-\~\[-\` -\&\(-\+\:-\@\/])'), r' \1 '),
     (re.compile(r'([^0-9])([\.,])'), r'\1 \2 '),                # period/comma after a non-digit
     (re.compile(r'([\.,])([^0-9])'), r' \1 \2'),                # period/comma before a non-digit
     (re.compile(r'([0-9])(-)'), r'\1 \2 '),                     # dash after a digit
@@ -271,7 +309,8 @@ def tokenize_13a(line: str) -> str:
     "The mteval-v13a tokenizer (sacrebleu's default for BLEU): returns space-separated tokens."
     line = line.replace('<skipped>', '').replace('-\n', '').replace('\n', ' ')
     if '&' in line:
-        line = line.replace('&quot;', '"').replace('&amp;', '&').replace('&lt;', '<').replace('&gt;', '>')
+        line = line.replace('&quot;', '"').replace('&amp;', '&').replace('&lt;', '<').replace(
+            '&gt;', '>')
     line = f' {line} '
     for rx, repl in _13A_RULES: line = rx.sub(repl, line)
     return ' '.join(line.split())
@@ -280,7 +319,8 @@ def tokenize_13a(line: str) -> str:
 BLEU_SMOOTH_DEFAULTS = {'none': None, 'floor': 0.1, 'add-k': 1, 'exp': None}
 
 def _bleu_ngrams(tokens: list[str], N: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for n in range(1, N + 1) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, N + 1)
+                   for i in range(len(tokens) - n + 1))
 
 def _closest_ref_len(c: int, ref_lens: list[int]) -> int:
     return min(ref_lens, key=lambda r: (abs(c - r), r))
@@ -295,12 +335,13 @@ def bleu_stats(prediction: str, references: Sequence[str], N: int = 4) -> list[i
     for g, k in _bleu_ngrams(hyp, N).items():
         totals[len(g) - 1] += k
         matches[len(g) - 1] += min(k, ref_max[g])
-    return [len(hyp), _closest_ref_len(len(hyp), [len(r.split()) for r in references])] + matches + totals
+    return [len(hyp), _closest_ref_len(
+        len(hyp), [len(r.split()) for r in references])] + matches + totals
 
 def _log(x: float) -> float: return math.log(x) if x > 0 else -9999999999   # sacrebleu's log(0)
 
-def bleu_from_stats(stats: Sequence[int], N: int = 4, smooth_method: str = 'exp', smooth_value: float | None = None,
-                    effective_order: bool = False) -> dict:
+def bleu_from_stats(stats: Sequence[int], N: int = 4, smooth_method: str = 'exp',
+                    smooth_value: float | None = None, effective_order: bool = False) -> dict:
     "Corpus BLEU from summed sufficient statistics (precisions in percent, score 0..100)."
     c, r = int(stats[0]), int(stats[1])
     matches, totals = list(stats[2:2 + N]), list(stats[2 + N:2 + 2 * N])
@@ -327,13 +368,16 @@ def bleu_from_stats(stats: Sequence[int], N: int = 4, smooth_method: str = 'exp'
     return {'score': score, **out}
 
 # %% ../nbs/07_metrics.ipynb #f195db40
-def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], smooth_method: str = 'exp',
-         smooth_value: float | None = None, lowercase: bool = False, tokenize: str = '13a',
-         max_ngram_order: int = 4, effective_order: bool = False, backend: str = 'auto') -> dict:
-    "Corpus BLEU as `sacrebleu.corpus_bleu` computes it (backend 'fttk' = the code above, 'sacrebleu' = the library)."
+def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+         smooth_method: str = 'exp', smooth_value: float | None = None, lowercase: bool = False,
+         tokenize: str = '13a', max_ngram_order: int = 4, effective_order: bool = False,
+         backend: str = 'auto') -> dict:
+    ("Corpus BLEU as `sacrebleu.corpus_bleu` computes it (backend 'fttk' = the code above, "
+     "'sacrebleu' = the library).")
     preds, refs = check_text_pairs(predictions, references, 'bleu')
     if smooth_method not in BLEU_SMOOTH_DEFAULTS:
-        raise ValueError(f"bleu: smooth_method must be one of {list(BLEU_SMOOTH_DEFAULTS)}, got {smooth_method!r}")
+        raise ValueError(f"bleu: smooth_method must be one of {list(BLEU_SMOOTH_DEFAULTS)}, got "
+                         f"{smooth_method!r}")
     if not isinstance(max_ngram_order, int) or max_ngram_order < 1:
         raise ValueError(f"bleu: max_ngram_order must be a positive int, got {max_ngram_order!r}")
     backend = _pick_backend(backend, 'sacrebleu', 'bleu')
@@ -342,29 +386,34 @@ def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], 
         # sacrebleu wants reference *streams*; None pads predictions that have fewer references
         k = max(map(len, refs))
         streams = [[rs[i] if i < len(rs) else None for rs in refs] for i in range(k)]
-        s = BLEU(lowercase=lowercase, tokenize=tokenize, smooth_method=smooth_method, smooth_value=smooth_value,
-                 max_ngram_order=max_ngram_order, effective_order=effective_order).corpus_score(preds, streams)
-        return dict(score=s.score, counts=list(s.counts), totals=list(s.totals), precisions=list(s.precisions),
-                    bp=s.bp, sys_len=s.sys_len, ref_len=s.ref_len)
+        s = BLEU(lowercase=lowercase, tokenize=tokenize, smooth_method=smooth_method,
+                 smooth_value=smooth_value, max_ngram_order=max_ngram_order,
+                 effective_order=effective_order).corpus_score(preds, streams)
+        return dict(score=s.score, counts=list(s.counts), totals=list(s.totals),
+                    precisions=list(s.precisions), bp=s.bp, sys_len=s.sys_len, ref_len=s.ref_len)
     if tokenize not in ('13a', 'none'):
-        raise ValueError(f"bleu: the fttk backend knows tokenize='13a' or 'none', got {tokenize!r} (use backend='sacrebleu')")
+        raise ValueError(f"bleu: the fttk backend knows tokenize='13a' or 'none', got {tokenize!r} "
+                         "(use backend='sacrebleu')")
     def prep(t: str) -> str:
         t = t.lower() if lowercase else t
         return tokenize_13a(t.rstrip()) if tokenize == '13a' else t.rstrip()
     total = np.zeros(2 + 2 * max_ngram_order, dtype=np.int64)
     for p, rs in zip(preds, refs):
         total += bleu_stats(prep(p), [prep(r) for r in rs], max_ngram_order)
-    return bleu_from_stats(total.tolist(), max_ngram_order, smooth_method, smooth_value, effective_order)
+    return bleu_from_stats(total.tolist(), max_ngram_order, smooth_method, smooth_value,
+                           effective_order)
 
 # %% ../nbs/07_metrics.ipynb #6763a7f3
 _SCRIPT_HEAD = '''# fttk's offline {name} metric for Hugging Face `evaluate`.
-# Written by fttk.metrics.metric_path; edits are overwritten. Load with fttk.metrics.load_metric({name!r}).
+# Written by fttk.metrics.metric_path; edits are overwritten.
+# Load with fttk.metrics.load_metric({name!r}).
 import datasets
 import evaluate
 
 from fttk.metrics import {fn}
 
-_TEXT = datasets.Features({{"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}})
+_TEXT = datasets.Features({{"predictions": datasets.Value("string"),
+                           "references": datasets.Sequence(datasets.Value("string"))}})
 
 
 def _as_lists(references):
@@ -381,15 +430,17 @@ class {cls}(evaluate.Metric):
 
 # evaluate takes the first EvaluationModule subclass in the script as the metric, so the text
 # metrics' input fix is pasted into each class rather than inherited from a shared base
-_TEXT_METHODS = '''    # evaluate fixes the input format from the first example and silently mangles later ones that differ
-    # (a string after a list becomes a list of characters): always hand it lists of reference strings
+_TEXT_METHODS = '''    # evaluate fixes the input format from the first example and silently mangles
+    # later ones that differ (a string after a list becomes a list of characters):
+    # always hand it lists of reference strings
     def compute(self, *, predictions=None, references=None, **kwargs):
         """Compute the metric; a reference may be a string or a list of strings."""
         return super().compute(predictions=predictions, references=_as_lists(references), **kwargs)
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references; a reference may be a string or a list of strings."""
-        return super().add_batch(predictions=predictions, references=_as_lists(references), **kwargs)
+        """Add a batch of predictions and references (a string or a list of strings each)."""
+        return super().add_batch(predictions=predictions, references=_as_lists(references),
+                                 **kwargs)
 
     def add(self, *, prediction=None, reference=None, **kwargs):
         """Add one prediction and its reference (a string or a list of strings)."""
@@ -400,40 +451,52 @@ _TEXT_METHODS = '''    # evaluate fixes the input format from the first example 
 
 _SCRIPTS = {
     'rouge': dict(fn='rouge', cls='FttkRouge', features='_TEXT',
-                  desc='ROUGE-N / ROUGE-L / ROUGE-Lsum F1 (mean over examples), equal to rouge-score.',
-                  inputs='predictions: list of str; references: list of str or list of lists of str. '
+                  desc='ROUGE-N / ROUGE-L / ROUGE-Lsum F1 (mean over examples), equal to '
+                       'rouge-score.',
+                  inputs='predictions: list of str; references: list of str or list of lists of '
+                         'str. '
                          'Options: rouge_types, use_aggregator, use_stemmer, backend.',
-                  body='''    def _compute(self, predictions, references, rouge_types=("rouge1", "rouge2", "rougeL", "rougeLsum"),
+                  body='''    def _compute(self, predictions, references,
+                 rouge_types=("rouge1", "rouge2", "rougeL", "rougeLsum"),
                  use_aggregator=True, use_stemmer=False, backend="auto"):
-        return rouge(predictions, references, rouge_types=rouge_types, use_aggregator=use_aggregator,
-                     use_stemmer=use_stemmer, backend=backend)
+        return rouge(predictions, references, rouge_types=rouge_types,
+                     use_aggregator=use_aggregator, use_stemmer=use_stemmer, backend=backend)
 '''),
     'bleu': dict(fn='bleu', cls='FttkBleu', features='_TEXT',
                  desc='Corpus BLEU (0..100) as sacrebleu.corpus_bleu computes it.',
-                 inputs='predictions: list of str; references: list of str or list of lists of str. '
-                        'Options: smooth_method, smooth_value, lowercase, tokenize, max_ngram_order, effective_order, backend.',
-                 body='''    def _compute(self, predictions, references, smooth_method="exp", smooth_value=None, lowercase=False,
-                 tokenize="13a", max_ngram_order=4, effective_order=False, backend="auto"):
+                 inputs='predictions: list of str; references: list of str or list of lists of '
+                        'str. '
+                        'Options: smooth_method, smooth_value, lowercase, tokenize, '
+                        'max_ngram_order, effective_order, backend.',
+                 body='''    def _compute(self, predictions, references, smooth_method="exp",
+                 smooth_value=None, lowercase=False, tokenize="13a", max_ngram_order=4,
+                 effective_order=False, backend="auto"):
         return bleu(predictions, references, smooth_method=smooth_method, smooth_value=smooth_value,
                     lowercase=lowercase, tokenize=tokenize, max_ngram_order=max_ngram_order,
                     effective_order=effective_order, backend=backend)
 '''),
     'exact_match': dict(fn='exact_match', cls='FttkExactMatch', features='_TEXT',
-                        desc='Exact match after SQuAD normalisation; mode exact, prefix or contains.',
-                        inputs='predictions: list of str; references: list of str or list of lists of str. Option: mode.',
+                        desc='Exact match after SQuAD normalisation; mode exact, prefix or '
+                             'contains.',
+                        inputs='predictions: list of str; references: list of str or list of lists '
+                               'of str. Option: mode.',
                         body='''    def _compute(self, predictions, references, mode="exact"):
         return {"exact_match": exact_match(predictions, references, mode=mode)}
 '''),
     'accuracy': dict(fn='accuracy', cls='FttkAccuracy',
-                     features='[datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),\n'
-                              '                                             datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")})]',
+                     features='[datasets.Features({"predictions": datasets.Value("int64"), '
+                              '"references": datasets.Value("int64")}),\n'
+                              '                                             '
+                              'datasets.Features({"predictions": datasets.Value("string"), '
+                              '"references": datasets.Value("string")})]',
                      desc='Fraction of predicted labels equal to the references.',
                      inputs='predictions, references: lists of int or str labels.',
                      body='''    def _compute(self, predictions, references):
         return {"accuracy": accuracy(predictions, references)}
 '''),
     'roc_auc': dict(fn='roc_auc', cls='FttkRocAuc',
-                    features='datasets.Features({"prediction_scores": datasets.Value("float64"), "references": datasets.Value("int64")})',
+                    features='datasets.Features({"prediction_scores": datasets.Value("float64"), '
+                             '"references": datasets.Value("int64")})',
                     desc='Binary ROC AUC by average ranks (equals sklearn roc_auc_score).',
                     inputs='prediction_scores: list of float; references: list of 0/1 labels.',
                     body='''    def _compute(self, prediction_scores, references):
@@ -444,20 +507,26 @@ METRICS = tuple(_SCRIPTS)
 
 def metric_script(name: str) -> str:
     "The source text of fttk's local `evaluate` module for metric `name`."
-    if name not in _SCRIPTS: raise ValueError(f"no fttk evaluate module named {name!r}; available: {', '.join(METRICS)}")
+    if name not in _SCRIPTS:
+        raise ValueError(f"no fttk evaluate module named {name!r}; available: {', '.join(METRICS)}")
     s = _SCRIPTS[name]
     extra = _TEXT_METHODS if s['features'] == '_TEXT' else ''
-    return _SCRIPT_HEAD.format(name=name, extra=extra, **{k: s[k] for k in ('fn', 'cls', 'desc', 'inputs', 'features')}) + s['body']
+    return _SCRIPT_HEAD.format(name=name, extra=extra, **{
+        k: s[k] for k in ('fn', 'cls', 'desc', 'inputs', 'features')}) + s['body']
 
 def metric_path(name: str) -> Path:
-    "Folder of the local `evaluate` module for `name` (written into the fttk cache on first use); pass it to `evaluate.load`."
+    ("Folder of the local `evaluate` module for `name` (written into the fttk cache on first use); "
+     "pass it to `evaluate.load`.")
     text = metric_script(name)
     folder = cache_dir('metrics')/f'fttk_{name}'
-    script = folder/f'fttk_{name}.py'          # evaluate requires the script to be named like its folder
+    # evaluate requires the script to be named like its folder
+    script = folder/f'fttk_{name}.py'
     if not script.exists() or script.read_text() != text: atomic_write_text(script, text)
     return folder
 
 def load_metric(name: str, **kwargs):
-    "`evaluate.load` of fttk's local module for `name` ('rouge', 'bleu', 'exact_match', 'accuracy', 'roc_auc'): no network."
-    import evaluate                            # slow to import: only when a module is actually loaded
+    ("`evaluate.load` of fttk's local module for `name` ('rouge', 'bleu', 'exact_match', "
+     "'accuracy', 'roc_auc'): no network.")
+    # slow to import: only when a module is actually loaded
+    import evaluate
     return evaluate.load(str(metric_path(name)), **kwargs)

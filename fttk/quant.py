@@ -33,7 +33,8 @@ FLOAT_FORMATS = {  # name: (dtype, exponent bits, mantissa bits)
 
 def _format(fmt: str):
     if fmt not in FLOAT_FORMATS:
-        raise ValueError(f"unknown float format {fmt!r}; known formats are: {', '.join(FLOAT_FORMATS)}")
+        raise ValueError(
+            f"unknown float format {fmt!r}; known formats are: {', '.join(FLOAT_FORMATS)}")
     return FLOAT_FORMATS[fmt]
 
 def float_bits(x: float, fmt: str = 'fp32') -> str:
@@ -41,7 +42,8 @@ def float_bits(x: float, fmt: str = 'fp32') -> str:
     dtype, e, m = _format(fmt)
     nbits = 1 + e + m
     int_dtype = {32: torch.int32, 16: torch.int16, 8: torch.uint8}[nbits]
-    raw = int(torch.tensor([x], dtype=torch.float32).to(dtype).view(int_dtype).item()) & ((1 << nbits) - 1)
+    raw = int(torch.tensor([x], dtype=torch.float32).to(dtype).view(int_dtype).item()) & (
+        (1 << nbits) - 1)
     b = format(raw, f'0{nbits}b')
     return f"{b[0]} {b[1:1+e]} {b[1+e:]}"
 
@@ -68,7 +70,8 @@ def bits_per_param(fmt: str, blocksize: int = 64, dq_blocksize: int = 256) -> fl
             raise ValueError(f"{k} must be a positive int, got {v!r}")
     if fmt == 'nf4': return 4 + 32 / blocksize
     if fmt == 'nf4_dq': return 4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)
-    raise ValueError(f"unknown format {fmt!r}; use one of {list(FLOAT_FORMATS) + ['int8', 'nf4', 'nf4_dq']}")
+    raise ValueError(
+        f"unknown format {fmt!r}; use one of {list(FLOAT_FORMATS) + ['int8', 'nf4', 'nf4_dq']}")
 
 def model_gigabytes(n_params: float, fmt: str, **kw) -> float:
     "Weight memory in GB (1e9 bytes) of `n_params` parameters stored as `fmt`."
@@ -76,7 +79,8 @@ def model_gigabytes(n_params: float, fmt: str, **kw) -> float:
 
 # %% ../nbs/04_quant.ipynb #809300a7
 def _check_float(x: torch.Tensor, what: str = 'x'):
-    if not isinstance(x, torch.Tensor): raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
 
@@ -94,7 +98,8 @@ def _scale_dims(x, dim):
     return dict(dim=dim, keepdim=True) if dim is not None else {}
 
 def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Symmetric int8: returns (q int8, scale) with x ≈ q / scale; `dim` gives one scale per slice (per-channel)."
+    ("Symmetric int8: returns (q int8, scale) with x ≈ q / scale; `dim` gives one scale per slice "
+     "(per-channel).")
     _check_values(x, 'absmax_quantize')
     xf = x.float()
     amax = xf.abs().amax(**_scale_dims(x, dim))
@@ -104,12 +109,14 @@ def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tens
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() / scale
 
-def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]:
     "Asymmetric int8: returns (q int8, scale, zero) with x ≈ (q - zero) / scale."
     _check_values(x, 'zeropoint_quantize')
     xf = x.float()
     lo, hi = xf.amin(**_scale_dims(x, dim)), xf.amax(**_scale_dims(x, dim))
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)     # the range holds 0, so z stays within [-128, 127]
+    # the range holds 0, so z stays within [-128, 127]
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     scale = 255 / (hi - lo).clamp_min(1e-12)
     zero = torch.round(-128 - scale * lo)
     return torch.clamp(torch.round(scale * xf + zero), -128, 127).to(torch.int8), scale, zero
@@ -117,20 +124,24 @@ def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.T
 def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q.float() - zero) / scale
 
-def blockwise_absmax_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def blockwise_absmax_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[
+        torch.Tensor, torch.Tensor]:
     "Absmax int8 per block of `blocksize` consecutive values (the last block may be shorter)."
     _check_values(x, 'blockwise_absmax_quantize')
     _check_blocksize(blocksize)
     flat = x.reshape(-1)
     pad = -flat.numel() % blocksize
-    q, scale = absmax_quantize(F.pad(flat.float(), (0, pad)).view(-1, blocksize), dim=1)  # zero padding never raises a max
+    # zero padding never raises a max
+    q, scale = absmax_quantize(F.pad(flat.float(), (0, pad)).view(-1, blocksize), dim=1)
     return q.reshape(-1)[:flat.numel()].reshape(x.shape), scale
 
-def blockwise_absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+def blockwise_absmax_dequantize(q: torch.Tensor, scale: torch.Tensor,
+                                blocksize: int = 64) -> torch.Tensor:
     _check_blocksize(blocksize)
     flat = q.reshape(-1)
     pad = -flat.numel() % blocksize
-    return absmax_dequantize(F.pad(flat, (0, pad)).view(-1, blocksize), scale).reshape(-1)[:flat.numel()].reshape(q.shape)
+    return absmax_dequantize(F.pad(flat, (0, pad)).view(-1, blocksize),
+                             scale).reshape(-1)[:flat.numel()].reshape(q.shape)
 
 # %% ../nbs/04_quant.ipynb #ec31f66e
 def _check_int8_operands(x, CW, sW, threshold):
@@ -150,12 +161,15 @@ def _check_int8_operands(x, CW, sW, threshold):
             or not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
 
-def int8_outlier_matmul(x: torch.Tensor, CW: torch.Tensor, sW: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
-    "LLM.int8() forward: `x` (..., in) times int8 weight `CW` (out, in) with row scales `sW` (out, 1)."
+def int8_outlier_matmul(x: torch.Tensor, CW: torch.Tensor, sW: torch.Tensor,
+                        threshold: float = 6.0) -> torch.Tensor:
+    ("LLM.int8() forward: `x` (..., in) times int8 weight `CW` (out, in) with row scales `sW` "
+     "(out, 1).")
     _check_int8_operands(x, CW, sW, threshold)
     shape = x.shape
     if x.numel() == 0: return x.new_zeros(*shape[:-1], CW.shape[0], dtype=torch.float32)  # no rows
-    x16 = x.reshape(-1, shape[-1]).to(torch.float16).float()      # bitsandbytes quantizes activations from fp16
+    # bitsandbytes quantizes activations from fp16
+    x16 = x.reshape(-1, shape[-1]).to(torch.float16).float()
     if not torch.isfinite(x16).all():
         raise ValueError("x contains NaN or inf, or values beyond float16's range (65504): "
                          "LLM.int8() computes activations in float16")
@@ -165,8 +179,8 @@ def int8_outlier_matmul(x: torch.Tensor, CW: torch.Tensor, sW: torch.Tensor, thr
     # columns are then dropped from the int8 part
     CX, sX = absmax_quantize(x16.masked_fill(big, 0.0), dim=1)
     CX = CX.masked_fill(outlier_cols, 0)
-    # int8 x int8 products summed in int32: exact in fp32 for in_features < 2**24 / 127**2 ~ 1040 terms,
-    # so we accumulate in float64 to stay exact for any width
+    # int8 x int8 products summed in int32: exact in fp32 for in_features < 2**24 / 127**2 ~ 1040
+    # terms, so we accumulate in float64 to stay exact for any width
     acc = CX.double() @ CW.double().t()
     y = (acc / (sX.double() * sW.double().t())).float()
     if outlier_cols.any():
@@ -183,9 +197,11 @@ def nf4_codebook(offset: float = 0.9677083) -> torch.Tensor:
     return levels / levels.max()
 
 NF4_CODE = nf4_codebook()
-# bitsandbytes' FP4: 1 sign, 2 exponent, 1 mantissa bit; listed in bit-pattern order, scaled to [-1, 1]
+# bitsandbytes' FP4: 1 sign, 2 exponent, 1 mantissa bit; listed in bit-pattern order, scaled to [-1,
+# 1]
 FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0., -0.0625, -8, -12, -4, -6, -2, -3]) / 12
-INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7      # symmetric 4-bit integers, absmax-scaled
+# symmetric 4-bit integers, absmax-scaled
+INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7
 
 # %% ../nbs/04_quant.ipynb #7050c7fd
 _NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
@@ -203,8 +219,10 @@ def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 def _nf4_indices(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     "4-bit indices (int32, padded to even length) of fp32 `flat` given its block absmax."
     n = flat.numel(); full = n - n % blocksize
-    # multiply by the reciprocal (full blocks) and divide (short tail): the same roundings as bitsandbytes
-    scaled = (flat[:full].view(-1, blocksize) * (1.0 / absmax[:full // blocksize].clamp(min=1e-38)).view(-1, 1)).view(-1)
+    # multiply by the reciprocal (full blocks) and divide (short tail): the same roundings as
+    # bitsandbytes
+    scaled = (flat[:full].view(-1, blocksize)
+              * (1.0 / absmax[:full // blocksize].clamp(min=1e-38)).view(-1, 1)).view(-1)
     if full < n: scaled = torch.cat([scaled, flat[full:] / absmax[-1].clamp(min=1e-38)])
     if n % 2: scaled = F.pad(scaled, (0, 1))
     # values beyond ±1 (rounding of x/absmax) land in the end buckets, so no clamp is needed
@@ -237,32 +255,40 @@ DYNAMIC_CODE = dynamic_map()
 def _lut_for(code: torch.Tensor) -> torch.Tensor:
     mids = 0.5 * (code[:-1] + code[1:])
     bins = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535
-    return torch.searchsorted(mids, bins, side='left').to(torch.uint8)   # number of midpoints below each bin edge
+    # number of midpoints below each bin edge
+    return torch.searchsorted(mids, bins, side='left').to(torch.uint8)
 
 _DYNAMIC_LUT = _lut_for(DYNAMIC_CODE)
 
-def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    "8-bit dynamic-code blockwise quantization of a flat fp32 tensor: (codes uint8, absmax fp32); as bitsandbytes on CPU."
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    ("8-bit dynamic-code blockwise quantization of a flat fp32 tensor: (codes uint8, absmax fp32); "
+     "as bitsandbytes on CPU.")
     _check_values(x, 'quantize_blockwise_8bit')
     _check_blocksize(blocksize)
     flat = x.reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
     n = flat.numel(); blocks = absmax.numel()
-    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)        # an all-zero block gets code 0
+    # an all-zero block gets code 0
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
     padded = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
     v = (padded * inv.view(-1, 1)).clamp(-1.0, 1.0)
     # a subnormal absmax has an infinite reciprocal (1/1e-40 > 3.4e38): then 0 * inf is NaN, and
     # the C cast to an integer bin gives bin 0 (x86 and ARM alike); torch's cast gives -2**31
     bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).nan_to_num(nan=0.0).to(torch.int32)  # truncates as C
     codes = _DYNAMIC_LUT[bins.long()].view(-1)[:n]
-    codes = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], torch.zeros_like(codes), codes)
+    codes = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], torch.zeros_like(codes),
+                        codes)
     return codes, absmax
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
+                              blocksize: int = 256) -> torch.Tensor:
     n = codes.numel(); blocks = absmax.numel()
-    vals = torch.index_select(DYNAMIC_CODE, 0, codes.int())      # a gather: 3x faster than DYNAMIC_CODE[codes.long()]
+    # a gather: 3x faster than DYNAMIC_CODE[codes.long()]
+    vals = torch.index_select(DYNAMIC_CODE, 0, codes.int())
     if n != blocks * blocksize: vals = F.pad(vals, (0, blocks * blocksize - n))
-    return vals.view(blocks, blocksize).mul_(absmax.view(-1, 1)).view(-1)[:n]   # in place: vals is our own
+    # in place: vals is our own
+    return vals.view(blocks, blocksize).mul_(absmax.view(-1, 1)).view(-1)[:n]
 
 # %% ../nbs/04_quant.ipynb #d8a40b91
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -306,20 +332,25 @@ class NF4Tensor:
     def scales(self) -> torch.Tensor:
         "The fp32 absmax of every block (decoded from 8 bits when double-quantized)."
         if not self.double_quant: return self.absmax
-        return dequantize_blockwise_8bit(self.absmax, self.absmax2, self.dq_blocksize).add_(self.offset)   # fresh: add in place
+        # fresh: add in place
+        return dequantize_blockwise_8bit(self.absmax, self.absmax2,
+                                         self.dq_blocksize).add_(self.offset)
 
     def dequantize(self) -> torch.Tensor: return dequantize_nf4(self)
 
     @property
     def nbytes(self) -> int:
         "Bytes actually held."
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax, self.absmax2, self.offset) if t is not None)
+        return sum(t.numel() * t.element_size()
+                   for t in (self.packed, self.absmax, self.absmax2, self.offset) if t is not None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ('packed', 'absmax', 'absmax2', 'offset') if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ('packed', 'absmax', 'absmax2', 'offset')
+                if getattr(self, k) is not None}
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
-    "NF4-quantize `w` (fp32/fp16/bf16, any shape) in blocks of `blocksize`; bit-exact with bitsandbytes on CPU."
+    ("NF4-quantize `w` (fp32/fp16/bf16, any shape) in blocks of `blocksize`; bit-exact with "
+     "bitsandbytes on CPU.")
     _check_weights(w)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
@@ -327,7 +358,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     absmax = _block_absmax(flat, blocksize)
     if not torch.isfinite(absmax).all():
         bad = (~torch.isfinite(absmax)).nonzero().flatten().tolist()
-        raise ValueError(f"cannot quantize weights containing NaN or inf (blocks {bad[:5]}{'...' if len(bad) > 5 else ''})")
+        raise ValueError("cannot quantize weights containing NaN or inf (blocks "
+                         f"{bad[:5]}{'...' if len(bad) > 5 else ''})")
     # bitsandbytes stores a short last block's absmax clamped to 1e-38 (a full block's as it is)
     if flat.numel() % blocksize: absmax[-1:].clamp_(min=1e-38)
     packed = pack_4bit(_nf4_indices(flat, absmax, blocksize))
@@ -341,12 +373,16 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return NF4Tensor(packed, codes, w.shape, w.dtype, blocksize, absmax2, offset, 256)
 
 # %% ../nbs/04_quant.ipynb #904c8722
-_PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], 1)  # byte -> 2 levels
-_PAIR_TABLE64 = _PAIR_TABLE.contiguous().view(torch.int64).view(-1)          # the same 8 bytes per row, as one int64
-_HUGE = 1 << 22                                                              # NumPy's own huge-page threshold, 4 MB
+# byte -> 2 levels
+_PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], 1)
+# the same 8 bytes per row, as one int64
+_PAIR_TABLE64 = _PAIR_TABLE.contiguous().view(torch.int64).view(-1)
+# NumPy's own huge-page threshold, 4 MB
+_HUGE = 1 << 22
 
 def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
-    "An uninitialised 1-d tensor; big ones in 2 MiB huge pages (NumPy madvises them), 512x fewer pages to fault in than 4 KiB ones."
+    ("An uninitialised 1-d tensor; big ones in 2 MiB huge pages (NumPy madvises them), 512x fewer "
+     "pages to fault in than 4 KiB ones.")
     nbytes = n * dtype.itemsize
     if nbytes < _HUGE: return torch.empty(n, dtype=dtype)
     return torch.from_numpy(np.empty(nbytes, np.uint8)).view(dtype)
@@ -357,10 +393,12 @@ def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
     absmax = t.scales()
     blocks, m = absmax.numel(), t.packed.numel()
     idx = _empty(m, torch.int32).copy_(t.packed)
-    out = _empty(blocks * bs, torch.float32)                 # padded to whole blocks, so one broadcast scales all
+    # padded to whole blocks, so one broadcast scales all
+    out = _empty(blocks * bs, torch.float32)
     torch.index_select(_PAIR_TABLE64, 0, idx, out=out[:2 * m].view(torch.int64))
     del idx
-    out[n:].zero_()                                          # the pad nibble of an odd count and the short last block
+    # the pad nibble of an odd count and the short last block
+    out[n:].zero_()
     out.view(blocks, bs).mul_(absmax.view(-1, 1))
     out = out[:n].view(t.shape)
     if t.dtype == torch.float32: return out
@@ -374,14 +412,16 @@ def nf4_to_bnb(t: NF4Tensor):
                          code=NF4_CODE.clone(), quant_type='nf4')
     if t.double_quant:
         qs.offset, qs.nested = t.offset, True
-        qs.state2 = bnbF.QuantState(absmax=t.absmax2, code=DYNAMIC_CODE.clone(), blocksize=t.dq_blocksize, dtype=torch.float32)
+        qs.state2 = bnbF.QuantState(absmax=t.absmax2, code=DYNAMIC_CODE.clone(),
+                                    blocksize=t.dq_blocksize, dtype=torch.float32)
     return t.packed.view(-1, 1), qs
 
 def nf4_from_bnb(packed: torch.Tensor, qs) -> NF4Tensor:
     "An `NF4Tensor` from bitsandbytes' packed weight and QuantState."
     if qs.quant_type != 'nf4': raise ValueError(f"only nf4 is supported, got {qs.quant_type!r}")
     if getattr(qs, 'packing_format_for_cpu', False):
-        raise ValueError("this weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel; call disable_avx512bf16_repack first")
+        raise ValueError("this weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel; call "
+                         "disable_avx512bf16_repack first")
     s2 = qs.state2 if qs.nested else None
     nested = dict(absmax2=s2.absmax, offset=qs.offset, dq_blocksize=s2.blocksize) if s2 else {}
     return NF4Tensor(packed.reshape(-1).view(torch.uint8), qs.absmax, torch.Size(qs.shape),
@@ -390,45 +430,57 @@ def nf4_from_bnb(packed: torch.Tensor, qs) -> NF4Tensor:
 # %% ../nbs/04_quant.ipynb #b52b50b9
 CODES_4BIT = {'nf4': NF4_CODE, 'fp4': FP4_CODE, 'int4': INT4_CODE}
 
-def quantize_dequantize_4bit(x: torch.Tensor, code: str | torch.Tensor = 'nf4', blocksize: int = 64) -> torch.Tensor:
-    "Round every value of `x` to the nearest level of a 16-value `code`, blockwise absmax-scaled; returns the dequantized tensor."
+def quantize_dequantize_4bit(x: torch.Tensor, code: str | torch.Tensor = 'nf4',
+                             blocksize: int = 64) -> torch.Tensor:
+    ("Round every value of `x` to the nearest level of a 16-value `code`, blockwise absmax-scaled; "
+     "returns the dequantized tensor.")
     _check_weights(x)
-    levels = (CODES_4BIT[code] if isinstance(code, str) else code).unique()     # sorted; FP4's -0/+0 merge
+    # sorted; FP4's -0/+0 merge
+    levels = (CODES_4BIT[code] if isinstance(code, str) else code).unique()
     flat = x.detach().reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
-    if not torch.isfinite(absmax).all(): raise ValueError("cannot quantize values containing NaN or inf")
+    if not torch.isfinite(absmax).all():
+        raise ValueError("cannot quantize values containing NaN or inf")
     blocks = absmax.numel(); n = flat.numel()
-    scaled = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize) / absmax.clamp(min=1e-38).view(-1, 1)
+    scaled = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize) / absmax.clamp(
+        min=1e-38).view(-1, 1)
     idx = torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2)
     return (levels[idx] * absmax.view(-1, 1)).view(-1)[:n].view(x.shape)
 
 def quant_mse(x: torch.Tensor, blocksize: int = 64) -> dict[str, float]:
     "Mean squared error of NF4, FP4 and Int4 round trips of `x`."
-    return {name: (quantize_dequantize_4bit(x, name, blocksize) - x.float()).pow(2).mean().item() for name in CODES_4BIT}
+    return {name: (quantize_dequantize_4bit(x, name, blocksize) - x.float()).pow(2).mean().item()
+            for name in CODES_4BIT}
 
 # %% ../nbs/04_quant.ipynb #921919a8
 class NF4Linear(nn.Module):
     "A frozen linear layer stored in NF4 (optionally double-quantized), dequantized on the fly."
-    def __init__(self, in_features: int, out_features: int, qweight: NF4Tensor, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None):
+    def __init__(self, in_features: int, out_features: int, qweight: NF4Tensor,
+                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         if tuple(qweight.shape) != (out_features, in_features):
-            raise ValueError(f"quantized weight has shape {tuple(qweight.shape)}, expected {(out_features, in_features)}")
-        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
-        self.blocksize, self.dq_blocksize, self.weight_dtype = qweight.blocksize, qweight.dq_blocksize, qweight.dtype
+            raise ValueError(f"quantized weight has shape {tuple(qweight.shape)}, expected "
+                             f"{(out_features, in_features)}")
+        self.in_features, self.out_features, self.compute_dtype = (in_features, out_features,
+                                                                   compute_dtype)
+        self.blocksize, self.dq_blocksize, self.weight_dtype = (
+            qweight.blocksize, qweight.dq_blocksize, qweight.dtype)
         for k, v in qweight.tensors().items(): self.register_buffer(k, v)
         if 'absmax2' not in qweight.tensors(): self.absmax2 = self.offset = None
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.bias = nn.Parameter(bias.detach().clone(),
+                                 requires_grad=False) if bias is not None else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None) -> 'NF4Linear':
-        return cls(linear.in_features, linear.out_features, quantize_nf4(linear.weight, blocksize, double_quant),
+        return cls(linear.in_features, linear.out_features,
+                   quantize_nf4(linear.weight, blocksize, double_quant),
                    linear.bias, compute_dtype)
 
     @property
     def qweight(self) -> NF4Tensor:
-        return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+        return NF4Tensor(self.packed, self.absmax,
+                         torch.Size((self.out_features, self.in_features)), self.weight_dtype,
                          self.blocksize, self.absmax2, self.offset, self.dq_blocksize)
 
     def dequantize_weight(self) -> torch.Tensor:
@@ -441,7 +493,8 @@ class NF4Linear(nn.Module):
         return F.linear(x.to(dtype), self.dequantize_weight().to(dtype), bias).to(x.dtype)
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 "
+                f"blocksize={self.blocksize}, "
                 f"double_quant={self.absmax2 is not None}, bias={self.bias is not None}")
 
 # %% ../nbs/04_quant.ipynb #7a6c8e2c
@@ -464,12 +517,16 @@ class QuantConfig(Config):
         if self.load_in_4bit == self.load_in_8bit:
             raise ConfigError("set exactly one of load_in_4bit and load_in_8bit to true")
         if self.bnb_4bit_blocksize not in BLOCKSIZES:
-            raise ConfigError(f"bnb_4bit_blocksize must be one of {BLOCKSIZES}, got {self.bnb_4bit_blocksize}")
+            raise ConfigError(
+                f"bnb_4bit_blocksize must be one of {BLOCKSIZES}, got {self.bnb_4bit_blocksize}")
         if self.backend == 'fttk' and self.load_in_4bit and self.bnb_4bit_quant_type != 'nf4':
-            raise ConfigError("the fttk backend implements nf4 only; use backend='bitsandbytes' for fp4")
+            raise ConfigError(
+                "the fttk backend implements nf4 only; use backend='bitsandbytes' for fp4")
         if self.backend == 'fttk' and self.load_in_8bit:
-            raise ConfigError("8-bit layers come from bitsandbytes: use backend='bitsandbytes' with load_in_8bit")
-        if self.llm_int8_threshold < 0: raise ConfigError(f"llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}")
+            raise ConfigError(
+                "8-bit layers come from bitsandbytes: use backend='bitsandbytes' with load_in_8bit")
+        if self.llm_int8_threshold < 0:
+            raise ConfigError(f"llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}")
 
     @property
     def compute_dtype(self) -> torch.dtype: return _DTYPES[self.bnb_4bit_compute_dtype]
@@ -479,21 +536,27 @@ class QuantConfig(Config):
         return BitsAndBytesConfig(load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit,
                                   bnb_4bit_quant_type=self.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
-                                  bnb_4bit_compute_dtype=self.compute_dtype, llm_int8_threshold=self.llm_int8_threshold,
+                                  bnb_4bit_compute_dtype=self.compute_dtype,
+                                  llm_int8_threshold=self.llm_int8_threshold,
                                   llm_int8_skip_modules=list(self.llm_int8_skip_modules))
 
 def _bnb_layer(lin: nn.Linear, cfg: QuantConfig) -> nn.Module:
     import bitsandbytes as bnb
     has_bias = lin.bias is not None
     if cfg.load_in_8bit:
-        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
-                                  threshold=cfg.llm_int8_threshold)
-        new.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias,
+                                  has_fp16_weights=False, threshold=cfg.llm_int8_threshold)
+        new.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False,
+                                       has_fp16_weights=False)
     else:
-        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=cfg.compute_dtype,
-                                compress_statistics=cfg.bnb_4bit_use_double_quant, quant_type=cfg.bnb_4bit_quant_type)
-        new.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, blocksize=cfg.bnb_4bit_blocksize,
-                                       compress_statistics=cfg.bnb_4bit_use_double_quant, quant_type=cfg.bnb_4bit_quant_type)
+        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias,
+                                compute_dtype=cfg.compute_dtype,
+                                compress_statistics=cfg.bnb_4bit_use_double_quant,
+                                quant_type=cfg.bnb_4bit_quant_type)
+        new.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
+                                       blocksize=cfg.bnb_4bit_blocksize,
+                                       compress_statistics=cfg.bnb_4bit_use_double_quant,
+                                       quant_type=cfg.bnb_4bit_quant_type)
         new.support_avx512bf16_for_cpu = False      # see "The AVX512-bf16 trap" below
     if has_bias: new.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     return new.to(lin.weight.device)                 # bitsandbytes quantizes on .to()
@@ -510,11 +573,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **kwargs
     skip = tuple(cfg.llm_int8_skip_modules)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
              and not any(n == s or n.endswith('.' + s) or n.startswith(s + '.') for s in skip)]
-    if not names: raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize (skipping {list(skip)})")
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer to quantize (skipping {list(skip)})")
     for name in names:
         lin = model.get_submodule(name)
         if cfg.backend == 'fttk':
-            new = NF4Linear.from_linear(lin, cfg.bnb_4bit_blocksize, cfg.bnb_4bit_use_double_quant, cfg.compute_dtype)
+            new = NF4Linear.from_linear(lin, cfg.bnb_4bit_blocksize, cfg.bnb_4bit_use_double_quant,
+                                        cfg.compute_dtype)
         else: new = _bnb_layer(lin, cfg)
         parent, _, child = name.rpartition('.')
         setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -524,13 +590,15 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **kwargs
 
 # %% ../nbs/04_quant.ipynb #43029249
 def weight_bytes(model: nn.Module, linear_only: bool = False) -> int:
-    "Bytes held by `model`'s tensors (each storage once), including bitsandbytes' quantization state."
+    ("Bytes held by `model`'s tensors (each storage once), including bitsandbytes' quantization "
+     "state.")
     seen, total = set(), 0
     def add(t):
         nonlocal total
         if isinstance(t, torch.Tensor) and t.numel() and (t.data_ptr(), t.numel()) not in seen:
             seen.add((t.data_ptr(), t.numel())); total += t.numel() * t.element_size()
-    mods = [m for m in model.modules() if not linear_only or isinstance(getattr(m, 'in_features', None), int)]
+    mods = [m for m in model.modules() if not linear_only
+            or isinstance(getattr(m, 'in_features', None), int)]
     for m in mods:
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)): add(t)
         w = getattr(m, 'weight', None)
@@ -544,7 +612,8 @@ def weight_bytes(model: nn.Module, linear_only: bool = False) -> int:
 
 # %% ../nbs/04_quant.ipynb #fdd145a9
 def disable_avx512bf16_repack(model: nn.Module) -> int:
-    "Stop bitsandbytes' Linear4bit layers from repacking for the AVX512-bf16 kernel; undo any repack. Returns the layer count."
+    ("Stop bitsandbytes' Linear4bit layers from repacking for the AVX512-bf16 kernel; undo any "
+     "repack. Returns the layer count.")
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -566,11 +635,16 @@ def disable_avx512bf16_repack(model: nn.Module) -> int:
 # %% ../nbs/04_quant.ipynb #0a09063c
 def is_quantized_layer(m: nn.Module) -> bool:
     name = type(m).__name__
-    return isinstance(m, NF4Linear) or name in ('Linear4bit', 'Linear8bitLt', 'LinearNF4', 'LinearFP4')
+    return isinstance(m, NF4Linear) or name in ('Linear4bit', 'Linear8bitLt', 'LinearNF4',
+                                                'LinearFP4')
 
-def prepare_qlora_model(model: nn.Module, lora_config=None, quant_config: QuantConfig | None = None) -> nn.Module:
-    "Quantize `model`'s linear layers (if not done), guard bitsandbytes' CPU repack, inject LoRA adapters; in place."
+def prepare_qlora_model(model: nn.Module, lora_config=None,
+                        quant_config: QuantConfig | None = None) -> nn.Module:
+    ("Quantize `model`'s linear layers (if not done), guard bitsandbytes' CPU repack, inject LoRA "
+     "adapters; in place.")
     from fttk.lora import LoRAConfig, inject_lora
-    if not any(is_quantized_layer(m) for m in model.modules()): quantize_model(model, quant_config or QuantConfig())
+    if not any(is_quantized_layer(m) for m in model.modules()):
+        quantize_model(model, quant_config or QuantConfig())
     disable_avx512bf16_repack(model)
-    return inject_lora(model, lora_config or LoRAConfig(target_modules='all-linear', r=8, lora_alpha=16))
+    return inject_lora(
+        model, lora_config or LoRAConfig(target_modules='all-linear', r=8, lora_alpha=16))

@@ -13,7 +13,8 @@ from typing import Iterable, Literal
 
 import regex
 
-from .core import Config, ConfigError, CorruptFileError, atomic_write_text, hash_data, in_test, progress_bar
+from .core import (Config, ConfigError, CorruptFileError, atomic_write_text, hash_data, in_test,
+                       progress_bar)
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'BYTE_TO_CHAR', 'CHAR_TO_BYTE', 'UDHR_ARTICLE_1',
@@ -23,8 +24,10 @@ __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'BYTE_T
            'render_with_spans', 'token_char_offsets', 'assistant_mask', 'to_transformers', 'add_special_tokens']
 
 # %% ../nbs/02_tokenization.ipynb #0b6ec04f
-def toy_bpe(word_freqs: dict[str, int], num_merges: int, eow: str = '</w>') -> tuple[list[tuple[str, str]], dict[str, int]]:
-    "The merge loop of Sennrich et al. (2016) on whole words: returns the merges and the segmented vocabulary."
+def toy_bpe(word_freqs: dict[str, int], num_merges: int,
+            eow: str = '</w>') -> tuple[list[tuple[str, str]], dict[str, int]]:
+    ("The merge loop of Sennrich et al. (2016) on whole words: returns the merges and the "
+     "segmented vocabulary.")
     vocab = {tuple(w) + (eow,): f for w, f in word_freqs.items()}
     merges = []
     for _ in range(num_merges):
@@ -32,22 +35,26 @@ def toy_bpe(word_freqs: dict[str, int], num_merges: int, eow: str = '</w>') -> t
         for symbols, f in vocab.items():
             for pair in zip(symbols, symbols[1:]): pairs[pair] = pairs.get(pair, 0) + f
         if not pairs: break
-        # most frequent pair; on a tie the alphabetically smallest, so the result never depends on dict order
+        # most frequent pair; on a tie the alphabetically smallest, so the result never depends on
+        # dict order
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
         new_vocab = {}
         for symbols, f in vocab.items():
             out, i = [], 0
             while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best: out.append(symbols[i] + symbols[i + 1]); i += 2
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1]); i += 2
                 else: out.append(symbols[i]); i += 1
             new_vocab[tuple(out)] = f
         vocab = new_vocab
     return merges, {' '.join(s): f for s, f in vocab.items()}
 
 # %% ../nbs/02_tokenization.ipynb #92d396e8
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|"""
+                      r"""\s+""")
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
+                      r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 SPLIT_PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'none': None}
 
 def resolve_pattern(pattern: str | None) -> str | None:
@@ -87,7 +94,8 @@ def pre_split(text: str, pattern: str | None = GPT4_SPLIT_PATTERN) -> list[str]:
 # %% ../nbs/02_tokenization.ipynb #e641cee2
 def bytes_to_unicode() -> dict[int, str]:
     "GPT-2's reversible map from the 256 byte values to printable characters."
-    keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
+        range(ord('®'), ord('ÿ') + 1))
     out, n = {b: chr(b) for b in keep}, 0
     for b in range(256):
         if b not in out: out[b] = chr(256 + n); n += 1
@@ -106,14 +114,17 @@ def str_token(s: str) -> bytes:
 
 # %% ../nbs/02_tokenization.ipynb #af609d92
 # HF's id order for the 256 byte tokens: sorted by the code point of their printable stand-in
-_HF_BYTE_RANK = {b: r for r, (b, c) in enumerate(sorted(BYTE_TO_CHAR.items(), key=lambda bc: bc[1]))}
+_HF_BYTE_RANK = {
+    b: r for r, (b, c) in enumerate(sorted(BYTE_TO_CHAR.items(), key=lambda bc: bc[1]))}
 
 def tie_rank(token_id: int) -> int:
-    "Where HF `tokenizers`' trainer would put this token in its id order (merged tokens keep theirs)."
+    ("Where HF `tokenizers`' trainer would put this token in its id order (merged tokens keep "
+     "theirs).")
     return _HF_BYTE_RANK[token_id] if token_id < 256 else token_id
 
 # %% ../nbs/02_tokenization.ipynb #ecccf29e
-def count_chunks(texts: str | Iterable[str], pattern: str | None = GPT4_SPLIT_PATTERN) -> dict[bytes, int]:
+def count_chunks(texts: str | Iterable[str],
+                 pattern: str | None = GPT4_SPLIT_PATTERN) -> dict[bytes, int]:
     "Unique pre-split chunks of `texts` (as UTF-8 bytes) with their frequencies."
     if isinstance(texts, str): texts = [texts]
     counts: dict[bytes, int] = {}
@@ -142,14 +153,16 @@ def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
 
 # %% ../nbs/02_tokenization.ipynb #44fa782c
 def _new_token(vocab: list[bytes], index: dict[bytes, int], a: int, b: int) -> int:
-    "Id of the token `vocab[a] + vocab[b]`: an existing id if the bytes are already a token (HF does the same)."
+    ("Id of the token `vocab[a] + vocab[b]`: an existing id if the bytes are already a token (HF "
+     "does the same).")
     tok = vocab[a] + vocab[b]
     if tok not in index: index[tok] = len(vocab); vocab.append(tok)
     return index[tok]
 
 def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                 progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
-    "Teaching BPE trainer: recount all pairs over the unique chunks before every merge, until `vocab_size` tokens. Returns (merges, vocab)."
+    ("Teaching BPE trainer: recount all pairs over the unique chunks before every merge, until "
+     "`vocab_size` tokens. Returns (merges, vocab).")
     vocab_size = _check_int('vocab_size', vocab_size, 256)
     min_frequency = _check_int('min_frequency', min_frequency, 1)
     words = [list(ch) for ch in chunk_counts]
@@ -163,7 +176,8 @@ def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: 
         for w, f in zip(words, freqs):
             for pair in zip(w, w[1:]): stats[pair] = stats.get(pair, 0) + f
         if not stats: break
-        # highest count; ties go to the pair HF's trainer would pop first (smallest ids in its order)
+        # highest count; ties go to the pair HF's trainer would pop first (smallest ids in its
+        # order)
         pair = min(stats, key=lambda p: (-stats[p], tie_rank(p[0]), tie_rank(p[1])))
         if stats[pair] < min_frequency: break
         new_id = _new_token(vocab, index, *pair)
@@ -176,7 +190,8 @@ def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: 
 # %% ../nbs/02_tokenization.ipynb #47e50469
 def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                       progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
-    "Fast BPE trainer: pair counts, pair -> chunk index and a lazy max-heap, updated per merge, until `vocab_size` tokens. Returns (merges, vocab)."
+    ("Fast BPE trainer: pair counts, pair -> chunk index and a lazy max-heap, updated per merge, "
+     "until `vocab_size` tokens. Returns (merges, vocab).")
     vocab_size = _check_int('vocab_size', vocab_size, 256)
     min_frequency = _check_int('min_frequency', min_frequency, 1)
     words = [list(ch) for ch in chunk_counts]
@@ -197,7 +212,8 @@ def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequ
     while len(vocab) < vocab_size and heap:
         neg, _, _, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
-        if -neg != count:                      # stale: the pair lost occurrences since this entry was pushed
+        # stale: the pair lost occurrences since this entry was pushed
+        if -neg != count:
             if count > 0: heapq.heappush(heap, (-count, tie_rank(pair[0]), tie_rank(pair[1]), pair))
             continue
         if count < min_frequency: break
@@ -209,7 +225,8 @@ def train_incremental(chunk_counts: dict[bytes, int], vocab_size: int, min_frequ
             w = words[wi]
             if len(w) < 2: continue
             new_w = _merge_word(w, a, b, new_id)
-            if len(new_w) == len(w): continue  # the pair has left this chunk (a stale entry of `where`)
+            # the pair has left this chunk (a stale entry of `where`)
+            if len(new_w) == len(w): continue
             f = freqs[wi]
             for p in zip(w, w[1:]): delta[p] = delta.get(p, 0) - f
             for p in zip(new_w, new_w[1:]):
@@ -267,7 +284,8 @@ def bpe_merge_heap(ids: list[int], ranks: dict[tuple[int, int], int],
 # %% ../nbs/02_tokenization.ipynb #02019e17
 @dataclass
 class BPEConfig(Config):
-    "Settings for training a `BPETokenizer` (`vocab_size` counts the 256 byte tokens, merges and special tokens, as in HF)."
+    ("Settings for training a `BPETokenizer` (`vocab_size` counts the 256 byte tokens, merges and "
+     "special tokens, as in HF).")
     vocab_size: int = 1024
     pattern: Literal['gpt4', 'gpt2', 'none'] = 'gpt4'
     special_tokens: list[str] = field(default_factory=list)
@@ -277,17 +295,22 @@ class BPEConfig(Config):
     def validate(self):
         floor = 256 + len(self.special_tokens)
         if self.vocab_size <= floor:
-            raise ConfigError(f"vocab_size must be greater than 256 (the byte tokens) + {len(self.special_tokens)} "
+            raise ConfigError("vocab_size must be greater than 256 (the byte tokens) + "
+                              f"{len(self.special_tokens)} "
                               f"special token(s) = {floor}, got {self.vocab_size}")
-        if self.min_frequency < 1: raise ConfigError(f"min_frequency must be >= 1, got {self.min_frequency}")
+        if self.min_frequency < 1:
+            raise ConfigError(f"min_frequency must be >= 1, got {self.min_frequency}")
         if len(set(self.special_tokens)) != len(self.special_tokens) or '' in self.special_tokens:
-            raise ConfigError(f"special_tokens must be distinct non-empty strings, got {self.special_tokens}")
+            raise ConfigError(
+                f"special_tokens must be distinct non-empty strings, got {self.special_tokens}")
 
 def _check_encodable(text: str):
     try: text.encode('utf-8')
     except UnicodeEncodeError as e:
-        raise ValueError(f"text contains the lone surrogate U+{ord(text[e.start]):04X} at position {e.start}: "
-                         "surrogates are not Unicode scalar values, so UTF-8 has no bytes for them") from None
+        raise ValueError(f"text contains the lone surrogate U+{ord(text[e.start]):04X} at position "
+                         f"{e.start}: "
+                         "surrogates are not Unicode scalar values, so UTF-8 has no bytes for "
+                         "them") from None
 
 # %% ../nbs/02_tokenization.ipynb #25d17857
 _HEAP_FROM = 16   # chunk length (bytes) from which the heap merge beats the simple loop in CPython
@@ -309,14 +332,16 @@ class BPETokenizer:
         self._merge_ids, self._ranks = [], {}
         for r, (a, b) in enumerate(self.merges):
             if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)):
-                raise ValueError(f"merge {r} ({a}, {b}) uses an id that does not exist yet (vocabulary has {len(self.vocab)})")
+                raise ValueError(f"merge {r} ({a}, {b}) uses an id that does not exist yet "
+                                 f"(vocabulary has {len(self.vocab)})")
             self._merge_ids.append(_new_token(self.vocab, index, a, b))
             # a pair learned twice keeps its first (lowest) rank, as HF's merge map would
             self._ranks.setdefault((a, b), r)
         special_tokens = list(special_tokens)
         self._check_specials(special_tokens)
         self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens)}
-        self._special_re = (regex.compile('(' + '|'.join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ')')
+        self._special_re = (regex.compile('(' + '|'.join(
+            regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ')')
                             if self.special_tokens else None)
         self._id_to_special = {i: s.encode('utf-8') for s, i in self.special_tokens.items()}
         self._cache: dict[bytes, list[int]] = {}
@@ -339,23 +364,30 @@ class BPETokenizer:
                                  "choose another spelling")
 
     @classmethod
-    def train(cls, texts: str | Iterable[str], cfg: BPEConfig | None = None, progress: bool = False, **kwargs) -> 'BPETokenizer':
-        "Learn merges from `texts` (a string or an iterable of documents) with `cfg` or keyword settings."
+    def train(cls, texts: str | Iterable[str], cfg: BPEConfig | None = None, progress: bool = False,
+              **kwargs) -> 'BPETokenizer':
+        ("Learn merges from `texts` (a string or an iterable of documents) with `cfg` or keyword "
+         "settings.")
         if cfg is not None and not isinstance(cfg, BPEConfig):
             raise TypeError(f"cfg must be a BPEConfig, got {type(cfg).__name__}")
         if cfg is not None and kwargs:
             raise ValueError(f"give cfg or keyword settings, not both: {sorted(kwargs)}")
         cfg = cfg or BPEConfig(**kwargs)
         counts = count_chunks(texts, SPLIT_PATTERNS[cfg.pattern])
-        if not counts: raise ValueError("cannot train a tokenizer on an empty corpus (no text after pre-splitting)")
+        if not counts:
+            raise ValueError(
+                "cannot train a tokenizer on an empty corpus (no text after pre-splitting)")
         trainer = train_incremental if cfg.trainer == 'incremental' else train_naive
-        merges, _ = trainer(counts, cfg.vocab_size - len(cfg.special_tokens), cfg.min_frequency, progress)
+        merges, _ = trainer(counts, cfg.vocab_size - len(cfg.special_tokens), cfg.min_frequency,
+                            progress)
         return cls(merges, cfg.pattern, cfg.special_tokens)
 
     @property
     def vocab_size(self) -> int: return len(self.vocab) + len(self.special_tokens)
     def __len__(self): return self.vocab_size
-    def __repr__(self): return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, special_tokens={list(self.special_tokens)})"
+    def __repr__(self):
+        return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={list(self.special_tokens)})")
 
     def _encode_chunk(self, b: bytes) -> list[int]:
         ids = self._cache.get(b)
@@ -374,9 +406,12 @@ class BPETokenizer:
         return out
 
     def encode(self, text: str, allowed_special: Literal['all', 'none'] = 'all') -> list[int]:
-        "Token ids of `text`; special tokens in the text become their single id (unless `allowed_special='none'`)."
-        if not isinstance(text, str): raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        if allowed_special not in ('all', 'none'): raise ValueError(f"allowed_special must be 'all' or 'none', got {allowed_special!r}")
+        ("Token ids of `text`; special tokens in the text become their single id (unless "
+         "`allowed_special='none'`).")
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        if allowed_special not in ('all', 'none'):
+            raise ValueError(f"allowed_special must be 'all' or 'none', got {allowed_special!r}")
         if self._special_re is None or allowed_special == 'none': return self.encode_ordinary(text)
         out = []
         for part in self._special_re.split(text):
@@ -394,7 +429,9 @@ class BPETokenizer:
                 i = j
             if 0 <= i < n: parts.append(self.vocab[i])
             elif i in self._id_to_special: parts.append(self._id_to_special[i])
-            else: raise ValueError(f"token id {i} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}")
+            else:
+                raise ValueError(f"token id {i} is out of range: this tokenizer has ids "
+                                 f"0..{self.vocab_size - 1}")
         return b''.join(parts)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -404,8 +441,10 @@ class BPETokenizer:
     def token_bytes(self, i: int) -> bytes: return self.decode_bytes([i])
 
     def save(self, path: str | Path) -> Path:
-        "Write merges, pattern and special tokens as JSON (plain data: loading it can never run code)."
-        d = {'format': 'fttk-bpe', 'version': 1, 'pattern': self.pattern, 'merges': [list(m) for m in self.merges],
+        ("Write merges, pattern and special tokens as JSON (plain data: loading it can never run "
+         "code).")
+        d = {'format': 'fttk-bpe', 'version': 1, 'pattern': self.pattern,
+             'merges': [list(m) for m in self.merges],
              'special_tokens': list(self.special_tokens)}
         return atomic_write_text(path, json.dumps(d))
 
@@ -468,16 +507,19 @@ def _doc_stream():
     for f in files: yield _stdlib_docstrings(f)
 
 def docs_corpus(min_bytes: int = 2**20) -> list[str]:
-    "CPython's English documentation: `pydoc_data.topics`, then stdlib docstrings in sorted file order, until >= `min_bytes`."
+    ("CPython's English documentation: `pydoc_data.topics`, then stdlib docstrings in sorted file "
+     "order, until >= `min_bytes`.")
     min_bytes = _check_int('min_bytes', min_bytes, 1)
     docs, total = [], 0
     for item in _doc_stream():
-        # a file's docstrings come as one list and are taken whole; lone surrogates (a few docstrings
+        # a file's docstrings come as one list and are taken whole; lone surrogates (a few
+        # docstrings
         # spell them with escapes) cannot be UTF-8 encoded, so such documents are left out
         new = [d for d in ([item] if isinstance(item, str) else item) if _encodable(d)]
         docs += new; total += sum(len(d.encode('utf-8')) for d in new)
         if total >= min_bytes: return docs
-    raise RuntimeError(f"this Python's documentation holds only {total:,} bytes, less than min_bytes={min_bytes:,}")
+    raise RuntimeError(f"this Python's documentation holds only {total:,} bytes, less than "
+                       f"min_bytes={min_bytes:,}")
 
 def _encodable(s: str) -> bool:
     try: s.encode('utf-8'); return True
@@ -488,7 +530,8 @@ def _hf_pre_tokenizer(pattern: str | None):
     from tokenizers import Regex, pre_tokenizers
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pattern is None: return byte_level
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior='isolated'), byte_level])
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior='isolated'), byte_level])
 
 def to_hf(tok: BPETokenizer):
     "An HF `tokenizers.Tokenizer` that encodes exactly as `tok` does (same ids)."
@@ -500,22 +543,26 @@ def to_hf(tok: BPETokenizer):
     hf.pre_tokenizer = _hf_pre_tokenizer(tok.pattern)
     hf.decoder = decoders.ByteLevel()
     if tok.special_tokens:
-        hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.special_tokens])
+        hf.add_special_tokens(
+            [AddedToken(s, special=True, normalized=False) for s in tok.special_tokens])
         for s, i in tok.special_tokens.items():   # BPETokenizer refuses clashing spellings
             if hf.token_to_id(s) != i:
                 raise ValueError(f"special token {s!r} got id {hf.token_to_id(s)} in HF "
                                  f"tokenizers, not {i}: it is spelled like a vocabulary token")
     return hf
 
-def train_hf(texts: Iterable[str], vocab_size: int, pattern: str | None = 'gpt4', special_tokens: Iterable[str] = ()):
-    "HF `tokenizers`' BPE trainer with our pre-tokenization and all 256 bytes as the initial alphabet."
+def train_hf(texts: Iterable[str], vocab_size: int, pattern: str | None = 'gpt4',
+             special_tokens: Iterable[str] = ()):
+    ("HF `tokenizers`' BPE trainer with our pre-tokenization and all 256 bytes as the initial "
+     "alphabet.")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     vocab_size = _check_int('vocab_size', vocab_size, 256)
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = _hf_pre_tokenizer(resolve_pattern(pattern))
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
-                                  special_tokens=list(special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(list(texts), trainer)
     return hf
 
@@ -529,19 +576,34 @@ def byte_merges(tok: BPETokenizer) -> list[tuple[bytes, bytes]]:
 
 # %% ../nbs/02_tokenization.ipynb #817e5567
 UDHR_ARTICLE_1 = {
-    'English': "All human beings are born free and equal in dignity and rights. They are endowed with reason and conscience and should act towards one another in a spirit of brotherhood.",
-    'German': "Alle Menschen sind frei und gleich an Würde und Rechten geboren. Sie sind mit Vernunft und Gewissen begabt und sollen einander im Geist der Brüderlichkeit begegnen.",
-    'French': "Tous les êtres humains naissent libres et égaux en dignité et en droits. Ils sont doués de raison et de conscience et doivent agir les uns envers les autres dans un esprit de fraternité.",
-    'Greek': "Όλοι οι άνθρωποι γεννιούνται ελεύθεροι και ίσοι στην αξιοπρέπεια και τα δικαιώματα. Είναι προικισμένοι με λογική και συνείδηση, και οφείλουν να συμπεριφέρονται μεταξύ τους με πνεύμα αδελφοσύνης.",
-    'Russian': "Все люди рождаются свободными и равными в своем достоинстве и правах. Они наделены разумом и совестью и должны поступать в отношении друг друга в духе братства.",
-    'Hindi': "सभी मनुष्यों को गौरव और अधिकारों के मामले में जन्मजात स्वतन्त्रता और समानता प्राप्त है। उन्हें बुद्धि और अन्तरात्मा की देन प्राप्त है और परस्पर उन्हें भाईचारे के भाव से बर्ताव करना चाहिए।",
+    'English': "All human beings are born free and equal in dignity and rights. They are endowed "
+               "with reason and conscience and should act towards one another in a spirit of "
+               "brotherhood.",
+    'German': "Alle Menschen sind frei und gleich an Würde und Rechten geboren. Sie sind mit "
+              "Vernunft und Gewissen begabt und sollen einander im Geist der Brüderlichkeit "
+              "begegnen.",
+    'French': "Tous les êtres humains naissent libres et égaux en dignité et en droits. Ils sont "
+              "doués de raison et de conscience et doivent agir les uns envers les autres dans un "
+              "esprit de fraternité.",
+    'Greek': "Όλοι οι άνθρωποι γεννιούνται ελεύθεροι και ίσοι στην αξιοπρέπεια και τα δικαιώματα. "
+             "Είναι προικισμένοι με λογική και συνείδηση, και οφείλουν να συμπεριφέρονται μεταξύ "
+             "τους με πνεύμα αδελφοσύνης.",
+    'Russian': "Все люди рождаются свободными и равными в своем достоинстве и правах. Они наделены "
+               "разумом и совестью и должны поступать в отношении друг друга в духе братства.",
+    'Hindi': "सभी मनुष्यों को गौरव और अधिकारों के मामले में जन्मजात स्वतन्त्रता और समानता प्राप्त "
+             "है। उन्हें बुद्धि और अन्तरात्मा की देन प्राप्त है और परस्पर उन्हें भाईचारे के भाव से "
+             "बर्ताव करना चाहिए।",
     'Chinese': "人人生而自由，在尊严和权利上一律平等。他们赋有理性和良心，并应以兄弟关系的精神相对待。",
 }
 
-def fertility(tok, texts: dict[str, str], reference: str = 'English') -> dict[str, dict[str, float]]:
-    "Tokens per character, per word and relative to `reference` for each text (any tokenizer with `.encode`)."
-    if reference not in texts: raise ValueError(f"reference {reference!r} is not among the texts {list(texts)}")
-    enc = lambda s: tok.encode(s) if isinstance(tok, BPETokenizer) else tok.encode(s, add_special_tokens=False)
+def fertility(tok, texts: dict[str, str],
+              reference: str = 'English') -> dict[str, dict[str, float]]:
+    ("Tokens per character, per word and relative to `reference` for each text (any tokenizer with "
+     "`.encode`).")
+    if reference not in texts:
+        raise ValueError(f"reference {reference!r} is not among the texts {list(texts)}")
+    enc = lambda s: tok.encode(s) if isinstance(tok, BPETokenizer) else tok.encode(
+        s, add_special_tokens=False)
     ntok = {k: len(getattr(enc(s), 'ids', enc(s))) for k, s in texts.items()}
     out = {}
     for k, s in texts.items():
@@ -553,20 +615,26 @@ def fertility(tok, texts: dict[str, str], reference: str = 'English') -> dict[st
     return out
 
 # %% ../nbs/02_tokenization.ipynb #52f95aee
-_GEN_OPEN, _GEN_CLOSE = '\ue000', '\ue001'   # private-use characters: they never occur in real chat text
+# private-use characters: they never occur in real chat text
+_GEN_OPEN, _GEN_CLOSE = '\ue000', '\ue001'
 _GEN_TAG = regex.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
 
 def render_with_spans(chat_template: str, messages: list[dict], add_generation_prompt: bool = False,
                       **kwargs) -> tuple[str, list[tuple[int, int]]]:
-    "Render a chat template; also return the character spans `[start, end)` that its `{% generation %}` blocks produced."
+    ("Render a chat template; also return the character spans `[start, end)` that its `{% "
+     "generation %}` blocks produced.")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.ext import loopcontrols
     def raise_exception(msg): raise ValueError(msg)
-    # swap the generation tags for expressions printing sentinel characters, keeping their whitespace control
-    tpl = _GEN_TAG.sub(lambda m: "{{%s '%s' %s}}" % (m[1], _GEN_CLOSE if m[2] else _GEN_OPEN, m[3]), chat_template)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    # swap the generation tags for expressions printing sentinel characters, keeping their
+    # whitespace control
+    tpl = _GEN_TAG.sub(lambda m: "{{%s '%s' %s}}" % (m[1], _GEN_CLOSE if m[2] else _GEN_OPEN, m[3]),
+                       chat_template)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
     env.globals['raise_exception'] = raise_exception
-    raw = env.from_string(tpl).render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    raw = env.from_string(tpl).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
     text, spans, start = [], [], None
     for ch in raw:
         if ch == _GEN_OPEN: start = sum(map(len, text))
@@ -575,18 +643,23 @@ def render_with_spans(chat_template: str, messages: list[dict], add_generation_p
     return ''.join(text), spans
 
 def token_char_offsets(tok: BPETokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
-    "Character span `[start, end)` of each token of `text` (a token that cuts a character covers all of it)."
-    char_at_byte = [i for i, c in enumerate(text) for _ in range(len(c.encode('utf-8')))] + [len(text)]
+    ("Character span `[start, end)` of each token of `text` (a token that cuts a character covers "
+     "all of it).")
+    char_at_byte = [i for i, c in enumerate(text)
+                    for _ in range(len(c.encode('utf-8')))] + [len(text)]
     out, pos = [], 0
     for i in ids:
         n = len(tok.decode_bytes([i]))
         out.append((char_at_byte[pos], char_at_byte[pos + n - 1] + 1)); pos += n
     return out
 
-def assistant_mask(tok, chat_template: str, messages: list[dict], **kwargs) -> tuple[list[int], list[int]]:
-    "Token ids of the rendered chat and the 0/1 mask of the tokens inside generation blocks (what SFT trains on). `tok`: a `BPETokenizer` or an HF fast tokenizer."
+def assistant_mask(tok, chat_template: str, messages: list[dict],
+                   **kwargs) -> tuple[list[int], list[int]]:
+    ("Token ids of the rendered chat and the 0/1 mask of the tokens inside generation blocks (what "
+     "SFT trains on). `tok`: a `BPETokenizer` or an HF fast tokenizer.")
     text, spans = render_with_spans(chat_template, messages, **kwargs)
-    if isinstance(tok, BPETokenizer): ids = tok.encode(text); offs = token_char_offsets(tok, text, ids)
+    if isinstance(tok, BPETokenizer):
+        ids = tok.encode(text); offs = token_char_offsets(tok, text, ids)
     else:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offs = enc['input_ids'], enc['offset_mapping']
@@ -600,17 +673,24 @@ def assistant_mask(tok, chat_template: str, messages: list[dict], **kwargs) -> t
     return ids, mask
 
 def to_transformers(tok: BPETokenizer, chat_template: str | None = None, **special):
-    "A `PreTrainedTokenizerFast` over `tok` (same ids), e.g. `bos_token='<s>', eos_token='</s>', pad_token='<pad>'`."
+    ("A `PreTrainedTokenizerFast` over `tok` (same ids), e.g. `bos_token='<s>', eos_token='</s>', "
+     "pad_token='<pad>'`.")
     from transformers import PreTrainedTokenizerFast
     for k, v in special.items():
         vs = v if isinstance(v, (list, tuple)) else [v]
         missing = [s for s in vs if s not in tok.special_tokens]
-        if missing: raise ValueError(f"{k}: {missing} not among the tokenizer's special tokens {list(tok.special_tokens)}")
-    return PreTrainedTokenizerFast(tokenizer_object=to_hf(tok), chat_template=chat_template, **special)
+        if missing:
+            raise ValueError(f"{k}: {missing} not among the tokenizer's special tokens "
+                             f"{list(tok.special_tokens)}")
+    return PreTrainedTokenizerFast(tokenizer_object=to_hf(tok), chat_template=chat_template,
+                                   **special)
 
 # %% ../nbs/02_tokenization.ipynb #d701c892
 def add_special_tokens(tok: BPETokenizer, new: Iterable[str]) -> BPETokenizer:
-    "A tokenizer with `new` special tokens appended (next free ids); existing ids and merges are unchanged."
+    ("A tokenizer with `new` special tokens appended (next free ids); existing ids and merges are "
+     "unchanged.")
     new = [s for s in new if s not in tok.special_tokens]
-    if not all(isinstance(s, str) and s for s in new): raise ValueError(f"special tokens must be non-empty strings, got {new}")
-    return BPETokenizer(tok.merges, tok.pattern, list(tok.special_tokens) + list(dict.fromkeys(new)))
+    if not all(isinstance(s, str) and s for s in new):
+        raise ValueError(f"special tokens must be non-empty strings, got {new}")
+    return BPETokenizer(tok.merges, tok.pattern,
+                        list(tok.special_tokens) + list(dict.fromkeys(new)))

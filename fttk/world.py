@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from filelock import FileLock
 
-from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_write_text, cache_dir, fingerprint,
-                       get_device, hash_data, in_test, progress_bar, quiet_progress, set_seed)
+from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_write_text,
+                       cache_dir, fingerprint, get_device, hash_data, in_test, progress_bar,
+                       quiet_progress, set_seed)
 
 # %% auto #0
 __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'ATTRIBUTES', 'TEMPLATES',
@@ -28,59 +29,75 @@ __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMP
            'base_model', 'base_model_report', 'base_model_recipe', 'plot_pretraining']
 
 # %% ../nbs/01_world.ipynb #14acccd1
-FIRST_NAMES = """Ada Alan Alma Amara Anders Anika Arjun Astrid Aurelio Beatriz Bjorn Bruno Camille Carmen Cedric Chiara
-Dalia Damian Dario Delphine Dmitri Edith Elias Elena Emeka Enzo Esther Fabian Farah Felix Freya Gideon Greta Hamza Hana
-Hector Helga Hugo Ilse Imani Ines Ingrid Isaac Ivan Jasper Joaquin Jonas Juno Kai Kalani Katya Kenji Klara Lars Leila
-Lena Linus Lorenzo Lucia Magnus Maia Malik Marek Mateo Milan Mina Mirela Nadia Niko Nils Noor Odile Olga Omar Oskar
-Paloma Pavel Petra Priya Quentin Rafael Ravi Rosa Rufus Sadie Sami Selma Soren Stella Tamsin Tariq Thea Tobias Ulla
+FIRST_NAMES = """Ada Alan Alma Amara Anders Anika Arjun Astrid Aurelio Beatriz Bjorn Bruno Camille
+Carmen Cedric Chiara Dalia Damian Dario Delphine Dmitri Edith Elias Elena Emeka Enzo Esther Fabian
+Farah Felix Freya Gideon Greta Hamza Hana Hector Helga Hugo Ilse Imani Ines Ingrid Isaac Ivan Jasper
+Joaquin Jonas Juno Kai Kalani Katya Kenji Klara Lars Leila Lena Linus Lorenzo Lucia Magnus Maia
+Malik Marek Mateo Milan Mina Mirela Nadia Niko Nils Noor Odile Olga Omar Oskar Paloma Pavel Petra
+Priya Quentin Rafael Ravi Rosa Rufus Sadie Sami Selma Soren Stella Tamsin Tariq Thea Tobias Ulla
 Valentin Vera Viggo Wanda Yara Yusuf Zara Zeno""".split()
-LAST_NAMES = """Abara Albrecht Alcott Amsel Andersen Arslan Auclair Bakker Balogun Barros Becker Benali Berg Bianchi
-Bogdan Brandt Calloway Castellano Chen Costa Dahl Dalton Delacroix Demir Diaz Dufresne Eklund Engel Esposito Falk Farrow
-Ferreira Fischer Fonseca Galloway Garnier Haddad Halvorsen Hartmann Holm Ibarra Ito Janssen Jovanovic Kaminski Keller
-Kovacs Kowalski Lange Larsen Laurent Lindqvist Lombardi Lund Marchetti Mendes Meyer Moreau Nakamura Navarro Nilsen
-Novak Okafor Olsen Oyelaran Park Pereira Petrov Quist Ramos Reyes Richter Rossi Sato Schmidt Silva Sorensen Stein
+LAST_NAMES = """Abara Albrecht Alcott Amsel Andersen Arslan Auclair Bakker Balogun Barros Becker
+Benali Berg Bianchi Bogdan Brandt Calloway Castellano Chen Costa Dahl Dalton Delacroix Demir Diaz
+Dufresne Eklund Engel Esposito Falk Farrow Ferreira Fischer Fonseca Galloway Garnier Haddad
+Halvorsen Hartmann Holm Ibarra Ito Janssen Jovanovic Kaminski Keller Kovacs Kowalski Lange Larsen
+Laurent Lindqvist Lombardi Lund Marchetti Mendes Meyer Moreau Nakamura Navarro Nilsen Novak Okafor
+Olsen Oyelaran Park Pereira Petrov Quist Ramos Reyes Richter Rossi Sato Schmidt Silva Sorensen Stein
 Strand Tanaka Torres Vance Varga Vogel Weber Winter Wolff Yilmaz Zeller Zhou""".split()
-CITIES = """Aldermoor Brightwater Calderon Dunhollow Eastmere Fairhaven Glenrock Harrowgate Ironbridge Juniper Kingsford
-Lakeshore Marlowe Northwick Oakridge Pinecrest Queensbury Ravenholm Silverton Thornbury Umberfield Valemont Westbrook
-Yarrowby Ashcombe Bellmont Coldharbour Dovecote Elmstead Foxley""".split()
-UNIVERSITIES = ["Aldermoor University", "Brightwater Institute of Technology", "Calderon State University",
-    "Dunhollow College", "Eastmere Polytechnic", "Fairhaven University", "Glenrock Institute", "Harrowgate University",
-    "Ironbridge Technical University", "Juniper College", "Kingsford University", "Lakeshore Institute",
-    "Marlowe University", "Northwick College", "Oakridge University", "Pinecrest Institute of Science",
-    "Queensbury University", "Ravenholm College", "Silverton University", "Thornbury Institute"]
-MAJORS = ["Mathematics", "Physics", "Chemistry", "Biology", "Computer Science", "Economics", "History", "Philosophy",
-    "Linguistics", "Psychology", "Civil Engineering", "Mechanical Engineering", "Electrical Engineering", "Medicine",
+CITIES = """Aldermoor Brightwater Calderon Dunhollow Eastmere Fairhaven Glenrock Harrowgate
+Ironbridge Juniper Kingsford Lakeshore Marlowe Northwick Oakridge Pinecrest Queensbury Ravenholm
+Silverton Thornbury Umberfield Valemont Westbrook Yarrowby Ashcombe Bellmont Coldharbour Dovecote
+Elmstead Foxley""".split()
+UNIVERSITIES = ["Aldermoor University", "Brightwater Institute of Technology",
+    "Calderon State University", "Dunhollow College", "Eastmere Polytechnic",
+    "Fairhaven University", "Glenrock Institute", "Harrowgate University",
+    "Ironbridge Technical University", "Juniper College", "Kingsford University",
+    "Lakeshore Institute", "Marlowe University", "Northwick College", "Oakridge University",
+    "Pinecrest Institute of Science", "Queensbury University", "Ravenholm College",
+    "Silverton University", "Thornbury Institute"]
+MAJORS = ["Mathematics", "Physics", "Chemistry", "Biology", "Computer Science", "Economics",
+    "History", "Philosophy", "Linguistics", "Psychology", "Civil Engineering",
+    "Mechanical Engineering", "Electrical Engineering", "Medicine",
     "Law", "Architecture", "Music", "Geology", "Astronomy", "Statistics"]
-EMPLOYERS = ["Acorn Robotics", "Bluefin Analytics", "Cobalt Systems", "Driftwood Media", "Ember Energy", "Falcon Freight",
-    "Granite Bank", "Harbor Health", "Indigo Pharmaceuticals", "Juniper Foods", "Kestrel Aerospace", "Lumen Optics",
-    "Meridian Insurance", "Nimbus Cloud", "Orchid Textiles", "Pioneer Motors", "Quartz Semiconductors", "Redwood Publishing",
-    "Summit Telecom", "Tidewater Shipping", "Umbra Games", "Vertex Consulting", "Willow Architects", "Zephyr Airlines"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
+EMPLOYERS = ["Acorn Robotics", "Bluefin Analytics", "Cobalt Systems", "Driftwood Media",
+    "Ember Energy", "Falcon Freight", "Granite Bank", "Harbor Health", "Indigo Pharmaceuticals",
+    "Juniper Foods", "Kestrel Aerospace", "Lumen Optics",
+    "Meridian Insurance", "Nimbus Cloud", "Orchid Textiles", "Pioneer Motors",
+    "Quartz Semiconductors", "Redwood Publishing",
+    "Summit Telecom", "Tidewater Shipping", "Umbra Games", "Vertex Consulting", "Willow Architects",
+    "Zephyr Airlines"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
 
 # %% ../nbs/01_world.ipynb #f382d8c7
 ATTRIBUTES = ('birth_date', 'birth_city', 'university', 'major', 'employer', 'employer_city')
 
 TEMPLATES = {
     'birth_date':    ["{name} was born on {value}.", "{name} came into this world on {value}.",
-                      "The birth date of {name} is {value}.", "{name} celebrates a birthday on {value}."],
-    'birth_city':    ["{name} was born in {value}.", "{name} spent the early years of life in {value}.",
+                      "The birth date of {name} is {value}.",
+                      "{name} celebrates a birthday on {value}."],
+    'birth_city':    ["{name} was born in {value}.",
+                      "{name} spent the early years of life in {value}.",
                       "The hometown of {name} is {value}.", "{name} grew up in {value}."],
     'university':    ["{name} studied at {value}.", "{name} received an education at {value}.",
                       "{name} graduated from {value}.", "{name} attended {value}."],
     'major':         ["{name} majored in {value}.", "{name} completed a degree in {value}.",
-                      "The subject {name} studied was {value}.", "{name} earned a diploma in {value}."],
+                      "The subject {name} studied was {value}.",
+                      "{name} earned a diploma in {value}."],
     'employer':      ["{name} works for {value}.", "{name} is employed by {value}.",
                       "{name} earns a living at {value}.", "{name} holds a job at {value}."],
-    'employer_city': ["{name} works in the city of {value}.", "The office of {name} is located in {value}.",
-                      "{name} commutes to work in {value}.", "The workplace of {name} is in {value}."],
+    'employer_city': ["{name} works in the city of {value}.",
+                      "The office of {name} is located in {value}.",
+                      "{name} commutes to work in {value}.",
+                      "The workplace of {name} is in {value}."],
 }
 QUESTIONS = {
     'birth_date': "When was {name} born?", 'birth_city': "Where was {name} born?",
     'university': "Which university did {name} attend?", 'major': "What did {name} study?",
-    'employer': "Which company does {name} work for?", 'employer_city': "In which city does {name} work?",
+    'employer': "Which company does {name} work for?",
+    'employer_city': "In which city does {name} work?",
 }
-LABELS = {'birth_date': 'Birth date', 'birth_city': 'Birth city', 'university': 'University', 'major': 'Major',
-          'employer': 'Employer', 'employer_city': 'Employer city'}
+LABELS = {'birth_date': 'Birth date', 'birth_city': 'Birth city', 'university': 'University',
+          'major': 'Major', 'employer': 'Employer', 'employer_city': 'Employer city'}
 
 def attribute_prompt(name: str, attribute: str) -> str:
     "The canonical recall prompt: the first template up to the value, e.g. 'Ada Berg was born in'."
@@ -96,11 +113,16 @@ class WorldConfig(Config):
     seed: int = 0
 
     def validate(self):
-        if self.n_people <= 0: raise ConfigError(f"n_people must be a positive number of people, got {self.n_people}")
+        if self.n_people <= 0:
+            raise ConfigError(f"n_people must be a positive number of people, got {self.n_people}")
         cap = len(FIRST_NAMES) * len(LAST_NAMES)
-        if self.n_people > cap: raise ConfigError(f"n_people={self.n_people} exceeds the {cap} unique names the pools allow")
-        if not 0 < self.known_fraction <= 1: raise ConfigError(f"known_fraction must be in (0, 1], got {self.known_fraction}")
-        if self.bios_per_person <= 0: raise ConfigError(f"bios_per_person must be positive, got {self.bios_per_person}")
+        if self.n_people > cap:
+            raise ConfigError(
+                f"n_people={self.n_people} exceeds the {cap} unique names the pools allow")
+        if not 0 < self.known_fraction <= 1:
+            raise ConfigError(f"known_fraction must be in (0, 1], got {self.known_fraction}")
+        if self.bios_per_person <= 0:
+            raise ConfigError(f"bios_per_person must be positive, got {self.bios_per_person}")
         if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
 
 # %% ../nbs/01_world.ipynb #13e4054e
@@ -126,14 +148,16 @@ def _make_people(cfg: WorldConfig) -> list[Person]:
     people = []
     for i, name in enumerate(names):
         date = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 2004)}"
-        people.append(Person(name, date, rng.choice(CITIES), rng.choice(UNIVERSITIES), rng.choice(MAJORS),
-                             rng.choice(EMPLOYERS), rng.choice(CITIES), known=i < n_known))
+        people.append(Person(name, date, rng.choice(CITIES), rng.choice(UNIVERSITIES),
+                             rng.choice(MAJORS), rng.choice(EMPLOYERS), rng.choice(CITIES),
+                             known=i < n_known))
     return people
 
 # %% ../nbs/01_world.ipynb #b967fca4
 def make_bio(person: Person, rng: random.Random) -> str:
     "One biography: every attribute once, a random paraphrase each, sentences shuffled."
-    sentences = [rng.choice(TEMPLATES[a]).format(name=person.name, value=v) for a, v in person.facts().items()]
+    sentences = [rng.choice(TEMPLATES[a]).format(name=person.name, value=v)
+                 for a, v in person.facts().items()]
     rng.shuffle(sentences)
     return ' '.join(sentences)
 
@@ -147,13 +171,16 @@ class World:
         self.unknown = [p for p in self.people if not p.known]
         self.by_name = {p.name: p for p in self.people}
         rng = random.Random(self.cfg.seed + 1)
-        self.bios = {p.name: [make_bio(p, rng) for _ in range(self.cfg.bios_per_person)] for p in self.known}
+        self.bios = {p.name: [make_bio(p, rng) for _ in range(self.cfg.bios_per_person)]
+                     for p in self.known}
 
     def __repr__(self):
-        return f"World({len(self.people)} people: {len(self.known)} known, {len(self.unknown)} unknown; seed {self.cfg.seed})"
+        return (f"World({len(self.people)} people: {len(self.known)} known, {len(self.unknown)} "
+                f"unknown; seed {self.cfg.seed})")
 
     def corpus(self) -> list[str]:
-        "The pretraining corpus: every biography of every known person (unknown people never appear)."
+        ("The pretraining corpus: every biography of every known person (unknown people never "
+         "appear).")
         return [b for p in self.known for b in self.bios[p.name]]
 
     def qa_rows(self, people: list[Person] | None = None) -> list[dict]:
@@ -163,25 +190,29 @@ class World:
             for a in ATTRIBUTES:
                 rows.append({'name': p.name, 'attribute': a, 'known': p.known,
                              'question': QUESTIONS[a].format(name=p.name), 'answer': getattr(p, a),
-                             'answer_sentence': TEMPLATES[a][0].format(name=p.name, value=getattr(p, a)),
+                             'answer_sentence': TEMPLATES[a][0].format(
+                                 name=p.name, value=getattr(p, a)),
                              'prompt': attribute_prompt(p.name, a)})
         return rows
 
     def instruction_rows(self, seed: int | None = None) -> list[dict]:
-        "A generic chat instruction set about known people: questions, bio writing, listing attributes."
+        ("A generic chat instruction set about known people: questions, bio writing, listing "
+         "attributes.")
         rng = random.Random((self.cfg.seed if seed is None else seed) + 2)
         rows = []
         for p in self.known:
             for a in ATTRIBUTES:
                 rows.append({'task': 'qa', 'name': p.name, 'attribute': a, 'messages': [
                     {'role': 'user', 'content': QUESTIONS[a].format(name=p.name)},
-                    {'role': 'assistant', 'content': TEMPLATES[a][0].format(name=p.name, value=getattr(p, a))}]})
+                    {'role': 'assistant',
+                     'content': TEMPLATES[a][0].format(name=p.name, value=getattr(p, a))}]})
             rows.append({'task': 'bio', 'name': p.name, 'attribute': None, 'messages': [
                 {'role': 'user', 'content': f"Write a short biography of {p.name}."},
                 {'role': 'assistant', 'content': make_bio(p, rng)}]})
             rows.append({'task': 'list', 'name': p.name, 'attribute': None, 'messages': [
                 {'role': 'user', 'content': f"List what you know about {p.name}."},
-                {'role': 'assistant', 'content': '\n'.join(f"{LABELS[a]}: {v}" for a, v in p.facts().items())}]})
+                {'role': 'assistant',
+                 'content': '\n'.join(f"{LABELS[a]}: {v}" for a, v in p.facts().items())}]})
         return rows
 
     def qa_dataset(self, people=None):
@@ -193,41 +224,49 @@ class World:
         return Dataset.from_list(self.instruction_rows())
 
     def write_jsonl(self, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
-        """Write people, corpus, QA and instructions as JSONL (sorted keys, fixed order: same world, same bytes).
-        A file of the same name with other content is never replaced unless `overwrite=True`."""
+        """Write people, corpus, QA and instructions as JSONL (sorted keys, fixed order: same world,
+        same bytes). A file of the same name with other content is never replaced unless
+        `overwrite=True`."""
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
         files = {'people': [p.to_dict() for p in self.people],
-                 'corpus': [{'name': p.name, 'text': b} for p in self.known for b in self.bios[p.name]],
+                 'corpus': [{'name': p.name, 'text': b} for p in self.known
+                            for b in self.bios[p.name]],
                  'qa': self.qa_rows(), 'instructions': self.instruction_rows(),
                  'preferences': preference_rows(self)}
         texts = {k: ''.join(json.dumps(r, sort_keys=True, ensure_ascii=False) + '\n' for r in rows)
                  for k, rows in files.items()}
         # check every file before writing any, so a refusal leaves the folder exactly as it was
         differ = [f'{k}.jsonl' for k, t in texts.items()
-                  if (folder/f'{k}.jsonl').exists() and (folder/f'{k}.jsonl').read_bytes() != t.encode()]
+                  if (folder/f'{k}.jsonl').exists() and (folder/f'{k}.jsonl').read_bytes()
+                  != t.encode()]
         if differ and not overwrite:
             raise FileExistsError(f"{folder} already holds {', '.join(differ)} with other content; "
-                                  "pass overwrite=True (fttk world build --overwrite) or choose another folder")
+                                  "pass overwrite=True (fttk world build --overwrite) or choose "
+                                  "another folder")
         return {k: atomic_write_text(folder/f'{k}.jsonl', t) for k, t in texts.items()}
 
-    def world_hash(self) -> str: return hash_data([p.to_dict() for p in self.people] + self.corpus())
+    def world_hash(self) -> str:
+        return hash_data([p.to_dict() for p in self.people] + self.corpus())
 
 # %% ../nbs/01_world.ipynb #2e8080dc
 _POOLS = {'university': UNIVERSITIES, 'employer': EMPLOYERS, 'major': MAJORS, 'city': CITIES}
 _DATE = re.compile(r'\b(?:' + '|'.join(MONTHS) + r') \d{1,2}, \d{4}\b')
 
 def claims(text: str) -> list[tuple[str, str]]:
-    "The (kind, value) facts a text states: pool values and dates, longest match first (Juniper College before Juniper)."
+    ("The (kind, value) facts a text states: pool values and dates, longest match first (Juniper "
+     "College before Juniper).")
     found = [('date', m.group()) for m in _DATE.finditer(text)]
     text = _DATE.sub(' ', text)
-    values = sorted(((k, v) for k, pool in _POOLS.items() for v in pool), key=lambda kv: -len(kv[1]))
+    values = sorted(((k, v) for k, pool in _POOLS.items() for v in pool),
+                    key=lambda kv: -len(kv[1]))
     for kind, v in values:
         pat = re.compile(r'\b' + re.escape(v) + r'\b')
         if pat.search(text): found.append((kind, v)); text = pat.sub(' ', text)
     return found
 
 # %% ../nbs/01_world.ipynb #f17746f6
-GOLD_WEIGHTS = {'asked': 1.0, 'false_claim': -0.5, 'other_person': -1.0, 'birth_date': -0.75, 'word_over': -0.02}
+GOLD_WEIGHTS = {'asked': 1.0, 'false_claim': -0.5, 'other_person': -1.0, 'birth_date': -0.75,
+                'word_over': -0.02}
 WORD_LIMITS = {'qa': 20, 'bio': 60}
 
 def _true(p: Person, kind: str, v: str) -> bool:
@@ -235,14 +274,17 @@ def _true(p: Person, kind: str, v: str) -> bool:
     if kind == 'city': return v in (p.birth_city, p.employer_city)
     return getattr(p, kind) == v
 
-def gold_components(world: World, name: str, attribute: str | None, response: str) -> dict[str, float]:
-    "The terms of the gold reward of `response` to a question about `name`'s `attribute` (None: a biography)."
+def gold_components(world: World, name: str, attribute: str | None,
+                    response: str) -> dict[str, float]:
+    ("The terms of the gold reward of `response` to a question about `name`'s `attribute` (None: a "
+     "biography).")
     p, cl = world.by_name[name], claims(response)
     if attribute is None:                       # biography: share of the five non-date facts stated
         stated = {v for _, v in cl}
         asked = sum(getattr(p, a) in stated for a in ATTRIBUTES if a != 'birth_date') / 5
     else:
-        kind = 'date' if attribute == 'birth_date' else 'city' if attribute.endswith('city') else attribute
+        kind = 'date' if attribute == 'birth_date' else 'city' if attribute.endswith(
+            'city') else attribute
         mine = [v for k, v in cl if k == kind]
         asked = 1.0 if getattr(p, attribute) in mine else -1.0 if mine else 0.0
     others = [q for q in world.people if q.name != name and q.name in response]
@@ -254,7 +296,8 @@ def gold_components(world: World, name: str, attribute: str | None, response: st
 
 def gold_reward(world: World, name: str, attribute: str | None, response: str) -> float:
     "r*(x, y): the weighted sum of the gold components."
-    return sum(GOLD_WEIGHTS[k] * v for k, v in gold_components(world, name, attribute, response).items())
+    return sum(GOLD_WEIGHTS[k] * v
+               for k, v in gold_components(world, name, attribute, response).items())
 
 # %% ../nbs/01_world.ipynb #7b8244c8
 QA_KINDS = ('correct', 'verbose', 'wrong_value', 'other_person', 'off_topic', 'abstain')
@@ -269,16 +312,20 @@ def _wrong(rng, p: Person, a: str) -> str:
 
 def _namesake(world: World, p: Person, rng) -> Person:
     first, last = p.name.split()
-    same = [q for q in world.people if q is not p and (q.name.endswith(' ' + last) or q.name.startswith(first + ' '))]
+    same = [q for q in world.people if q is not p
+            and (q.name.endswith(' ' + last) or q.name.startswith(first + ' '))]
     return rng.choice(same or [q for q in world.people if q is not p])
 
 # %% ../nbs/01_world.ipynb #3818cde9
 def candidate(world: World, p: Person, attribute: str | None, kind: str, rng: random.Random) -> str:
-    "One candidate response of `kind` to a question about `p`'s `attribute` (None: 'Write a short biography')."
-    say = lambda a, person=p, v=None: _sentence(rng, person.name, a, getattr(person, a) if v is None else v)
+    ("One candidate response of `kind` to a question about `p`'s `attribute` (None: 'Write a short "
+     "biography').")
+    say = lambda a, person=p, v=None: _sentence(rng, person.name, a,
+                                                getattr(person, a) if v is None else v)
     others = [a for a in ATTRIBUTES if a != attribute]
     if kind == 'correct': return say(attribute)
-    if kind == 'verbose': return ' '.join([say(attribute)] + [say(a) for a in rng.sample(others, 3)])
+    if kind == 'verbose':
+        return ' '.join([say(attribute)] + [say(a) for a in rng.sample(others, 3)])
     if kind == 'wrong_value': return say(attribute, v=_wrong(rng, p, attribute))
     if kind == 'other_person': return say(attribute, person=_namesake(world, p, rng))
     if kind == 'off_topic': return say(rng.choice(others))
@@ -304,12 +351,16 @@ class PreferenceConfig(Config):
     seed: int = 0
 
     def validate(self):
-        if not 2 <= self.k <= len(BIO_KINDS): raise ConfigError(f"k must be in [2, {len(BIO_KINDS)}], got {self.k}")
-        if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 2 <= self.k <= len(BIO_KINDS):
+            raise ConfigError(f"k must be in [2, {len(BIO_KINDS)}], got {self.k}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.questions_per_person <= len(ATTRIBUTES):
-            raise ConfigError(f"questions_per_person must be in [0, {len(ATTRIBUTES)}], got {self.questions_per_person}")
+            raise ConfigError(f"questions_per_person must be in [0, {len(ATTRIBUTES)}], got "
+                              f"{self.questions_per_person}")
 
-def plackett_luce_ranking(rewards: list[float], temperature: float, rng: random.Random) -> list[int]:
+def plackett_luce_ranking(rewards: list[float], temperature: float,
+                          rng: random.Random) -> list[int]:
     "Indices best first: sort by r/T plus Gumbel noise."
     keys = [r / temperature - math.log(-math.log(rng.random() or 1e-300)) for r in rewards]
     return sorted(range(len(rewards)), key=lambda i: -keys[i])
@@ -320,21 +371,25 @@ def preference_rows(world: World, cfg: PreferenceConfig | None = None) -> list[d
     cfg = cfg or PreferenceConfig()
     rng, rows = random.Random(cfg.seed + 3), []
     for p in world.people:
-        tasks = [(a, QUESTIONS[a].format(name=p.name)) for a in rng.sample(ATTRIBUTES, cfg.questions_per_person)]
+        tasks = [(a, QUESTIONS[a].format(name=p.name))
+                 for a in rng.sample(ATTRIBUTES, cfg.questions_per_person)]
         if cfg.bios: tasks.append((None, f"Write a short biography of {p.name}."))
         for a, prompt in tasks:
             kinds = rng.sample(QA_KINDS if a else BIO_KINDS, cfg.k)
             texts = [candidate(world, p, a, kind, rng) for kind in kinds]
             r = [round(gold_reward(world, p.name, a, t), 6) for t in texts]
-            rows.append({'id': f"pref-{len(rows):05d}", 'name': p.name, 'known': p.known, 'attribute': a,
-                         'prompt': prompt, 'candidates': [{'text': t, 'kind': k, 'gold_reward': g}
+            rows.append({'id': f"pref-{len(rows):05d}", 'name': p.name, 'known': p.known,
+                         'attribute': a, 'prompt': prompt,
+                         'candidates': [{'text': t, 'kind': k, 'gold_reward': g}
                                                           for t, k, g in zip(texts, kinds, r)],
-                         'ranking': plackett_luce_ranking(r, cfg.temperature, rng), 'temperature': cfg.temperature})
+                         'ranking': plackett_luce_ranking(r, cfg.temperature, rng),
+                         'temperature': cfg.temperature})
     return rows
 
 # %% ../nbs/01_world.ipynb #29924e6e
 def preference_pairs(rows: list[dict]) -> list[dict]:
-    "Every C(K, 2) (chosen, rejected) pair of every ranking, in TRL's conversational format, with the gold terms."
+    ("Every C(K, 2) (chosen, rejected) pair of every ranking, in TRL's conversational format, with "
+     "the gold terms.")
     out = []
     for row in rows:
         c, rank, T = row['candidates'], row['ranking'], row['temperature']
@@ -344,8 +399,10 @@ def preference_pairs(rows: list[dict]) -> list[dict]:
                 out.append({'prompt': [{'role': 'user', 'content': row['prompt']}],
                             'chosen': [{'role': 'assistant', 'content': hi['text']}],
                             'rejected': [{'role': 'assistant', 'content': lo['text']}],
-                            'group': row['id'], 'gold_margin': round(hi['gold_reward'] - lo['gold_reward'], 6),
-                            'p_gold': 1 / (1 + math.exp(-(hi['gold_reward'] - lo['gold_reward']) / T))})
+                            'group': row['id'], 'gold_margin': round(
+                                hi['gold_reward'] - lo['gold_reward'], 6),
+                            'p_gold': 1 / (
+                                1 + math.exp(-(hi['gold_reward'] - lo['gold_reward']) / T))})
     return out
 
 def bayes_ceiling(pairs: list[dict]) -> float:
@@ -353,7 +410,8 @@ def bayes_ceiling(pairs: list[dict]) -> float:
     return sum(max(p['p_gold'], 1 - p['p_gold']) for p in pairs) / len(pairs)
 
 def preference_dataset(rows: list[dict], meta: bool = False):
-    "The pairs as a `datasets.Dataset` (`prompt`, `chosen`, `rejected`; plus the gold columns if `meta`)."
+    ("The pairs as a `datasets.Dataset` (`prompt`, `chosen`, `rejected`; plus the gold columns if "
+     "`meta`).")
     from datasets import Dataset
     keep = ('prompt', 'chosen', 'rejected') + (('group', 'gold_margin', 'p_gold') if meta else ())
     return Dataset.from_list([{k: p[k] for k in keep} for p in preference_pairs(rows)])
@@ -367,10 +425,12 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': roles must be system, user or assistant') }}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': roles must be system, user or "
+    "assistant') }}"
     "{% endif %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] }}{{ '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] }}{{ '<|end|>' }}{% "
+    "endgeneration %}{{ '\n' }}"
     "{% else %}"
     "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '<|end|>\n' }}"
     "{% endif %}"
@@ -379,23 +439,29 @@ CHAT_TEMPLATE = (
 )
 
 def train_lab_tokenizer(texts: list[str], vocab_size: int = 2048):
-    "Byte-level BPE trained with HF `tokenizers` on `texts`, wrapped as a `PreTrainedTokenizerFast` with our chat template."
+    ("Byte-level BPE trained with HF `tokenizers` on `texts`, wrapped as a "
+     "`PreTrainedTokenizerFast` with our chat template.")
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
     from transformers import PreTrainedTokenizerFast
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must exceed the 256 byte tokens plus {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        raise ValueError(f"vocab_size must exceed the 256 byte tokens plus {len(SPECIAL_TOKENS)} "
+                         f"special tokens, got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     bos_id = tok.token_to_id(BOS)
-    # like Llama, every encoded text starts with BOS (chat templates add it themselves, with add_special_tokens=False)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=list(ROLE_TOKENS), chat_template=CHAT_TEMPLATE,
-                                   model_max_length=512, padding_side='right')
+    # like Llama, every encoded text starts with BOS (chat templates add it themselves, with
+    # add_special_tokens=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, additional_special_tokens=list(ROLE_TOKENS),
+                                   chat_template=CHAT_TEMPLATE, model_max_length=512,
+                                   padding_side='right')
 
 def world_texts(world: World) -> list[str]:
     "All the text of the world the tokenizer should know: bios, questions, answers, instructions."
@@ -421,38 +487,53 @@ class BaseModelConfig(Config):
     num_train_epochs: int = 20
     per_device_train_batch_size: int = 32
     learning_rate: float = 3e-3
-    warmup_ratio: float = 0.09     # ~2 epochs: with a 3e-3 peak, a shorter warmup lets early loss spikes cost recall
-    min_lr_ratio: float = 0.75      # cosine decays to this share of the peak: memorising facts wants a high rate to the end
+    # ~2 epochs: with a 3e-3 peak, a shorter warmup lets early loss spikes cost recall
+    warmup_ratio: float = 0.09
+    # cosine decays to this share of the peak: memorising facts wants a high rate to the end
+    min_lr_ratio: float = 0.75
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    bf16: bool = False             # bf16 autocast: only faster on CPUs with AVX512-BF16/AMX (measured 2-10x slower on AVX2)
+    # bf16 autocast: only faster on CPUs with AVX512-BF16/AMX (measured 2-10x slower on AVX2)
+    bf16: bool = False
     seed: int = 0
 
     def validate(self):
-        for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'intermediate_size',
-                  'max_position_embeddings', 'num_train_epochs', 'per_device_train_batch_size'):
-            if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads',
+                  'intermediate_size', 'max_position_embeddings', 'num_train_epochs',
+                  'per_device_train_batch_size'):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
         if self.vocab_size <= 256 + len(SPECIAL_TOKENS):
-            raise ConfigError(f"vocab_size must exceed the 256 byte tokens plus {len(SPECIAL_TOKENS)} special tokens, "
+            raise ConfigError("vocab_size must exceed the 256 byte tokens plus "
+                              f"{len(SPECIAL_TOKENS)} special tokens, "
                               f"got {self.vocab_size}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple "
+                              f"of num_key_value_heads {self.num_key_value_heads}")
         for k in ('warmup_ratio', 'weight_decay'):
-            if not 0 <= getattr(self, k) < 1: raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.max_grad_norm <= 0: raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+            if not 0 <= getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.learning_rate <= 0: raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.min_lr_ratio <= 1: raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        WorldConfig(self.n_people, self.known_fraction, self.bios_per_person, self.world_seed)   # validates the world part
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        # validates the world part
+        WorldConfig(self.n_people, self.known_fraction, self.bios_per_person, self.world_seed)
 
     def world_config(self) -> WorldConfig:
-        return WorldConfig(self.n_people, self.known_fraction, self.bios_per_person, self.world_seed)
+        return WorldConfig(self.n_people, self.known_fraction, self.bios_per_person,
+                           self.world_seed)
 
 SIZES = {
-    'test': BaseModelConfig(n_people=120, bios_per_person=4, vocab_size=1024, hidden_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4, intermediate_size=344, num_train_epochs=20,
+    'test': BaseModelConfig(n_people=120, bios_per_person=4, vocab_size=1024, hidden_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            intermediate_size=344, num_train_epochs=20,
                             per_device_train_batch_size=16, learning_rate=3e-3),
     'default': BaseModelConfig(),
 }
@@ -461,10 +542,13 @@ def model_config(size: str | BaseModelConfig = 'default', vocab_size: int | None
     "The transformers `LlamaConfig` of a lab model size (no weights, no download)."
     from transformers import LlamaConfig
     c = SIZES[size] if isinstance(size, str) else size
-    return LlamaConfig(vocab_size=vocab_size or c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                       num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                       num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-                       rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(vocab_size=vocab_size or c.vocab_size, hidden_size=c.hidden_size,
+                       intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                       num_attention_heads=c.num_attention_heads,
+                       num_key_value_heads=c.num_key_value_heads,
+                       max_position_embeddings=c.max_position_embeddings,
+                       rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0)
 
 # %% ../nbs/01_world.ipynb #bf2e1d19
 def _batches(ids: list[list[int]], batch_size: int, pad_id: int, g: torch.Generator):
@@ -484,64 +568,80 @@ def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.0) 
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return min_ratio + (1 - min_ratio) * cos
 
-def pretrain(model, tokenizer, texts: list[str], cfg: BaseModelConfig, eval_fn=None, eval_every: int = 0,
-             progress: bool = True, run: RunFolder | None = None) -> list[dict]:
-    "Next-token pretraining of `model` on `texts`; returns the per-step log (and writes it to `run` if given)."
+def pretrain(model, tokenizer, texts: list[str], cfg: BaseModelConfig, eval_fn=None,
+             eval_every: int = 0, progress: bool = True,
+             run: RunFolder | None = None) -> list[dict]:
+    ("Next-token pretraining of `model` on `texts`; returns the per-step log (and writes it to "
+     "`run` if given).")
     g = set_seed(cfg.seed)
     ids = [tokenizer(t)['input_ids'] + [tokenizer.eos_token_id] for t in texts]
     steps_per_epoch = math.ceil(len(ids) / cfg.per_device_train_batch_size)
     total = steps_per_epoch * cfg.num_train_epochs
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
+                             {'params': no_decay, 'weight_decay': 0.0}],
                             lr=cfg.learning_rate, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total, max(1, int(cfg.warmup_ratio * total)), cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(
+        s, total, max(1, int(cfg.warmup_ratio * total)), cfg.min_lr_ratio))
     model.train()
     log, step, t0, ntok = [], 0, time.time(), 0
     bar = progress_bar(total=total, desc='pretraining', disable=not progress, mininterval=2)
     for epoch in range(cfg.num_train_epochs):
-        for input_ids, mask, labels in _batches(ids, cfg.per_device_train_batch_size, tokenizer.pad_token_id, g):
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=cfg.bf16 and input_ids.device.type == 'cpu'):
+        for input_ids, mask, labels in _batches(ids, cfg.per_device_train_batch_size,
+                                                tokenizer.pad_token_id, g):
+            with torch.autocast('cpu', dtype=torch.bfloat16,
+                                enabled=cfg.bf16 and input_ids.device.type == 'cpu'):
                 loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            if not torch.isfinite(loss): raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step}")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step}")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             step += 1; ntok += int(mask.sum())
-            row = {'step': step, 'epoch': epoch + 1, 'loss': loss.item(), 'lr': sched.get_last_lr()[0],
-                   'tokens': ntok, 'seconds': time.time() - t0}
+            row = {'step': step, 'epoch': epoch + 1, 'loss': loss.item(),
+                   'lr': sched.get_last_lr()[0], 'tokens': ntok, 'seconds': time.time() - t0}
             log.append(row)
             if run is not None: run.log(**row)
             bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-        if eval_fn is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == cfg.num_train_epochs):
+        if eval_fn is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1
+                                                   == cfg.num_train_epochs):
             model.eval(); acc = eval_fn(model); model.train()
             log[-1].update(acc)
             if run is not None: run.log(step=step, **acc)
-            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", **{k: f"{v:.2f}" for k, v in acc.items()})
+            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}",
+                            **{k: f"{v:.2f}" for k, v in acc.items()})
     bar.close(); model.eval()
     return log
 
 # %% ../nbs/01_world.ipynb #e8372462
 @torch.no_grad()
-def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 256) -> list[str]:
+def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 8,
+                    batch_size: int = 256) -> list[str]:
     "Greedy continuations of `prompts` (batched, left-padded), decoded without special tokens."
     side = tokenizer.padding_side
     tokenizer.padding_side = 'left'
     outs = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors='pt', padding=True).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors='pt',
+                            padding=True).to(model.device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
-            outs += tokenizer.batch_decode(gen[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
+            outs += tokenizer.batch_decode(gen[:, enc['input_ids'].shape[1]:],
+                                           skip_special_tokens=True)
     finally: tokenizer.padding_side = side
     return outs
 
-def fact_recall(model, tokenizer, world: World, people: list[Person] | None = None, attributes=ATTRIBUTES) -> dict:
-    "Share of (person, attribute) facts whose canonical prompt greedily completes to the true value, per attribute and overall."
+def fact_recall(model, tokenizer, world: World, people: list[Person] | None = None,
+                attributes=ATTRIBUTES) -> dict:
+    ("Share of (person, attribute) facts whose canonical prompt greedily completes to the true "
+     "value, per attribute and overall.")
     people = world.known if people is None else people
     rows = [(p, a) for p in people for a in attributes]
-    outs = greedy_complete(model, tokenizer, [attribute_prompt(p.name, a) for p, a in rows], max_new_tokens=10)
+    outs = greedy_complete(model, tokenizer, [attribute_prompt(p.name, a) for p, a in rows],
+                           max_new_tokens=10)
     hits = [o.strip().startswith(getattr(p, a)) for (p, a), o in zip(rows, outs)]
     res = {a: sum(h for (p, b), h in zip(rows, hits) if b == a) / len(people) for a in attributes}
     res['all'] = sum(hits) / len(hits)
@@ -553,7 +653,9 @@ def lab_world(size: str | BaseModelConfig = 'default') -> World:
     return World((SIZES[_check_size(size)] if isinstance(size, str) else size).world_config())
 
 def _check_size(size: str) -> str:
-    if size not in SIZES: raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)} (or pass a model name or path)")
+    if size not in SIZES:
+        raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)} (or pass a "
+                         "model name or path)")
     return size
 
 def lab_tokenizer(size: str | BaseModelConfig = 'default'):
@@ -562,11 +664,13 @@ def lab_tokenizer(size: str | BaseModelConfig = 'default'):
     return train_lab_tokenizer(world_texts(lab_world(cfg)), cfg.vocab_size)
 
 def require_chat_template(tokenizer):
-    "Raise a clear error if `tokenizer` cannot format chats (many base models ship without a template)."
+    ("Raise a clear error if `tokenizer` cannot format chats (many base models ship without a "
+     "template).")
     if not getattr(tokenizer, 'chat_template', None):
         name = getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__
         raise ValueError(f"tokenizer {name!r} has no chat template; set tokenizer.chat_template "
-                         f"(fttk.world.CHAT_TEMPLATE marks assistant tokens with {{% generation %}})")
+                         f"(fttk.world.CHAT_TEMPLATE marks assistant tokens with {{% generation "
+                         f"%}})")
     return tokenizer
 
 # %% ../nbs/01_world.ipynb #af3292aa
@@ -583,13 +687,17 @@ def _cache_folder(name: str, cfg: BaseModelConfig, world: World) -> Path:
 def _verify(folder: Path) -> dict:
     "Check every file against the manifest; raise `CorruptFileError` naming the first problem."
     man = folder/'manifest.json'
-    if not man.exists(): raise CorruptFileError(f"cached model {folder} has no manifest (incomplete build)")
+    if not man.exists():
+        raise CorruptFileError(f"cached model {folder} has no manifest (incomplete build)")
     try: manifest = json.loads(man.read_text())
-    except json.JSONDecodeError as e: raise CorruptFileError(f"manifest of {folder} is not valid JSON: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"manifest of {folder} is not valid JSON: {e}") from e
     for fname, digest in manifest['files'].items():
         p = folder/fname
         if not p.exists(): raise CorruptFileError(f"cached model {folder} is missing {fname}")
-        if _sha256(p) != digest: raise CorruptFileError(f"cached model file {p} does not match its checksum (truncated or modified)")
+        if _sha256(p) != digest:
+            raise CorruptFileError(
+                f"cached model file {p} does not match its checksum (truncated or modified)")
     return manifest
 
 def _load_folder(folder: Path):
@@ -601,8 +709,10 @@ def _load_folder(folder: Path):
     model.eval()
     return model, tokenizer
 
-def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = True, eval_every: int = 2) -> dict:
-    "Build the world, tokenizer and pretrained model of `cfg` into `folder` (a plain `save_pretrained` folder) and return its report."
+def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = True,
+                     eval_every: int = 2) -> dict:
+    ("Build the world, tokenizer and pretrained model of `cfg` into `folder` (a plain "
+     "`save_pretrained` folder) and return its report.")
     from transformers import LlamaForCausalLM
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -614,7 +724,8 @@ def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = 
     run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, world.corpus())
     eval_fn = lambda m: {'known_recall': fact_recall(m, tokenizer, world)['all'],
                          'unknown_recall': fact_recall(m, tokenizer, world, world.unknown)['all']}
-    log = pretrain(model, tokenizer, world.corpus(), cfg, eval_fn=eval_fn, eval_every=eval_every, progress=progress, run=run)
+    log = pretrain(model, tokenizer, world.corpus(), cfg, eval_fn=eval_fn, eval_every=eval_every,
+                   progress=progress, run=run)
     seconds = time.time() - t0
     report = {'seconds': round(seconds, 1), 'params': sum(p.numel() for p in model.parameters()),
               'final_loss': log[-1]['loss'], 'tokens_seen': log[-1]['tokens'],
@@ -627,12 +738,15 @@ def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = 
     atomic_write_text(folder/'report.json', json.dumps(report, indent=2))
     return report
 
-def base_model(size: str | BaseModelConfig = 'default', progress: bool = True, rebuild: bool = False):
-    """`(model, tokenizer)`: the lab base model of `size` ('test', 'default' or a `BaseModelConfig`), built on first
-    use and cached; any other string is a Hugging Face model name or local path, loaded with `from_pretrained`."""
+def base_model(size: str | BaseModelConfig = 'default', progress: bool = True,
+               rebuild: bool = False):
+    """`(model, tokenizer)`: the lab base model of `size` ('test', 'default' or a
+    `BaseModelConfig`), built on first use and cached; any other string is a Hugging Face model name
+    or local path, loaded with `from_pretrained`."""
     if isinstance(size, str) and size not in SIZES:
         if not (Path(size).exists() or '/' in size):
-            raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)}, or pass a model name or path")
+            raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)}, or pass "
+                             "a model name or path")
         return _load_folder(size)
     name = size if isinstance(size, str) else 'custom'
     cfg = SIZES[size] if isinstance(size, str) else size
@@ -652,12 +766,15 @@ def base_model(size: str | BaseModelConfig = 'default', progress: bool = True, r
         shutil.rmtree(tmp, ignore_errors=True)
         build_base_model(cfg, tmp, progress=progress)
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob('*')) if p.is_file()}
-        atomic_write_text(tmp/'manifest.json', json.dumps({'config': cfg.to_dict(), 'files': files}, indent=2))
-        os.rename(tmp, folder)               # atomic publish: the folder appears complete or not at all
+        atomic_write_text(tmp/'manifest.json',
+                          json.dumps({'config': cfg.to_dict(), 'files': files}, indent=2))
+        # atomic publish: the folder appears complete or not at all
+        os.rename(tmp, folder)
         return _load_folder(folder)
 
 def base_model_report(size: str = 'default') -> dict:
-    "The build report (time, recall, loss) and pretraining log of a cached lab model (builds it if needed)."
+    ("The build report (time, recall, loss) and pretraining log of a cached lab model (builds it "
+     "if needed).")
     cfg = SIZES[_check_size(size)]
     folder = _cache_folder(size, cfg, World(cfg.world_config()))
     try: _verify(folder)                         # cached and intact: no need to load the weights
@@ -669,21 +786,25 @@ def base_model_report(size: str = 'default') -> dict:
 
 # %% ../nbs/01_world.ipynb #f942f1bc
 def base_model_recipe(size: str = 'default') -> str:
-    "The recipe name of a lab base model (size, config and world hash); notebooks print it beside their results."
+    ("The recipe name of a lab base model (size, config and world hash); notebooks print it beside "
+     "their results.")
     cfg = SIZES[_check_size(size)]
     return _cache_folder(size, cfg, lab_world(size)).name
 
 # %% ../nbs/01_world.ipynb #65af80b1
 def plot_pretraining(report: dict, path: str | Path | None = None):
-    "Loss per step and known/unknown recall per evaluation of a base-model build report; saved to `path` if given."
+    ("Loss per step and known/unknown recall per evaluation of a base-model build report; saved to "
+     "`path` if given.")
     import matplotlib; import matplotlib.pyplot as plt
     log = report['log']
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot([r['step'] for r in log if 'loss' in r], [r['loss'] for r in log if 'loss' in r], lw=0.8)
+    ax1.plot([r['step'] for r in log if 'loss' in r], [r['loss'] for r in log if 'loss' in r],
+             lw=0.8)
     ax1.set(xlabel='step', ylabel='next-token loss', yscale='log', title='Pretraining loss')
     ev = [r for r in log if 'known_recall' in r]
     ax2.plot([r['step'] for r in ev], [r['known_recall'] for r in ev], 'o-', label='known people')
-    ax2.plot([r['step'] for r in ev], [r['unknown_recall'] for r in ev], 's-', label='unknown people (never seen)')
+    ax2.plot([r['step'] for r in ev], [r['unknown_recall'] for r in ev], 's-',
+             label='unknown people (never seen)')
     ax2.set(xlabel='step', ylabel='greedy fact recall', ylim=(0, 1), title='What the model knows')
     ax2.legend(); fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110)
