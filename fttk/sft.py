@@ -131,7 +131,8 @@ def collate(batch: list[list[dict]], pad_token_id: int = 0, dtype=torch.float32)
 # %% ../nbs/08_sft.ipynb #d654b1a8
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "Per-token cross-entropy (0 where the shifted label is -100), shape (B, L-1)."
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    lg, lb = logits[:, :-1], labels[:, 1:]
+    if lg.dtype != torch.float64: lg = lg.float()        # bf16/fp16 logits: cross-entropy in float32
     return F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none').view(lb.shape)
 
 def _mask_dtype(model) -> torch.dtype:
@@ -583,7 +584,7 @@ def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> 
     return ["## Supervised fine-tuning (LoRA)", "",
             f"LoRA r=16 on all linear layers ({n_tr:,} of {n_all:,} parameters trainable), {res['steps']} steps on "
             f"{res['data']['kept']} chats about {len(train_p)} people, {res['seconds']:.0f} s; loss {res['log'][0]['loss']:.3f} -> "
-            f"{res['log'][-1]['loss']:.3f}. Run folder: `{cfg.output_dir}`.", "",
+            f"{res['log'][-1]['loss']:.3f}. Run folder: `sft/` (next to this report).", "",
             f"Held-out people ({len(eval_p)}, never in the SFT data): QA exact match {before['qa_em']:.1%} -> {after['qa_em']:.1%}; "
             f"pretraining-fact recall {before['fact_recall']:.1%} -> {after['fact_recall']:.1%}.", "",
             f"Sample: `{q['question']}` -> `{reply}` (true: {q['answer']}).", "",
