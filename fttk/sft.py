@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/sft.html.md"""
 
 # %% ../nbs/08_sft.ipynb #5d93b6be
 from __future__ import annotations
-import copy, json, math, os, random, time
+import copy, json, math, os, random, re, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,16 +14,18 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .core import (Config, ConfigError, RunFolder, set_seed, save_tensors, load_tensors, safe_torch_load,
-                       atomic_write_text, in_test, CorruptFileError)
+                       atomic_write_text, in_test, CorruptFileError,
+                       best_precision)
 from .world import require_chat_template
 
 # %% auto #0
-__all__ = ['ROLES', 'IGNORE_INDEX', 'GENERATION_CONFIGS', 'SFTDataError', 'check_row', 'tokenize_chat', 'prepare_sft_data',
-           'pack_examples', 'collate', 'token_losses', 'example_losses', 'padding_stats', 'SFTConfig', 'lr_factor',
-           'SFTLossError', 'total_steps', 'trainable_state', 'eval_loss', 'sft_train', 'trl_train', 'first_sentence',
+__all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'SFTDataError', 'check_row', 'tokenize_chat',
+           'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses', 'padding_stats',
+           'SFTConfig', 'use_bf16', 'lr_factor', 'SFTLossError', 'total_steps', 'trainable_state', 'eval_loss',
+           'sft_train', 'trl_field_map', 'trl_train', 'first_sentence', 'names_other_person', 'grade_reply',
            'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows', 'generation_table', 'text_few_shot_accuracy',
            'few_shot_curve', 'split_people', 'sft_demo']
 
@@ -72,13 +74,16 @@ def tokenize_chat(tokenizer, messages: list[dict], assistant_only_loss: bool = T
 def prepare_sft_data(rows, tokenizer, max_length: int | None = 1024, truncation_mode: str = 'keep_start',
                      assistant_only_loss: bool = True) -> tuple[list[dict], dict]:
     "Check and tokenize chat `rows`; returns (examples, report with kept/truncated/dropped counts)."
-    if truncation_mode not in ('keep_start', 'drop'):
-        raise ValueError(f"truncation_mode must be 'keep_start' or 'drop', got {truncation_mode!r}")
+    if truncation_mode not in ('keep_start', 'drop', 'error'):
+        raise ValueError(f"truncation_mode must be 'keep_start', 'drop' or 'error', got {truncation_mode!r}")
     out, rep = [], {'rows': 0, 'kept': 0, 'truncated': 0, 'dropped_too_long': 0, 'dropped_no_target': 0, 'tokens': 0}
     for i, row in enumerate(rows):
         rep['rows'] += 1
         ex = tokenize_chat(tokenizer, check_row(row, i), assistant_only_loss)
         if max_length is not None and len(ex['input_ids']) > max_length:
+            if truncation_mode == 'error':   # truncation off: an over-long row is a data error
+                raise SFTDataError(f"row {i}: {len(ex['input_ids'])} tokens > max_length {max_length} "
+                                   "(truncation_mode='error'); shorten the row or raise max_length")
             if truncation_mode == 'drop': rep['dropped_too_long'] += 1; continue
             ex = {k: v[:max_length] for k, v in ex.items()}
             if all(l == IGNORE_INDEX for l in ex['labels']): rep['dropped_no_target'] += 1; continue
@@ -126,12 +131,17 @@ def collate(batch: list[list[dict]], pad_token_id: int = 0, dtype=torch.float32)
 # %% ../nbs/08_sft.ipynb #d654b1a8
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "Per-token cross-entropy (0 where the shifted label is -100), shape (B, L-1)."
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    lg, lb = logits[:, :-1], labels[:, 1:]
+    if lg.dtype != torch.float64: lg = lg.float()        # bf16/fp16 logits: cross-entropy in float32
     return F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none').view(lb.shape)
+
+def _mask_dtype(model) -> torch.dtype:
+    "The additive attention mask must have the model's float dtype (float64 in the exactness checks)."
+    return next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
 
 def example_losses(model, batch_rows: list[list[dict]], pad_token_id: int = 0) -> list[float]:
     "Mean loss of each example of a (possibly packed) batch, in order."
-    b = collate(batch_rows, pad_token_id)
+    b = collate(batch_rows, pad_token_id, _mask_dtype(model))
     with torch.no_grad():
         logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'], attention_mask=b['attention_mask']).logits
     tl, valid = token_losses(logits, b['labels']), b['labels'][:, 1:] != IGNORE_INDEX
@@ -175,15 +185,22 @@ class SFTConfig(Config):
     save_steps: int | None = None
     seed: int = 42
     max_length: int | None = 1024
-    truncation_mode: Literal['keep_start', 'drop'] = 'keep_start'
+    truncation_mode: Literal['keep_start', 'drop', 'error'] = 'keep_start'
     packing: bool = False
     padding_free: bool = False
     assistant_only_loss: bool = True
-    bf16: bool = False
+    bf16: bool | None = False   # None: what this machine measurably does best (core.best_precision)
     shuffle: bool = True
     use_fast_lora: bool = True
 
     def validate(self):
+        for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1', 'adam_beta2',
+                  'adam_epsilon', 'max_grad_norm'):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{f} must be a finite number, got {v!r}")
+        if self.weight_decay < 0: raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.adam_epsilon <= 0: raise ConfigError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
         for k in ('learning_rate', 'num_train_epochs', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'logging_steps'):
             if getattr(self, k) <= 0: raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
         if self.max_steps == 0 or self.max_steps < -1: raise ConfigError(f"max_steps must be -1 (use num_train_epochs) or > 0, got {self.max_steps}")
@@ -194,8 +211,12 @@ class SFTConfig(Config):
         if self.max_length is not None and self.max_length < 2: raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
         if self.packing and self.max_length is None: raise ConfigError("packing=True needs max_length (the packed sequence length)")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1: raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
-        if self.bf16 and not torch.cuda.is_available() and not _cpu_has_bf16():
+        if self.bf16 is True and not torch.cuda.is_available() and not _cpu_has_bf16():
             raise ConfigError("bf16=True on a CPU without AVX512-BF16/AMX: it would run several times slower than fp32; set bf16=False")
+
+def use_bf16(cfg: SFTConfig) -> bool:
+    "`cfg.bf16`, with None resolved to this machine's measured best precision (cached per machine)."
+    return best_precision() == 'bf16' if cfg.bf16 is None else bool(cfg.bf16)
 
 def _cpu_has_bf16() -> bool:
     try: flags = Path('/proc/cpuinfo').read_text()
@@ -255,15 +276,20 @@ def _save_checkpoint(run: RunFolder, step: int, model, opt, extra: dict) -> Path
     return d
 
 def _load_checkpoint(d: Path, model, opt) -> dict:
+    # read and check every file before touching the model: a corrupt checkpoint leaves it as it was
+    for f in ('model.safetensors', 'optimizer.pt', 'rng.safetensors', 'trainer_state.json'):
+        if not (d/f).is_file(): raise FileNotFoundError(f"cannot resume: checkpoint {d} lacks {f}")
     w = load_tensors(d/'model.safetensors')
+    opt_state, rng = safe_torch_load(d/'optimizer.pt'), load_tensors(d/'rng.safetensors')['torch_cpu']
+    state = json.loads((d/'trainer_state.json').read_text())
     params = dict(model.named_parameters())
     missing = sorted(set(trainable_state(model)) - set(w))
     if missing: raise CorruptFileError(f"checkpoint {d} lacks trainable weights {missing[:3]}...: was it saved from another model setup?")
     with torch.no_grad():
         for n, t in w.items(): params[n].copy_(t)
-    opt.load_state_dict(safe_torch_load(d/'optimizer.pt'))
-    torch.set_rng_state(load_tensors(d/'rng.safetensors')['torch_cpu'])
-    return json.loads((d/'trainer_state.json').read_text())
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(rng)
+    return state
 
 @torch.no_grad()
 def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: int = 0) -> float:
@@ -271,7 +297,7 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
     was = model.training; model.eval()
     tot = n = 0.0
     for i in range(0, len(examples), batch_size):
-        b = collate([[e] for e in examples[i:i + batch_size]], pad_token_id)
+        b = collate([[e] for e in examples[i:i + batch_size]], pad_token_id, _mask_dtype(model))
         logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'], attention_mask=b['attention_mask']).logits
         tot += token_losses(logits, b['labels']).sum().item(); n += (b['labels'][:, 1:] != IGNORE_INDEX).sum().item()
     model.train(was)
@@ -297,6 +323,7 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
     if cfg.use_fast_lora:
         from fttk.lora import lora_layers, enable_fast_lora
         if lora_layers(model): enable_fast_lora(model)
+    bf16 = use_bf16(cfg)
     units = _units(examples, cfg)
     T = total_steps(len(units), cfg)
     warmup = math.ceil(cfg.warmup_ratio * T)
@@ -318,11 +345,11 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
         if step >= T: break
         if step < start: continue          # replay the data order up to the checkpoint without computing
         for g in opt.param_groups: g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
-        batches = [collate(mb, pad) for mb in mbs]
+        batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs]
         n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         loss_sum = 0.0
         for b in batches:
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'], attention_mask=b['attention_mask']).logits
             s = token_losses(logits, b['labels']).sum()
             if not torch.isfinite(s):
@@ -349,7 +376,24 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
     return {'log': log, 'data': data_report, 'steps': T, 'seconds': time.time() - t0, 'tokens': ntok, 'run': run.path}
 
 # %% ../nbs/08_sft.ipynb #c2f6d988
+# our name -> older name, for fields renamed between the trl/transformers versions pyproject admits
+TRL_RENAMES = {'activation_checkpointing': 'gradient_checkpointing'}
+
+def trl_field_map(kw: dict, fields: set[str], warmup_ratio: float = 0.0) -> dict:
+    "Keyword arguments `kw` renamed to what a TRL `SFTConfig` with dataclass `fields` accepts."
+    out = {}
+    for k, v in kw.items():
+        if k in fields: out[k] = v
+        elif k in TRL_RENAMES and TRL_RENAMES[k] in fields: out[TRL_RENAMES[k]] = v
+        elif k == 'train_sampling_strategy' and v == 'random': pass      # older trl: random is the only order
+        else: raise TypeError(f"this trl's SFTConfig has no field {k!r} (nor an older name for it): "
+                              "check the installed trl version against pyproject's range")
+    if 'warmup_ratio' in fields:        # transformers < 5: the ratio has its own field, warmup_steps is int
+        out['warmup_ratio'], out['warmup_steps'] = warmup_ratio, 0
+    return out
+
 def _trl_args(cfg: SFTConfig, **over):
+    import dataclasses
     from trl import SFTConfig as TRLConfig
     kw = dict(output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
               max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -357,12 +401,12 @@ def _trl_args(cfg: SFTConfig, **over):
               lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
               adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm,
               logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length, packing=cfg.packing,
-              padding_free=cfg.padding_free, assistant_only_loss=False, completion_only_loss=False, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
+              padding_free=cfg.padding_free, assistant_only_loss=False, completion_only_loss=False, bf16=use_bf16(cfg), use_cpu=not torch.cuda.is_available(),
               activation_checkpointing=False, optim='adamw_torch', report_to='none', save_strategy='no',
               train_sampling_strategy='random' if cfg.shuffle else 'sequential', disable_tqdm=True,
               eval_strategy='steps' if cfg.eval_steps else 'no', eval_steps=cfg.eval_steps, dataloader_num_workers=0)
     kw.update(over)
-    return TRLConfig(**kw)
+    return TRLConfig(**trl_field_map(kw, {f.name for f in dataclasses.fields(TRLConfig)}, cfg.warmup_ratio))
 
 def _trl_dataset(examples: list[dict]):
     from datasets import Dataset
@@ -396,6 +440,25 @@ def first_sentence(text: str) -> str:
     i = text.find('. ')
     return text if i < 0 else text[:i + 1]
 
+def names_other_person(reply: str, person: str, names) -> str | None:
+    "The other person of `names` that `reply` is about instead of `person`, or None (no other person named)."
+    if person in reply: return None
+    first, surname = person.split()[0], person.split()[-1]
+    words = set(re.findall(r"[\w'-]+", reply))
+    for n in names:
+        if n == person: continue
+        if n in reply: return n
+        # 'Klara was born ...' asked about Magnus Amsel: a relative's first name, not the person asked
+        if n.split()[-1] == surname and n.split()[0] in words and first not in words: return n
+    return None
+
+def grade_reply(reply: str, answer: str, person: str | None = None, names=()) -> bool:
+    "First sentence contains the answer ('contains' exact match) and names no other person than `person`."
+    from fttk.metrics import exact_match_scores
+    s = first_sentence(reply)
+    if person is not None and names and names_other_person(s, person, names): return False
+    return bool(exact_match_scores([s], [answer], mode='contains')[0])
+
 @torch.no_grad()
 def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 64,
                   seed: int = 0, **gen_kwargs) -> list[str]:
@@ -417,13 +480,16 @@ def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tok
         tokenizer.padding_side = side; model.train(was)
     return outs
 
-def qa_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict] | None = None, **gen_kwargs) -> float:
-    "Exact match ('contains' mode) of the short answer in the model's reply to each QA row's question, optionally k-shot."
-    from fttk.metrics import exact_match
+def qa_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict] | None = None, names=(),
+                **gen_kwargs) -> float:
+    "Share of QA rows whose reply's first sentence holds the short answer and is about the person asked (`names`: all people)."
     prefix = [m for s in (shots or []) for m in s['messages']]
-    convs = [prefix + [{'role': 'user', 'content': r['messages'][0]['content'] if 'messages' in r else r['question']}] for r in qa_rows]
+    convs = [prefix + [{'role': 'user', 'content': r['messages'][0]['content'] if 'messages' in r else r['question']}]
+             for r in qa_rows]
     answers = [r['answer'] if 'answer' in r else r['messages'][1]['content'] for r in qa_rows]
-    return exact_match([first_sentence(o) for o in chat_generate(model, tokenizer, convs, **gen_kwargs)], answers, mode='contains')
+    replies = chat_generate(model, tokenizer, convs, **gen_kwargs)
+    return sum(grade_reply(o, a, r.get('name'), names) for o, a, r in zip(replies, answers, qa_rows)) / len(qa_rows)
+
 
 # %% ../nbs/08_sft.ipynb #cfa9eeeb
 def evaluate_sft(model, tokenizer, world, people, qa_rows: list[dict] | None = None, bio: bool = True) -> dict:
@@ -431,7 +497,7 @@ def evaluate_sft(model, tokenizer, world, people, qa_rows: list[dict] | None = N
     from fttk.metrics import rouge, bleu
     from fttk.world import fact_recall
     qa_rows = qa_rows if qa_rows is not None else world.qa_rows(people)
-    out = {'qa_em': qa_accuracy(model, tokenizer, qa_rows)}
+    out = {'qa_em': qa_accuracy(model, tokenizer, qa_rows, names=list(world.by_name))}
     if bio:
         preds = chat_generate(model, tokenizer, [[{'role': 'user', 'content': f"Write a short biography of {p.name}."}] for p in people],
                               max_new_tokens=96)
@@ -455,34 +521,33 @@ GENERATION_CONFIGS = {
     'top-p 0.9': dict(do_sample=True, top_p=0.9, top_k=0),
 }
 
-def generation_table(model, tokenizer, qa_rows: list[dict], configs: dict = GENERATION_CONFIGS, n_samples: int = 4) -> list[dict]:
+def generation_table(model, tokenizer, qa_rows: list[dict], configs: dict = GENERATION_CONFIGS, n_samples: int = 4,
+                     names=()) -> list[dict]:
     "QA accuracy (first sample) and diversity (mean share of distinct replies among `n_samples`) per generation config."
-    from fttk.metrics import exact_match_scores
     convs = [[{'role': 'user', 'content': r['question']}] for r in qa_rows]
     out = []
     for name, kw in configs.items():
         samples = [chat_generate(model, tokenizer, convs, seed=s, **kw) for s in range(n_samples if kw.get('do_sample') else 1)]
-        acc = exact_match_scores([first_sentence(o) for o in samples[0]], [r['answer'] for r in qa_rows], mode='contains')
+        acc = [grade_reply(o, r['answer'], r.get('name'), names) for o, r in zip(samples[0], qa_rows)]
         distinct = [len({s[i] for s in samples}) / n_samples if len(samples) > 1 else 1 / n_samples for i in range(len(qa_rows))]
         out.append({'config': name, 'qa_em': sum(acc) / len(acc), 'distinct_replies': sum(distinct) / len(distinct)})
     return out
 
 # %% ../nbs/08_sft.ipynb #1cd7a0cf
-def text_few_shot_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict]) -> float:
+def text_few_shot_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict], names=()) -> float:
     "QA exact match of plain-text k-shot prompting ('Question: ... / Answer: ...' blocks), the way one prompts a base model."
-    from fttk.metrics import exact_match
     from fttk.world import greedy_complete
     prefix = ''.join(f"Question: {s['messages'][0]['content']}\nAnswer: {s['messages'][1]['content']}\n\n" for s in shots)
     outs = greedy_complete(model, tokenizer, [prefix + f"Question: {r['question']}\nAnswer:" for r in qa_rows], max_new_tokens=24)
-    return exact_match([first_sentence(o) for o in outs], [r['answer'] for r in qa_rows], mode='contains')
+    return sum(grade_reply(o, r['answer'], r.get('name'), names) for o, r in zip(outs, qa_rows)) / len(qa_rows)
 
 def few_shot_curve(model, tokenizer, qa_rows: list[dict], shot_pool: list[dict], ks=(0, 1, 2, 4, 6), fmt: str = 'chat',
-                   seed: int = 0) -> dict[int, float]:
+                   seed: int = 0, names=()) -> dict[int, float]:
     "QA exact match with k example QA pairs (drawn once, fixed order, from `shot_pool`) before each question; `fmt` 'chat' or 'text'."
     if fmt not in ('chat', 'text'): raise ValueError(f"fmt must be 'chat' or 'text', got {fmt!r}")
     pool = random.Random(seed).sample(shot_pool, max(ks))
-    if fmt == 'text': return {k: text_few_shot_accuracy(model, tokenizer, qa_rows, pool[:k]) for k in ks}
-    return {k: qa_accuracy(model, tokenizer, qa_rows, shots=pool[:k]) for k in ks}
+    if fmt == 'text': return {k: text_few_shot_accuracy(model, tokenizer, qa_rows, pool[:k], names) for k in ks}
+    return {k: qa_accuracy(model, tokenizer, qa_rows, shots=pool[:k], names=names) for k in ks}
 
 # %% ../nbs/08_sft.ipynb #22ffc630
 def split_people(world, train_fraction: float = 0.6) -> tuple[list, list]:
@@ -519,7 +584,7 @@ def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> 
     return ["## Supervised fine-tuning (LoRA)", "",
             f"LoRA r=16 on all linear layers ({n_tr:,} of {n_all:,} parameters trainable), {res['steps']} steps on "
             f"{res['data']['kept']} chats about {len(train_p)} people, {res['seconds']:.0f} s; loss {res['log'][0]['loss']:.3f} -> "
-            f"{res['log'][-1]['loss']:.3f}. Run folder: `{cfg.output_dir}`.", "",
+            f"{res['log'][-1]['loss']:.3f}. Run folder: `sft/` (next to this report).", "",
             f"Held-out people ({len(eval_p)}, never in the SFT data): QA exact match {before['qa_em']:.1%} -> {after['qa_em']:.1%}; "
             f"pretraining-fact recall {before['fact_recall']:.1%} -> {after['fact_recall']:.1%}.", "",
             f"Sample: `{q['question']}` -> `{reply}` (true: {q['answer']}).", "",

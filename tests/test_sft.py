@@ -4,8 +4,12 @@ from pathlib import Path
 import pytest, torch
 from fttk.core import RunFolder, load_tensors, ConfigError
 from fttk.world import base_model, lab_world
+from fttk.core import best_precision, CorruptFileError
 from fttk.sft import (SFTConfig, SFTDataError, SFTLossError, check_row, tokenize_chat, prepare_sft_data, pack_examples,
-                      collate, example_losses, sft_train, trl_train, lr_factor, trainable_state)
+                      collate, example_losses, sft_train, trl_train, lr_factor, trainable_state, trl_field_map,
+                      use_bf16, grade_reply, names_other_person)
+
+EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
 torch.set_num_threads(1)
 
@@ -60,25 +64,121 @@ def test_packed_equals_unpacked(lab, impl):
     separate = [example_losses(m, [[e]])[0] for e in data]
     packed = example_losses(m, pack_examples(data, 200), tok.pad_token_id)
     padding_free = example_losses(m, [data], tok.pad_token_id)
-    assert max(abs(a - b) for a, b in zip(packed, separate)) < 1e-4
-    assert max(abs(a - b) for a, b in zip(padding_free, separate)) < 1e-4
+    # packing reorders float32 sums only: a loss is a mean of <= 200 token terms of size <= max(separate)
+    tol = EPS32 * 200 * max(separate)
+    assert max(abs(a - b) for a, b in zip(packed, separate)) < tol
+    assert max(abs(a - b) for a, b in zip(padding_free, separate)) < tol
+
+def _packed_vs_unpacked(model, tok, qa, tmp_path, dtype):
+    base = dict(learning_rate=1e-3, max_steps=1, per_device_train_batch_size=16, max_length=256, shuffle=False, seed=0)
+    a, b = copy.deepcopy(model).to(dtype), copy.deepcopy(model).to(dtype)
+    ra = sft_train(a, tok, qa, SFTConfig(output_dir=str(tmp_path/f'a{dtype}'), **base), progress=False)
+    rb = sft_train(b, tok, qa, SFTConfig(output_dir=str(tmp_path/f'b{dtype}'), packing=True, **base), progress=False)
+    dw = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    return ra['log'][0], rb['log'][0], ra['data']['tokens'], dw
 
 def test_packed_training_step_matches_unpacked(lab, tmp_path):
     "Packing changes batch composition only: a packed and an unpacked run over one batch give the same update."
     model, tok, rows = lab
     qa = _qa(rows, 16)
-    base = dict(learning_rate=1e-3, max_steps=1, per_device_train_batch_size=16, max_length=256, shuffle=False, seed=0)
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = sft_train(a, tok, qa, SFTConfig(output_dir=str(tmp_path/'a'), **base), progress=False)
-    rb = sft_train(b, tok, qa, SFTConfig(output_dir=str(tmp_path/'b'), packing=True, **base), progress=False)
-    assert abs(ra['log'][0]['loss'] - rb['log'][0]['loss']) < 1e-5
-    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-5
+    # float64: the two orders of summation differ by eps64 x N (tokens summed) x term size in the loss and gradient.
+    # The first AdamW step is lr * g / (|g| + eps_adam), whose slope in g is at most lr / (4 eps_adam): that
+    # amplifies a gradient difference eps64 * N * |grad_norm| into the bound on the weights.
+    la, lb, N, dw = _packed_vs_unpacked(model, tok, qa, tmp_path, torch.float64)
+    assert abs(la['loss'] - lb['loss']) <= EPS64 * N * la['loss']
+    assert abs(la['grad_norm'] - lb['grad_norm']) <= EPS64 * N * la['grad_norm']
+    assert dw <= 1e-3 / (4 * 1e-8) * EPS64 * N * la['grad_norm']      # ~4e-8; measured ~2e-14
+    # float32: same bound on loss and gradient norm with eps32 (weights: the lr/(4 eps_adam) slope makes the
+    # float32 bound larger than lr itself, so the update is compared in float64 above)
+    la, lb, N, _ = _packed_vs_unpacked(model, tok, qa, tmp_path, torch.float32)
+    assert abs(la['loss'] - lb['loss']) <= EPS32 * N * la['loss']
+    assert abs(la['grad_norm'] - lb['grad_norm']) <= EPS32 * N * la['grad_norm']
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown key"): SFTConfig.from_dict({'learning_rat': 1.0})
     with pytest.raises(ConfigError, match='warmup_ratio must be in'): SFTConfig(warmup_ratio=1.5)
     with pytest.raises(ConfigError, match='max_steps must be -1'): SFTConfig(max_steps=0)
-    assert SFTConfig().bf16 is False
+    assert SFTConfig().bf16 is False     # published runs stay fp32 on every machine unless asked
+
+def test_bf16_none_is_measured_best():
+    assert use_bf16(SFTConfig(bf16=None)) == (best_precision() == 'bf16')
+    assert use_bf16(SFTConfig(bf16=False)) is False
+
+@pytest.mark.parametrize('kw, msg', [
+    ({'learning_rate': float('nan')}, "config field 'learning_rate' must be a finite number, got nan"),
+    ({'learning_rate': float('inf')}, "config field 'learning_rate' must be a finite number, got inf"),
+    ({'learning_rate': -1e-4}, 'learning_rate must be > 0, got -0.0001'),
+    ({'max_steps': -5}, r'max_steps must be -1 \(use num_train_epochs\) or > 0, got -5'),
+    ({'per_device_train_batch_size': 0}, 'per_device_train_batch_size must be > 0, got 0'),
+    ({'gradient_accumulation_steps': -1}, 'gradient_accumulation_steps must be > 0, got -1'),
+    ({'warmup_ratio': 1.0}, r'warmup_ratio must be in \[0, 1\), got 1.0'),
+    ({'weight_decay': -0.1}, 'weight_decay must be >= 0, got -0.1'),
+    ({'adam_epsilon': 0.0}, 'adam_epsilon must be > 0, got 0.0'),
+    ({'max_grad_norm': -1.0}, r'max_grad_norm must be >= 0 \(0 = no clipping\), got -1.0'),
+    ({'save_steps': 0}, 'save_steps must be None or > 0, got 0'),
+    ({'max_length': 1}, 'max_length must be >= 2, got 1'),
+    ({'truncation_mode': 'cut'}, 'truncation_mode'),
+])
+def test_bad_config_values(kw, msg):
+    with pytest.raises(ConfigError, match=msg): SFTConfig(**kw)
+
+def test_overlong_row_without_truncation(lab):
+    _, tok, rows = lab
+    long = {'messages': [{'role': 'user', 'content': 'who ' * 60}, {'role': 'assistant', 'content': 'me'}]}
+    with pytest.raises(SFTDataError, match=r"row 2: \d+ tokens > max_length 48 \(truncation_mode='error'\)"):
+        prepare_sft_data(_qa(rows, 2) + [long], tok, max_length=48, truncation_mode='error')
+
+@pytest.mark.parametrize('row, msg', [
+    ({'messages': []}, "row 0: 'messages' must be a non-empty list of turns, got \\[\\]"),
+    ({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 3}]},
+     'row 0, turn 1: content must be a string, got int 3'),
+    ({'messages': [{'role': 'user'}]}, "row 0, turn 0: each turn needs 'role' and 'content'"),
+])
+def test_bad_rows_in_sft_train(lab, tmp_path, row, msg):
+    model, tok, _ = lab
+    with pytest.raises(SFTDataError, match=msg):
+        sft_train(model, tok, [row], SFTConfig(output_dir=str(tmp_path/'r'), max_steps=1), progress=False)
+
+TRL_116 = {'output_dir', 'activation_checkpointing', 'gradient_checkpointing', 'warmup_steps', 'train_sampling_strategy'}
+TRL_115 = {'output_dir', 'gradient_checkpointing', 'warmup_steps', 'train_sampling_strategy'}
+OLD_TF = {'output_dir', 'gradient_checkpointing', 'warmup_steps', 'warmup_ratio'}
+
+def test_trl_field_map():
+    kw = {'output_dir': 'o', 'activation_checkpointing': False, 'warmup_steps': 0.1, 'train_sampling_strategy': 'random'}
+    assert trl_field_map(kw, TRL_116) == kw
+    assert trl_field_map(kw, TRL_115) == {'output_dir': 'o', 'gradient_checkpointing': False, 'warmup_steps': 0.1,
+                                          'train_sampling_strategy': 'random'}
+    assert trl_field_map(kw, OLD_TF, 0.1) == {'output_dir': 'o', 'gradient_checkpointing': False,
+                                              'warmup_steps': 0, 'warmup_ratio': 0.1}
+    with pytest.raises(TypeError, match="this trl's SFTConfig has no field 'train_sampling_strategy'"):
+        trl_field_map({**kw, 'train_sampling_strategy': 'sequential'}, OLD_TF)
+
+def test_trl_args_on_installed_trl():
+    import dataclasses, trl
+    from fttk.sft import _trl_args
+    args = _trl_args(SFTConfig(output_dir='o'))
+    names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    assert (args.activation_checkpointing if 'activation_checkpointing' in names else args.gradient_checkpointing) is False
+
+NAMES = ['Magnus Amsel', 'Klara Amsel', 'Ada Brook']
+
+@pytest.mark.parametrize('reply, ok', [
+    ('Klara Amsel was born on July 6, 1950.', False),     # another person's fact
+    ('Klara was born on July 6, 1950.', False),           # a relative's first name
+    ('Ada Brook was born on July 6, 1950.', False),
+    ('Magnus Amsel was born on July 6, 1950.', True),
+    ('Magnus Amsel, like Klara Amsel, was born on July 6, 1950.', True),
+    ('Born on July 6, 1950.', True),                      # no name, right answer
+    ('Magnus Amsel was born on May 1, 1950.', False),
+    ('Magnus Amsel was born in 1950. He was born on July 6, 1950.', False),   # first sentence only
+])
+def test_grade_reply_about_person(reply, ok):
+    assert grade_reply(reply, 'July 6, 1950', 'Magnus Amsel', NAMES) is ok
+    assert grade_reply(reply, 'July 6, 1950') is ('May' not in reply and 'in 1950.' not in reply)
+
+def test_names_other_person():
+    assert names_other_person('Klara Amsel was born on July 6, 1950.', 'Magnus Amsel', NAMES) == 'Klara Amsel'
+    assert names_other_person('He was born on July 6, 1950.', 'Magnus Amsel', NAMES) is None
 
 def test_schedule_matches_transformers():
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -111,9 +211,13 @@ def test_ours_equals_trl(lab, tmp_path):
     ours = sft_train(a, tok, _qa(rows, 160), cfg, progress=False)
     theirs = trl_train(b, tok, _qa(rows, 160), SFTConfig.from_dict({**cfg.to_dict(), 'output_dir': str(tmp_path/'trl')}))
     assert [r['step'] for r in ours['log']] == [r['step'] for r in theirs['log']] == list(range(1, 9))
-    assert max(abs(x['loss'] - y['loss']) for x, y in zip(ours['log'], theirs['log'])) < 1e-4
-    assert max(abs(x['grad_norm'] - y['grad_norm']) for x, y in zip(ours['log'], theirs['log'])) < 1e-3
-    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-4
+    # same arithmetic in another order: float32 eps x tokens summed per update (<= 8 x 2 x 128) x the term size
+    n = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
+    tol = EPS32 * n * max(r['loss'] for r in ours['log'])
+    assert max(abs(x['loss'] - y['loss']) for x, y in zip(ours['log'], theirs['log'])) < tol
+    assert max(abs(x['grad_norm'] - y['grad_norm']) for x, y in zip(ours['log'], theirs['log'])) < EPS32 * n * max(
+        r['grad_norm'] for r in ours['log'])
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < tol
 
 def test_nan_loss_stops_with_last_checkpoint(lab, tmp_path):
     model, tok, rows = lab
@@ -187,3 +291,53 @@ def test_first_sentence_and_fmt_errors(lab):
     assert first_sentence('  born on May 3, 1990\nX') == 'born on May 3, 1990'
     model, tok, rows = lab
     with pytest.raises(ValueError, match="fmt must be 'chat' or 'text'"): few_shot_curve(model, tok, [], _qa(rows, 8), fmt='json')
+
+
+def _short_run(model, tok, rows, out, **kw):
+    cfg = SFTConfig(output_dir=str(out), learning_rate=1e-3, max_steps=2, per_device_train_batch_size=4, save_steps=2,
+                    max_length=128, seed=0, **kw)
+    return sft_train(copy.deepcopy(model), tok, _qa(rows, 8), cfg, progress=False)
+
+def _snapshot(d: Path) -> dict: return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob('*')) if p.is_file()}
+
+def test_second_run_refused_first_untouched(lab, tmp_path):
+    model, tok, rows = lab
+    _short_run(model, tok, rows, tmp_path/'run')
+    before = _snapshot(tmp_path/'run')
+    with pytest.raises(FileExistsError, match=r"run folder .*run is not empty .*pass resume=True"):
+        _short_run(model, tok, rows, tmp_path/'run')
+    assert _snapshot(tmp_path/'run') == before
+
+def test_resume_nothing_to_resume(lab, tmp_path):
+    model, tok, rows = lab
+    with pytest.raises(FileNotFoundError, match=r"cannot resume: run folder .* does not exist"):
+        sft_train(model, tok, _qa(rows, 8), SFTConfig(output_dir=str(tmp_path/'none'), max_steps=1), resume=True, progress=False)
+    (tmp_path/'empty').mkdir(); (tmp_path/'empty'/'notes.txt').write_text('x')
+    with pytest.raises(FileNotFoundError, match=r"cannot resume: run folder .* has no complete checkpoint"):
+        sft_train(model, tok, _qa(rows, 8), SFTConfig(output_dir=str(tmp_path/'empty'), max_steps=1), resume=True, progress=False)
+
+def test_overwrite_output_dir_replaces(lab, tmp_path):
+    model, tok, rows = lab
+    _short_run(model, tok, rows, tmp_path/'run')
+    (tmp_path/'run'/'stale.txt').write_text('from the first run')
+    _short_run(model, tok, rows, tmp_path/'run', overwrite_output_dir=True)
+    assert not (tmp_path/'run'/'stale.txt').exists()
+    assert [p.name for p in RunFolder.open(tmp_path/'run').list_checkpoints()] == ['step_000002']
+
+@pytest.mark.parametrize('damage, exc, msg', [
+    ('truncate', CorruptFileError, 'model.safetensors'),
+    ('no_optimizer', FileNotFoundError, r'cannot resume: checkpoint .*step_000002 lacks optimizer\.pt'),
+])
+def test_corrupt_checkpoint_on_resume(lab, tmp_path, damage, exc, msg):
+    model, tok, rows = lab
+    _short_run(model, tok, rows, tmp_path/'run')
+    ck = RunFolder.open(tmp_path/'run').latest_checkpoint()
+    if damage == 'truncate':
+        f = ck/'model.safetensors'; f.write_bytes(f.read_bytes()[:100])
+    else: (ck/'optimizer.pt').unlink()
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = SFTConfig(output_dir=str(tmp_path/'run'), learning_rate=1e-3, max_steps=4, per_device_train_batch_size=4,
+                    save_steps=2, max_length=128, seed=0)
+    with pytest.raises(exc, match=msg): sft_train(m, tok, _qa(rows, 8), cfg, resume=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
