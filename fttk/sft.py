@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .core import (Config, ConfigError, RunFolder, set_seed, save_tensors, load_tensors, safe_torch_load,
-                       atomic_write_text, in_test, CorruptFileError,
+from .core import (Config, ConfigError, RunFolder, set_seed, save_tensors, load_tensors,
+                       safe_torch_load, atomic_write_text, in_test, CorruptFileError,
                        best_precision)
 from .world import require_chat_template
 
@@ -36,7 +36,8 @@ class SFTDataError(ValueError):
     "A training row that cannot be used; the message names the row."
 
 def check_row(row, i: int = 0) -> list[dict]:
-    "Return `row['messages']` if it is a usable chat, else raise `SFTDataError` naming row `i` and the problem."
+    ("Return `row['messages']` if it is a usable chat, else raise `SFTDataError` naming row `i` "
+     "and the problem.")
     if not isinstance(row, dict) or 'messages' not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise SFTDataError(f"row {i}: has no 'messages' field (got {keys})")
@@ -45,13 +46,16 @@ def check_row(row, i: int = 0) -> list[dict]:
         raise SFTDataError(f"row {i}: 'messages' must be a non-empty list of turns, got {msgs!r}")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or 'role' not in m or 'content' not in m:
-            raise SFTDataError(f"row {i}, turn {j}: each turn needs 'role' and 'content', got {m!r}")
+            raise SFTDataError(
+                f"row {i}, turn {j}: each turn needs 'role' and 'content', got {m!r}")
         if m['role'] not in ROLES:
             raise SFTDataError(f"row {i}, turn {j}: role {m['role']!r} is not one of {list(ROLES)}")
         if not isinstance(m['content'], str):
-            raise SFTDataError(f"row {i}, turn {j}: content must be a string, got {type(m['content']).__name__} {m['content']!r}")
+            raise SFTDataError(f"row {i}, turn {j}: content must be a string, got "
+                               f"{type(m['content']).__name__} {m['content']!r}")
         if m['role'] == 'assistant' and not m['content'].strip():
-            raise SFTDataError(f"row {i}, turn {j}: the assistant turn is empty (nothing to learn from)")
+            raise SFTDataError(
+                f"row {i}, turn {j}: the assistant turn is empty (nothing to learn from)")
     if not any(m['role'] == 'assistant' for m in msgs):
         raise SFTDataError(f"row {i}: has no assistant turn (nothing to learn from)")
     return list(msgs)
@@ -60,29 +64,36 @@ def check_row(row, i: int = 0) -> list[dict]:
 IGNORE_INDEX = -100
 
 def tokenize_chat(tokenizer, messages: list[dict], assistant_only_loss: bool = True) -> dict:
-    "`input_ids` and `labels` of one chat: labels are -100 outside assistant turns (and on the first token)."
+    ("`input_ids` and `labels` of one chat: labels are -100 outside assistant turns (and on the "
+     "first token).")
     require_chat_template(tokenizer)
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
     ids, m = list(enc['input_ids']), list(enc['assistant_masks'])
     if assistant_only_loss and not any(m):
-        raise SFTDataError("the chat template marked no assistant token: does it wrap assistant turns in {% generation %}?")
+        raise SFTDataError("the chat template marked no assistant token: does it wrap assistant "
+                           "turns in {% generation %}?")
     labels = [t if (k or not assistant_only_loss) else IGNORE_INDEX for t, k in zip(ids, m)]
     labels[0] = IGNORE_INDEX       # nothing precedes it: never a prediction target, packed or not
     return {'input_ids': ids, 'labels': labels}
 
 # %% ../nbs/08_sft.ipynb #94a000e1
-def prepare_sft_data(rows, tokenizer, max_length: int | None = 1024, truncation_mode: str = 'keep_start',
+def prepare_sft_data(rows, tokenizer, max_length: int | None = 1024,
+                     truncation_mode: str = 'keep_start',
                      assistant_only_loss: bool = True) -> tuple[list[dict], dict]:
     "Check and tokenize chat `rows`; returns (examples, report with kept/truncated/dropped counts)."
     if truncation_mode not in ('keep_start', 'drop', 'error'):
-        raise ValueError(f"truncation_mode must be 'keep_start', 'drop' or 'error', got {truncation_mode!r}")
-    out, rep = [], {'rows': 0, 'kept': 0, 'truncated': 0, 'dropped_too_long': 0, 'dropped_no_target': 0, 'tokens': 0}
+        raise ValueError(
+            f"truncation_mode must be 'keep_start', 'drop' or 'error', got {truncation_mode!r}")
+    out, rep = [], {'rows': 0, 'kept': 0, 'truncated': 0, 'dropped_too_long': 0,
+                    'dropped_no_target': 0, 'tokens': 0}
     for i, row in enumerate(rows):
         rep['rows'] += 1
         ex = tokenize_chat(tokenizer, check_row(row, i), assistant_only_loss)
         if max_length is not None and len(ex['input_ids']) > max_length:
             if truncation_mode == 'error':   # truncation off: an over-long row is a data error
-                raise SFTDataError(f"row {i}: {len(ex['input_ids'])} tokens > max_length {max_length} "
+                raise SFTDataError(f"row {i}: {len(ex['input_ids'])} tokens > max_length "
+                                   f"{max_length} "
                                    "(truncation_mode='error'); shorten the row or raise max_length")
             if truncation_mode == 'drop': rep['dropped_too_long'] += 1; continue
             ex = {k: v[:max_length] for k, v in ex.items()}
@@ -95,18 +106,22 @@ def prepare_sft_data(rows, tokenizer, max_length: int | None = 1024, truncation_
 
 # %% ../nbs/08_sft.ipynb #1e406c7b
 def pack_examples(examples: list[dict], max_length: int) -> list[list[dict]]:
-    "Greedy packing in order: start a new sequence when the next example would overflow `max_length`."
+    ("Greedy packing in order: start a new sequence when the next example would overflow "
+     "`max_length`.")
     packs, cur, n = [], [], 0
     for ex in examples:
         L = len(ex['input_ids'])
-        if L > max_length: raise ValueError(f"example from row {ex.get('row')} has {L} tokens > max_length {max_length}; prepare it with that max_length")
+        if L > max_length:
+            raise ValueError(f"example from row {ex.get('row')} has {L} tokens > max_length "
+                             f"{max_length}; prepare it with that max_length")
         if cur and n + L > max_length: packs.append(cur); cur, n = [], 0
         cur.append(ex); n += L
     if cur: packs.append(cur)
     return packs
 
 def collate(batch: list[list[dict]], pad_token_id: int = 0, dtype=torch.float32) -> dict:
-    "Tensors for a batch whose rows are lists of examples: padded ids/labels, restarted position ids, block-causal mask."
+    ("Tensors for a batch whose rows are lists of examples: padded ids/labels, restarted position "
+     "ids, block-causal mask.")
     lens = [sum(len(e['input_ids']) for e in row) for row in batch]
     B, L = len(batch), max(lens)
     input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
@@ -117,33 +132,41 @@ def collate(batch: list[list[dict]], pad_token_id: int = 0, dtype=torch.float32)
         o = 0
         for k, e in enumerate(row):
             n = len(e['input_ids'])
-            input_ids[b, o:o + n] = torch.tensor(e['input_ids']); labels[b, o:o + n] = torch.tensor(e['labels'])
+            input_ids[b, o:o + n] = torch.tensor(e['input_ids'])
+            labels[b, o:o + n] = torch.tensor(e['labels'])
             position_ids[b, o:o + n] = torch.arange(n); seg[b, o:o + n] = k
             o += n
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
     allowed = same & causal
-    allowed |= torch.eye(L, dtype=torch.bool)             # pad rows attend to themselves: no all -inf row (NaN in softmax)
-    mask = torch.zeros(B, 1, L, L, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    return {'input_ids': input_ids, 'labels': labels, 'position_ids': position_ids, 'attention_mask': mask,
-            'num_tokens': int(sum(lens))}
+    # pad rows attend to themselves: no all -inf row (NaN in softmax)
+    allowed |= torch.eye(L, dtype=torch.bool)
+    mask = torch.zeros(B, 1, L, L, dtype=dtype).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min)
+    return {'input_ids': input_ids, 'labels': labels, 'position_ids': position_ids,
+            'attention_mask': mask, 'num_tokens': int(sum(lens))}
 
 # %% ../nbs/08_sft.ipynb #d654b1a8
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "Per-token cross-entropy (0 where the shifted label is -100), shape (B, L-1)."
     lg, lb = logits[:, :-1], labels[:, 1:]
-    if lg.dtype != torch.float64: lg = lg.float()        # bf16/fp16 logits: cross-entropy in float32
-    return F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none').view(lb.shape)
+    # bf16/fp16 logits: cross-entropy in float32
+    if lg.dtype != torch.float64: lg = lg.float()
+    return F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction='none').view(lb.shape)
 
 def _mask_dtype(model) -> torch.dtype:
-    "The additive attention mask must have the model's float dtype (float64 in the exactness checks)."
-    return next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
+    ("The additive attention mask must have the model's float dtype (float64 in the exactness "
+     "checks).")
+    return next(model.parameters()).dtype if next(
+        model.parameters()).is_floating_point() else torch.float32
 
 def example_losses(model, batch_rows: list[list[dict]], pad_token_id: int = 0) -> list[float]:
     "Mean loss of each example of a (possibly packed) batch, in order."
     b = collate(batch_rows, pad_token_id, _mask_dtype(model))
     with torch.no_grad():
-        logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'], attention_mask=b['attention_mask']).logits
+        logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
+                       attention_mask=b['attention_mask']).logits
     tl, valid = token_losses(logits, b['labels']), b['labels'][:, 1:] != IGNORE_INDEX
     out = []
     for r, row in enumerate(batch_rows):
@@ -159,15 +182,18 @@ def example_losses(model, batch_rows: list[list[dict]], pad_token_id: int = 0) -
 def padding_stats(batches: list[list[list[dict]]]) -> dict:
     "Real tokens vs tokens computed (rows padded to the batch's longest) over a list of batches."
     real = sum(len(e['input_ids']) for bt in batches for row in bt for e in row)
-    computed = sum(len(bt) * max(sum(len(e['input_ids']) for e in row) for row in bt) for bt in batches)
-    return {'real_tokens': real, 'computed_tokens': computed, 'padding_fraction': 1 - real / computed}
+    computed = sum(len(bt) * max(sum(len(e['input_ids']) for e in row) for row in bt)
+                   for bt in batches)
+    return {'real_tokens': real, 'computed_tokens': computed,
+            'padding_fraction': 1 - real / computed}
 
 # %% ../nbs/08_sft.ipynb #0df8b2a1
 @dataclass
 class SFTConfig(Config):
     "Supervised fine-tuning settings; names as in TRL's `SFTConfig` where they mean the same."
     output_dir: str = 'runs/sft'
-    overwrite_output_dir: bool = False   # replace an earlier run in output_dir (else a non-empty folder is an error)
+    # replace an earlier run in output_dir (else a non-empty folder is an error)
+    overwrite_output_dir: bool = False
     learning_rate: float = 1e-4
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -194,25 +220,38 @@ class SFTConfig(Config):
     use_fast_lora: bool = True
 
     def validate(self):
-        for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1', 'adam_beta2',
-                  'adam_epsilon', 'max_grad_norm'):
+        for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1',
+                  'adam_beta2', 'adam_epsilon', 'max_grad_norm'):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"{f} must be a finite number, got {v!r}")
-        if self.weight_decay < 0: raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.adam_epsilon <= 0: raise ConfigError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
-        for k in ('learning_rate', 'num_train_epochs', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'logging_steps'):
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        for k in ('learning_rate', 'num_train_epochs', 'per_device_train_batch_size',
+                  'gradient_accumulation_steps', 'logging_steps'):
             if getattr(self, k) <= 0: raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
-        if self.max_steps == 0 or self.max_steps < -1: raise ConfigError(f"max_steps must be -1 (use num_train_epochs) or > 0, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1: raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm < 0: raise ConfigError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(
+                f"max_steps must be -1 (use num_train_epochs) or > 0, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(
+                f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         for k in ('eval_steps', 'save_steps'):
-            if getattr(self, k) is not None and getattr(self, k) <= 0: raise ConfigError(f"{k} must be None or > 0, got {getattr(self, k)}")
-        if self.max_length is not None and self.max_length < 2: raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
-        if self.packing and self.max_length is None: raise ConfigError("packing=True needs max_length (the packed sequence length)")
-        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1: raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
+            if getattr(self, k) is not None and getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be None or > 0, got {getattr(self, k)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if self.packing and self.max_length is None:
+            raise ConfigError("packing=True needs max_length (the packed sequence length)")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
         if self.bf16 is True and not torch.cuda.is_available() and not _cpu_has_bf16():
-            raise ConfigError("bf16=True on a CPU without AVX512-BF16/AMX: it would run several times slower than fp32; set bf16=False")
+            raise ConfigError("bf16=True on a CPU without AVX512-BF16/AMX: it would run several "
+                              "times slower than fp32; set bf16=False")
 
 def use_bf16(cfg: SFTConfig) -> bool:
     "`cfg.bf16`, with None resolved to this machine's measured best precision (cached per machine)."
@@ -225,7 +264,8 @@ def _cpu_has_bf16() -> bool:
 
 # %% ../nbs/08_sft.ipynb #692e8e66
 def lr_factor(step: int, total: int, warmup: int, kind: str = 'cosine') -> float:
-    "Multiplier of the peak learning rate at optimizer update `step` (0-based), as transformers' schedulers compute it."
+    ("Multiplier of the peak learning rate at optimizer update `step` (0-based), as transformers' "
+     "schedulers compute it.")
     if kind == 'constant': return 1.0
     if step < warmup: return step / max(1, warmup)
     if kind == 'constant_with_warmup': return 1.0
@@ -242,10 +282,13 @@ def _units(examples: list[dict], cfg: SFTConfig) -> list[list[dict]]:
 
 def _micro_batches(units, cfg: SFTConfig, epoch: int) -> list[list[list[dict]]]:
     order = list(range(len(units)))
-    if cfg.shuffle: order = torch.randperm(len(units), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    if cfg.shuffle:
+        order = torch.randperm(
+            len(units), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
     bs = cfg.per_device_train_batch_size
     mbs = [[units[j] for j in order[i:i + bs]] for i in range(0, len(order), bs)]
-    if cfg.padding_free: mbs = [[[e for u in mb for e in u]] for mb in mbs]   # one row, no padding at all
+    # one row, no padding at all
+    if cfg.padding_free: mbs = [[[e for u in mb for e in u]] for mb in mbs]
     return mbs
 
 def _steps(units, cfg: SFTConfig):
@@ -260,7 +303,8 @@ def _steps(units, cfg: SFTConfig):
 def total_steps(n_units: int, cfg: SFTConfig) -> int:
     "Optimizer updates of a run: `max_steps`, or updates per epoch times `num_train_epochs`."
     if cfg.max_steps > 0: return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_units / cfg.per_device_train_batch_size) / cfg.gradient_accumulation_steps)
+    per_epoch = math.ceil(math.ceil(n_units / cfg.per_device_train_batch_size)
+                          / cfg.gradient_accumulation_steps)
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -269,7 +313,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def _save_checkpoint(run: RunFolder, step: int, model, opt, extra: dict) -> Path:
     d = run.checkpoint_dir(step); d.mkdir(parents=True, exist_ok=True)
     save_tensors(trainable_state(model), d/'model.safetensors')
-    tmp = d/'.optimizer.pt.tmp'; torch.save(opt.state_dict(), tmp); os.replace(tmp, d/'optimizer.pt')
+    tmp = d/'.optimizer.pt.tmp'; torch.save(opt.state_dict(), tmp)
+    os.replace(tmp, d/'optimizer.pt')
     save_tensors({'torch_cpu': torch.get_rng_state()}, d/'rng.safetensors')
     atomic_write_text(d/'trainer_state.json', json.dumps({'step': step, **extra}))
     run.mark_complete(d)
@@ -280,11 +325,14 @@ def _load_checkpoint(d: Path, model, opt) -> dict:
     for f in ('model.safetensors', 'optimizer.pt', 'rng.safetensors', 'trainer_state.json'):
         if not (d/f).is_file(): raise FileNotFoundError(f"cannot resume: checkpoint {d} lacks {f}")
     w = load_tensors(d/'model.safetensors')
-    opt_state, rng = safe_torch_load(d/'optimizer.pt'), load_tensors(d/'rng.safetensors')['torch_cpu']
+    opt_state, rng = safe_torch_load(d/'optimizer.pt'), load_tensors(d/'rng.safetensors')[
+        'torch_cpu']
     state = json.loads((d/'trainer_state.json').read_text())
     params = dict(model.named_parameters())
     missing = sorted(set(trainable_state(model)) - set(w))
-    if missing: raise CorruptFileError(f"checkpoint {d} lacks trainable weights {missing[:3]}...: was it saved from another model setup?")
+    if missing:
+        raise CorruptFileError(f"checkpoint {d} lacks trainable weights {missing[:3]}...: was it "
+                               "saved from another model setup?")
     with torch.no_grad():
         for n, t in w.items(): params[n].copy_(t)
     opt.load_state_dict(opt_state)
@@ -298,14 +346,17 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
     tot = n = 0.0
     for i in range(0, len(examples), batch_size):
         b = collate([[e] for e in examples[i:i + batch_size]], pad_token_id, _mask_dtype(model))
-        logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'], attention_mask=b['attention_mask']).logits
-        tot += token_losses(logits, b['labels']).sum().item(); n += (b['labels'][:, 1:] != IGNORE_INDEX).sum().item()
+        logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
+                       attention_mask=b['attention_mask']).logits
+        tot += token_losses(logits, b['labels']).sum().item()
+        n += (b['labels'][:, 1:] != IGNORE_INDEX).sum().item()
     model.train(was)
     return tot / max(n, 1)
 
 def _optimizer(model, cfg: SFTConfig):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params: raise ValueError("the model has no trainable parameter (all frozen): nothing to fine-tune")
+    if not params:
+        raise ValueError("the model has no trainable parameter (all frozen): nothing to fine-tune")
     # weight decay on matrices, not on norms and biases (transformers' rule for Llama)
     groups = [{'params': [p for n, p in params if p.ndim >= 2], 'weight_decay': cfg.weight_decay},
               {'params': [p for n, p in params if p.ndim < 2], 'weight_decay': 0.0}]
@@ -315,10 +366,13 @@ def _optimizer(model, cfg: SFTConfig):
 # %% ../nbs/08_sft.ipynb #cff0d812
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
               progress: bool = True) -> dict:
-    "Fine-tune `model` on chat `train_rows` with our loop; writes a RunFolder at `cfg.output_dir`. Returns the log and counts."
+    ("Fine-tune `model` on chat `train_rows` with our loop; writes a RunFolder at "
+     "`cfg.output_dir`. Returns the log and counts.")
     run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
-    examples, data_report = prepare_sft_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode, cfg.assistant_only_loss)
-    eval_ex = prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode, cfg.assistant_only_loss)[0] if eval_rows else None
+    examples, data_report = prepare_sft_data(train_rows, tokenizer, cfg.max_length,
+                                             cfg.truncation_mode, cfg.assistant_only_loss)
+    eval_ex = prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode,
+                               cfg.assistant_only_loss)[0] if eval_rows else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if cfg.use_fast_lora:
         from fttk.lora import lora_layers, enable_fast_lora
@@ -343,28 +397,34 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
     bar = tqdm(total=T, initial=start, desc='sft', disable=not progress, mininterval=2)
     for step, (epoch, mbs) in enumerate(_steps(units, cfg)):
         if step >= T: break
-        if step < start: continue          # replay the data order up to the checkpoint without computing
-        for g in opt.param_groups: g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
+        # replay the data order up to the checkpoint without computing
+        if step < start: continue
+        for g in opt.param_groups:
+            g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
         batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs]
         n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         loss_sum = 0.0
         for b in batches:
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'], attention_mask=b['attention_mask']).logits
+                logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
+                               attention_mask=b['attention_mask']).logits
             s = token_losses(logits, b['labels']).sum()
             if not torch.isfinite(s):
                 opt.zero_grad(set_to_none=True)
                 rows_ = sorted({e.get('row') for mb in mbs for row in mb for e in row})
-                raise SFTLossError(f"loss became {s.item()} at step {step + 1} (batch of rows {rows_[:20]}); the update was not applied. "
+                raise SFTLossError(f"loss became {s.item()} at step {step + 1} (batch of rows "
+                                   f"{rows_[:20]}); the update was not applied. "
                                    f"Last good checkpoint: {last_good or 'none'}")
             (s / n_items).backward()
             loss_sum += s.item(); ntok += b['num_tokens']
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
-                                               cfg.max_grad_norm if cfg.max_grad_norm > 0 else float('inf'))
+                                               cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                               else float('inf'))
         lr = opt.param_groups[0]['lr']
         opt.step(); opt.zero_grad(set_to_none=True)
         done = step + 1
-        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm.item(), 'lr': lr}
+        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm.item(),
+               'lr': lr}
         if eval_ex and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == T):
             row['eval_loss'] = eval_loss(model, eval_ex, pad_token_id=pad)
         if done % cfg.logging_steps == 0 or done == T or 'eval_loss' in row:
@@ -373,7 +433,8 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
             last_good = _save_checkpoint(run, done, model, opt, {'loss': row['loss']})
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     bar.close(); model.eval()
-    return {'log': log, 'data': data_report, 'steps': T, 'seconds': time.time() - t0, 'tokens': ntok, 'run': run.path}
+    return {'log': log, 'data': data_report, 'steps': T, 'seconds': time.time() - t0,
+            'tokens': ntok, 'run': run.path}
 
 # %% ../nbs/08_sft.ipynb #c2f6d988
 # our name -> older name, for fields renamed between the trl/transformers versions pyproject admits
@@ -385,86 +446,112 @@ def trl_field_map(kw: dict, fields: set[str], warmup_ratio: float = 0.0) -> dict
     for k, v in kw.items():
         if k in fields: out[k] = v
         elif k in TRL_RENAMES and TRL_RENAMES[k] in fields: out[TRL_RENAMES[k]] = v
-        elif k == 'train_sampling_strategy' and v == 'random': pass      # older trl: random is the only order
-        else: raise TypeError(f"this trl's SFTConfig has no field {k!r} (nor an older name for it): "
-                              "check the installed trl version against pyproject's range")
-    if 'warmup_ratio' in fields:        # transformers < 5: the ratio has its own field, warmup_steps is int
+        # older trl: random is the only order
+        elif k == 'train_sampling_strategy' and v == 'random': pass
+        else:
+            raise TypeError(f"this trl's SFTConfig has no field {k!r} (nor an older name for it): "
+                            "check the installed trl version against pyproject's range")
+    # transformers < 5: the ratio has its own field, warmup_steps is int
+    if 'warmup_ratio' in fields:
         out['warmup_ratio'], out['warmup_steps'] = warmup_ratio, 0
     return out
 
 def _trl_args(cfg: SFTConfig, **over):
     import dataclasses
     from trl import SFTConfig as TRLConfig
-    kw = dict(output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-              max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-              gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_ratio,
-              lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-              adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm,
-              logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length, packing=cfg.packing,
-              padding_free=cfg.padding_free, assistant_only_loss=False, completion_only_loss=False, bf16=use_bf16(cfg), use_cpu=not torch.cuda.is_available(),
-              activation_checkpointing=False, optim='adamw_torch', report_to='none', save_strategy='no',
-              train_sampling_strategy='random' if cfg.shuffle else 'sequential', disable_tqdm=True,
-              eval_strategy='steps' if cfg.eval_steps else 'no', eval_steps=cfg.eval_steps, dataloader_num_workers=0)
+    kw = dict(output_dir=cfg.output_dir, learning_rate=cfg.learning_rate,
+              num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+              per_device_train_batch_size=cfg.per_device_train_batch_size,
+              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+              warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
+              weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+              adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_epsilon,
+              max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, seed=cfg.seed,
+              data_seed=cfg.seed, max_length=cfg.max_length, packing=cfg.packing,
+              padding_free=cfg.padding_free, assistant_only_loss=False, completion_only_loss=False,
+              bf16=use_bf16(cfg), use_cpu=not torch.cuda.is_available(),
+              activation_checkpointing=False, optim='adamw_torch', report_to='none',
+              save_strategy='no', train_sampling_strategy='random' if cfg.shuffle else 'sequential',
+              disable_tqdm=True, eval_strategy='steps' if cfg.eval_steps else 'no',
+              eval_steps=cfg.eval_steps, dataloader_num_workers=0)
     kw.update(over)
-    return TRLConfig(**trl_field_map(kw, {f.name for f in dataclasses.fields(TRLConfig)}, cfg.warmup_ratio))
+    return TRLConfig(
+        **trl_field_map(kw, {f.name for f in dataclasses.fields(TRLConfig)}, cfg.warmup_ratio))
 
 def _trl_dataset(examples: list[dict]):
     from datasets import Dataset
-    # already tokenized, labels included: TRL skips its own chat formatting and its collator pads our labels with -100
-    return Dataset.from_list([{'input_ids': e['input_ids'], 'labels': e['labels']} for e in examples])
+    # already tokenized, labels included: TRL skips its own chat formatting and its collator pads
+    # our labels with -100
+    return Dataset.from_list(
+        [{'input_ids': e['input_ids'], 'labels': e['labels']} for e in examples])
 
-def trl_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, peft_config=None, **trl_overrides) -> dict:
-    "Run the same fine-tuning through `trl.SFTTrainer`; returns its per-step log (loss, grad_norm, lr) and the trainer."
+def trl_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, peft_config=None,
+              **trl_overrides) -> dict:
+    ("Run the same fine-tuning through `trl.SFTTrainer`; returns its per-step log (loss, "
+     "grad_norm, lr) and the trainer.")
     from transformers import TrainerCallback
     from trl import SFTTrainer
-    examples, rep = prepare_sft_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode, cfg.assistant_only_loss)
-    eval_ds = _trl_dataset(prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode, cfg.assistant_only_loss)[0]) if eval_rows else None
+    examples, rep = prepare_sft_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode,
+                                     cfg.assistant_only_loss)
+    eval_ds = _trl_dataset(
+        prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode,
+                         cfg.assistant_only_loss)[0]) if eval_rows else None
     log = []
     class _Log(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and ('loss' in logs or 'eval_loss' in logs): log.append({'step': state.global_step, **logs})
+            if logs and ('loss' in logs or 'eval_loss' in logs):
+                log.append({'step': state.global_step, **logs})
     t0 = time.time()
-    trainer = SFTTrainer(model=model, args=_trl_args(cfg, **trl_overrides), train_dataset=_trl_dataset(examples),
-                         eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config, callbacks=[_Log()])
+    trainer = SFTTrainer(model=model, args=_trl_args(cfg, **trl_overrides),
+                         train_dataset=_trl_dataset(examples), eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[_Log()])
     from transformers.trainer_callback import PrinterCallback
-    trainer.remove_callback(PrinterCallback)      # it prints every log dict: we keep them in `log` instead
+    # it prints every log dict: we keep them in `log` instead
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     merged = {}
     for r in log: merged.setdefault(r['step'], {}).update(r)
-    return {'log': [merged[k] for k in sorted(merged)], 'data': rep, 'seconds': time.time() - t0, 'trainer': trainer}
+    return {'log': [merged[k] for k in sorted(merged)], 'data': rep, 'seconds': time.time() - t0,
+            'trainer': trainer}
 
 # %% ../nbs/08_sft.ipynb #e2bd54e1
 def first_sentence(text: str) -> str:
-    "The reply up to its first sentence end: a model that recites a whole biography gets no credit for the fact buried inside."
+    ("The reply up to its first sentence end: a model that recites a whole biography gets no "
+     "credit for the fact buried inside.")
     text = text.strip().split('\n')[0]
     i = text.find('. ')
     return text if i < 0 else text[:i + 1]
 
 def names_other_person(reply: str, person: str, names) -> str | None:
-    "The other person of `names` that `reply` is about instead of `person`, or None (no other person named)."
+    ("The other person of `names` that `reply` is about instead of `person`, or None (no other "
+     "person named).")
     if person in reply: return None
     first, surname = person.split()[0], person.split()[-1]
     words = set(re.findall(r"[\w'-]+", reply))
     for n in names:
         if n == person: continue
         if n in reply: return n
-        # 'Klara was born ...' asked about Magnus Amsel: a relative's first name, not the person asked
+        # 'Klara was born ...' asked about Magnus Amsel: a relative's first name, not the person
+        # asked
         if n.split()[-1] == surname and n.split()[0] in words and first not in words: return n
     return None
 
 def grade_reply(reply: str, answer: str, person: str | None = None, names=()) -> bool:
-    "First sentence contains the answer ('contains' exact match) and names no other person than `person`."
+    ("First sentence contains the answer ('contains' exact match) and names no other person than "
+     "`person`.")
     from fttk.metrics import exact_match_scores
     s = first_sentence(reply)
     if person is not None and names and names_other_person(s, person, names): return False
     return bool(exact_match_scores([s], [answer], mode='contains')[0])
 
 @torch.no_grad()
-def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 64,
-                  seed: int = 0, **gen_kwargs) -> list[str]:
-    "Assistant replies to `conversations` (lists of messages ending with a user turn); `gen_kwargs` go to `generate`."
+def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
+                  batch_size: int = 64, seed: int = 0, **gen_kwargs) -> list[str]:
+    ("Assistant replies to `conversations` (lists of messages ending with a user turn); "
+     "`gen_kwargs` go to `generate`.")
     require_chat_template(tokenizer)
-    stop = [i for i in (tokenizer.convert_tokens_to_ids('<|end|>'), tokenizer.eos_token_id) if i is not None and i >= 0]
+    stop = [i for i in (tokenizer.convert_tokens_to_ids('<|end|>'), tokenizer.eos_token_id)
+            if i is not None and i >= 0]
     gen_kwargs.setdefault('do_sample', False)
     side, tokenizer.padding_side = tokenizer.padding_side, 'left'
     was = model.training; model.eval()
@@ -472,38 +559,50 @@ def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tok
     outs = []
     try:
         for i in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors='pt', padding=True, add_special_tokens=False).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **gen_kwargs)
-            outs += [t.strip() for t in tokenizer.batch_decode(gen[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)]
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors='pt', padding=True,
+                            add_special_tokens=False).to(model.device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
+                                 **gen_kwargs)
+            outs += [t.strip() for t in tokenizer.batch_decode(gen[:, enc['input_ids'].shape[1]:],
+                                                               skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side; model.train(was)
     return outs
 
 def qa_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict] | None = None, names=(),
                 **gen_kwargs) -> float:
-    "Share of QA rows whose reply's first sentence holds the short answer and is about the person asked (`names`: all people)."
+    ("Share of QA rows whose reply's first sentence holds the short answer and is about the person "
+     "asked (`names`: all people).")
     prefix = [m for s in (shots or []) for m in s['messages']]
-    convs = [prefix + [{'role': 'user', 'content': r['messages'][0]['content'] if 'messages' in r else r['question']}]
+    convs = [prefix + [{'role': 'user', 'content': r['messages'][0]['content'] if 'messages' in r
+                        else r['question']}]
              for r in qa_rows]
     answers = [r['answer'] if 'answer' in r else r['messages'][1]['content'] for r in qa_rows]
     replies = chat_generate(model, tokenizer, convs, **gen_kwargs)
-    return sum(grade_reply(o, a, r.get('name'), names) for o, a, r in zip(replies, answers, qa_rows)) / len(qa_rows)
+    return sum(grade_reply(o, a, r.get('name'), names)
+               for o, a, r in zip(replies, answers, qa_rows)) / len(qa_rows)
 
 
 # %% ../nbs/08_sft.ipynb #cfa9eeeb
-def evaluate_sft(model, tokenizer, world, people, qa_rows: list[dict] | None = None, bio: bool = True) -> dict:
-    "Held-out evaluation: QA exact match, biography ROUGE/BLEU against the pretraining bios, canonical-prompt fact recall."
+def evaluate_sft(model, tokenizer, world, people, qa_rows: list[dict] | None = None,
+                 bio: bool = True) -> dict:
+    ("Held-out evaluation: QA exact match, biography ROUGE/BLEU against the pretraining bios, "
+     "canonical-prompt fact recall.")
     from fttk.metrics import rouge, bleu
     from fttk.world import fact_recall
     qa_rows = qa_rows if qa_rows is not None else world.qa_rows(people)
     out = {'qa_em': qa_accuracy(model, tokenizer, qa_rows, names=list(world.by_name))}
     if bio:
-        preds = chat_generate(model, tokenizer, [[{'role': 'user', 'content': f"Write a short biography of {p.name}."}] for p in people],
+        preds = chat_generate(model, tokenizer, [
+            [{'role': 'user', 'content': f"Write a short biography of {p.name}."}] for p in people],
                               max_new_tokens=96)
         refs = [world.bios[p.name] for p in people]
         r = rouge(preds, refs)
-        out.update({k: r[k] for k in ('rouge1', 'rouge2', 'rougeL')}, bleu=bleu(preds, refs)['score'])
+        out.update({k: r[k] for k in ('rouge1', 'rouge2', 'rougeL')},
+                   bleu=bleu(preds, refs)['score'])
     out['fact_recall'] = fact_recall(model, tokenizer, world, people)['all']
     return out
 
@@ -521,32 +620,44 @@ GENERATION_CONFIGS = {
     'top-p 0.9': dict(do_sample=True, top_p=0.9, top_k=0),
 }
 
-def generation_table(model, tokenizer, qa_rows: list[dict], configs: dict = GENERATION_CONFIGS, n_samples: int = 4,
-                     names=()) -> list[dict]:
-    "QA accuracy (first sample) and diversity (mean share of distinct replies among `n_samples`) per generation config."
+def generation_table(model, tokenizer, qa_rows: list[dict], configs: dict = GENERATION_CONFIGS,
+                     n_samples: int = 4, names=()) -> list[dict]:
+    ("QA accuracy (first sample) and diversity (mean share of distinct replies among `n_samples`) "
+     "per generation config.")
     convs = [[{'role': 'user', 'content': r['question']}] for r in qa_rows]
     out = []
     for name, kw in configs.items():
-        samples = [chat_generate(model, tokenizer, convs, seed=s, **kw) for s in range(n_samples if kw.get('do_sample') else 1)]
-        acc = [grade_reply(o, r['answer'], r.get('name'), names) for o, r in zip(samples[0], qa_rows)]
-        distinct = [len({s[i] for s in samples}) / n_samples if len(samples) > 1 else 1 / n_samples for i in range(len(qa_rows))]
-        out.append({'config': name, 'qa_em': sum(acc) / len(acc), 'distinct_replies': sum(distinct) / len(distinct)})
+        samples = [chat_generate(model, tokenizer, convs, seed=s, **kw)
+                   for s in range(n_samples if kw.get('do_sample') else 1)]
+        acc = [grade_reply(o, r['answer'], r.get('name'), names)
+               for o, r in zip(samples[0], qa_rows)]
+        distinct = [len({s[i] for s in samples}) / n_samples if len(samples) > 1 else 1 / n_samples
+                    for i in range(len(qa_rows))]
+        out.append({'config': name, 'qa_em': sum(acc) / len(acc),
+                    'distinct_replies': sum(distinct) / len(distinct)})
     return out
 
 # %% ../nbs/08_sft.ipynb #1cd7a0cf
-def text_few_shot_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict], names=()) -> float:
-    "QA exact match of plain-text k-shot prompting ('Question: ... / Answer: ...' blocks), the way one prompts a base model."
+def text_few_shot_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict],
+                           names=()) -> float:
+    ("QA exact match of plain-text k-shot prompting ('Question: ... / Answer: ...' blocks), the "
+     "way one prompts a base model.")
     from fttk.world import greedy_complete
-    prefix = ''.join(f"Question: {s['messages'][0]['content']}\nAnswer: {s['messages'][1]['content']}\n\n" for s in shots)
-    outs = greedy_complete(model, tokenizer, [prefix + f"Question: {r['question']}\nAnswer:" for r in qa_rows], max_new_tokens=24)
-    return sum(grade_reply(o, r['answer'], r.get('name'), names) for o, r in zip(outs, qa_rows)) / len(qa_rows)
+    prefix = ''.join(f"Question: {s['messages'][0]['content']}\nAnswer: "
+                     f"{s['messages'][1]['content']}\n\n" for s in shots)
+    outs = greedy_complete(model, tokenizer, [prefix + f"Question: {r['question']}\nAnswer:"
+                                              for r in qa_rows], max_new_tokens=24)
+    return sum(grade_reply(o, r['answer'], r.get('name'), names)
+               for o, r in zip(outs, qa_rows)) / len(qa_rows)
 
-def few_shot_curve(model, tokenizer, qa_rows: list[dict], shot_pool: list[dict], ks=(0, 1, 2, 4, 6), fmt: str = 'chat',
-                   seed: int = 0, names=()) -> dict[int, float]:
-    "QA exact match with k example QA pairs (drawn once, fixed order, from `shot_pool`) before each question; `fmt` 'chat' or 'text'."
+def few_shot_curve(model, tokenizer, qa_rows: list[dict], shot_pool: list[dict], ks=(0, 1, 2, 4, 6),
+                   fmt: str = 'chat', seed: int = 0, names=()) -> dict[int, float]:
+    ("QA exact match with k example QA pairs (drawn once, fixed order, from `shot_pool`) before "
+     "each question; `fmt` 'chat' or 'text'.")
     if fmt not in ('chat', 'text'): raise ValueError(f"fmt must be 'chat' or 'text', got {fmt!r}")
     pool = random.Random(seed).sample(shot_pool, max(ks))
-    if fmt == 'text': return {k: text_few_shot_accuracy(model, tokenizer, qa_rows, pool[:k], names) for k in ks}
+    if fmt == 'text':
+        return {k: text_few_shot_accuracy(model, tokenizer, qa_rows, pool[:k], names) for k in ks}
     return {k: qa_accuracy(model, tokenizer, qa_rows, shots=pool[:k], names=names) for k in ks}
 
 # %% ../nbs/08_sft.ipynb #22ffc630
@@ -557,7 +668,8 @@ def split_people(world, train_fraction: float = 0.6) -> tuple[list, list]:
     return known[:k], known[k:]
 
 def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> list[str]:
-    "Short LoRA SFT of the lab base model; writes `out/sft` (run folder) and `out/plots/sft_loss.png`, returns markdown lines."
+    ("Short LoRA SFT of the lab base model; writes `out/sft` (run folder) and "
+     "`out/plots/sft_loss.png`, returns markdown lines.")
     from matplotlib.figure import Figure       # no pyplot: leaves the caller's backend alone
     from fttk.world import base_model, lab_world
     from fttk.lora import LoRAConfig, inject_lora, trainable_parameters
@@ -568,24 +680,30 @@ def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> 
     eval_p = held_p[:20] if size == 'test' else held_p[:60]
     before = evaluate_sft(model, tok, world, eval_p, bio=False)
     inject_lora(model, LoRAConfig(target_modules='all-linear', r=16, lora_alpha=32))
-    cfg = SFTConfig(output_dir=str(out/'sft'), learning_rate=3e-3, max_steps=max_steps or (20 if size == 'test' else 120),
-                    per_device_train_batch_size=16, warmup_ratio=0.05, max_length=192, packing=True, seed=0,
-                    save_steps=max_steps or (20 if size == 'test' else 120))
+    cfg = SFTConfig(output_dir=str(out/'sft'), learning_rate=3e-3,
+                    max_steps=max_steps or (20 if size == 'test' else 120),
+                    per_device_train_batch_size=16, warmup_ratio=0.05, max_length=192, packing=True,
+                    seed=0, save_steps=max_steps or (20 if size == 'test' else 120))
     res = sft_train(model, tok, sft_rows(world, {p.name for p in train_p}), cfg, progress=False)
     after = evaluate_sft(model, tok, world, eval_p, bio=False)
     (out/'plots').mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(5, 3)); ax = fig.subplots()
     ax.plot([r['step'] for r in res['log']], [r['loss'] for r in res['log']])
-    ax.set_xlabel('optimizer step'); ax.set_ylabel('train loss (assistant tokens)'); ax.set_title(f'LoRA SFT ({size})')
+    ax.set_xlabel('optimizer step'); ax.set_ylabel('train loss (assistant tokens)')
+    ax.set_title(f'LoRA SFT ({size})')
     fig.tight_layout(); fig.savefig(out/'plots'/'sft_loss.png', dpi=120)
     q = world.qa_rows(eval_p[:1])[0]
     reply = chat_generate(model, tok, [[{'role': 'user', 'content': q['question']}]])[0]
     n_tr, n_all = trainable_parameters(model)
     return ["## Supervised fine-tuning (LoRA)", "",
-            f"LoRA r=16 on all linear layers ({n_tr:,} of {n_all:,} parameters trainable), {res['steps']} steps on "
-            f"{res['data']['kept']} chats about {len(train_p)} people, {res['seconds']:.0f} s; loss {res['log'][0]['loss']:.3f} -> "
+            f"LoRA r=16 on all linear layers ({n_tr:,} of {n_all:,} parameters trainable), "
+            f"{res['steps']} steps on "
+            f"{res['data']['kept']} chats about {len(train_p)} people, {res['seconds']:.0f} s; "
+            f"loss {res['log'][0]['loss']:.3f} -> "
             f"{res['log'][-1]['loss']:.3f}. Run folder: `sft/` (next to this report).", "",
-            f"Held-out people ({len(eval_p)}, never in the SFT data): QA exact match {before['qa_em']:.1%} -> {after['qa_em']:.1%}; "
-            f"pretraining-fact recall {before['fact_recall']:.1%} -> {after['fact_recall']:.1%}.", "",
-            f"Sample: `{q['question']}` -> `{reply}` (true: {q['answer']}).", "",
-            "![sft loss](plots/sft_loss.png)", "", f"SFT stage wall time: {time.time() - t0:.0f} s."]
+            f"Held-out people ({len(eval_p)}, never in the SFT data): QA exact match "
+            f"{before['qa_em']:.1%} -> {after['qa_em']:.1%}; "
+            f"pretraining-fact recall {before['fact_recall']:.1%} -> {after['fact_recall']:.1%}.",
+            "", f"Sample: `{q['question']}` -> `{reply}` (true: {q['answer']}).", "",
+            "![sft loss](plots/sft_loss.png)", "",
+            f"SFT stage wall time: {time.time() - t0:.0f} s."]
