@@ -27,7 +27,7 @@ __all__ = ['DTYPES', 'OPTIMIZERS', 'GB', 'NF4_DQ_BITS', 'StateBytes', 'state_byt
 DTYPES = ('mixed', 'fp32', 'bf16')
 # optimizer states per parameter (Adam: m and v; SGD: momentum)
 OPTIMIZERS = {'adamw': 2, 'adam': 2, 'sgd': 1}
-GB = 1e9                                  # the ZeRO paper and the slides count decimal gigabytes
+GB = 1e9                                  # the ZeRO paper counts decimal gigabytes
 
 @dataclass(frozen=True)
 class StateBytes:
