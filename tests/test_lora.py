@@ -369,15 +369,20 @@ def test_tied_embeddings_modules_to_save_trains_a_copy_like_peft():
     assert t_names == {n for n, p in ours.named_parameters() if p.requires_grad}
 
 
-def test_tied_adapter_roundtrips_with_peft(tmp_path):
-    base, theirs, ours = pair(TIED, tie_word_embeddings=True)
-    adamw_steps(theirs); adamw_steps(ours)
+def cross_load(base, ours, theirs, tmp_path):
+    "Save both adapters, load ours into peft and peft's into fttk: (peft model with ours, fttk model with peft's)."
     save_adapter(ours, tmp_path/'ours')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         theirs.save_pretrained(tmp_path/'peft')
         in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path/'ours')
-    in_ours = load_adapter(copy.deepcopy(base), tmp_path/'peft')
+    return in_peft, load_adapter(copy.deepcopy(base), tmp_path/'peft')
+
+
+def test_tied_adapter_roundtrips_with_peft(tmp_path):
+    base, theirs, ours = pair(TIED, tie_word_embeddings=True)
+    adamw_steps(theirs); adamw_steps(ours)
+    in_peft, in_ours = cross_load(base, ours, theirs, tmp_path)
     assert sorted(peft_tensors(tmp_path/'ours')) == sorted(peft_tensors(tmp_path/'peft'))
     with torch.no_grad():
         assert (in_peft(IDS).logits - ours(IDS).logits).abs().max() < TOL64
@@ -446,12 +451,7 @@ def test_peft_selection_fields_equal_peft(case, tmp_path):
     sgd_step(theirs); sgd_step(ours)
     with torch.no_grad(): assert (theirs(IDS).logits - ours(IDS).logits).abs().max() < TOL64
     # the adapter files carry the field both ways
-    save_adapter(ours, tmp_path/'ours')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        theirs.save_pretrained(tmp_path/'peft')
-        in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path/'ours')
-    in_ours = load_adapter(copy.deepcopy(base), tmp_path/'peft')
+    in_peft, in_ours = cross_load(base, ours, theirs, tmp_path)
     assert sorted(lora_layers(in_ours)) == sorted(lora_layers(ours))
     if cfg.target_modules != 'all-linear':      # peft saves 'all-linear' as the full names it chose
         assert in_ours.fttk_lora_config == cfg
