@@ -19,12 +19,10 @@ import yaml
 # datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and
 # prints the path of the install); the plain text bars it falls back to are what fttk wants anyway.
 warnings.filterwarnings('ignore', message='IProgress not found')
-# transformers imports DeepSpeed when it is installed (fttk's dev extra has it, for the memory
-# estimator tests);
-# on a machine without a GPU DeepSpeed then prints a notice that it fell back to the CPU on stdout,
-# into every
-# output that builds a model. Drop that one notice; the logger's level is reset when DeepSpeed
-# creates it, a filter is not.
+# transformers imports DeepSpeed when it is installed (the dev extra has it, for the memory
+# estimator tests); without a GPU, DeepSpeed then prints a CPU-fallback notice on stdout into
+# every output that builds a model. Drop that one notice: DeepSpeed resets its logger's level
+# when it creates it, but keeps a filter.
 logging.getLogger('DeepSpeed').addFilter(
     lambda r: 'Setting accelerator to CPU' not in r.getMessage())
 
@@ -282,8 +280,6 @@ def progress_bar(iterable=None, **kwargs):
     return (_OneLineBar if 'ipykernel' in sys.modules else _tqdm)(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #3b33a4d2
-_ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
-
 def cpu_features() -> dict:
     "The CPU model and the instruction-set flags that change fttk's numbers or speed."
     info = {}
