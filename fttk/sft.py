@@ -24,10 +24,11 @@ from .world import require_chat_template
 # %% auto #0
 __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'SFTDataError', 'check_row', 'tokenize_chat',
            'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses', 'padding_stats',
-           'SFTConfig', 'use_bf16', 'lr_factor', 'SFTLossError', 'total_steps', 'trainable_state', 'eval_loss',
-           'sft_train', 'trl_field_map', 'trl_train', 'first_sentence', 'names_other_person', 'grade_reply',
-           'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows', 'generation_table', 'text_few_shot_accuracy',
-           'few_shot_curve', 'split_people', 'sft_demo']
+           'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps', 'trainable_state',
+           'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
+           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
+           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'split_people', 'sft_recipe', 'sft_demo',
+           'sft_model']
 
 # %% ../nbs/08_sft.ipynb #197170a2
 ROLES = ('system', 'user', 'assistant')
@@ -189,9 +190,10 @@ def padding_stats(batches: list[list[list[dict]]]) -> dict:
 
 # %% ../nbs/08_sft.ipynb #0df8b2a1
 @dataclass
-class SFTConfig(Config):
-    "Supervised fine-tuning settings; names as in TRL's `SFTConfig` where they mean the same."
-    output_dir: str = 'runs/sft'
+class TrainingConfig(Config):
+    ("What every fttk trainer shares (SFT, reward, DPO, PPO): optimizer, schedule, batching, "
+     "logging and checkpoints, under the names of transformers' `TrainingArguments`.")
+    output_dir: str = 'runs/train'
     # replace an earlier run in output_dir (else a non-empty folder is an error)
     overwrite_output_dir: bool = False
     learning_rate: float = 1e-4
@@ -210,14 +212,8 @@ class SFTConfig(Config):
     eval_steps: int | None = None
     save_steps: int | None = None
     seed: int = 42
-    max_length: int | None = 1024
-    truncation_mode: Literal['keep_start', 'drop', 'error'] = 'keep_start'
-    packing: bool = False
-    padding_free: bool = False
-    assistant_only_loss: bool = True
     bf16: bool | None = False   # None: what this machine measurably does best (core.best_precision)
     shuffle: bool = True
-    use_fast_lora: bool = True
 
     def validate(self):
         for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1',
@@ -243,17 +239,13 @@ class SFTConfig(Config):
         for k in ('eval_steps', 'save_steps'):
             if getattr(self, k) is not None and getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be None or > 0, got {getattr(self, k)}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
-        if self.packing and self.max_length is None:
-            raise ConfigError("packing=True needs max_length (the packed sequence length)")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ConfigError("adam_beta1 and adam_beta2 must be in [0, 1)")
         if self.bf16 is True and not torch.cuda.is_available() and not _cpu_has_bf16():
             raise ConfigError("bf16=True on a CPU without AVX512-BF16/AMX: it would run several "
                               "times slower than fp32; set bf16=False")
 
-def use_bf16(cfg: SFTConfig) -> bool:
+def use_bf16(cfg: TrainingConfig) -> bool:
     "`cfg.bf16`, with None resolved to this machine's measured best precision (cached per machine)."
     return best_precision() == 'bf16' if cfg.bf16 is None else bool(cfg.bf16)
 
@@ -261,6 +253,25 @@ def _cpu_has_bf16() -> bool:
     try: flags = Path('/proc/cpuinfo').read_text()
     except OSError: return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+# %% ../nbs/08_sft.ipynb #e3e6f0c8
+@dataclass
+class SFTConfig(TrainingConfig):
+    "Supervised fine-tuning settings; names as in TRL's `SFTConfig` where they mean the same."
+    output_dir: str = 'runs/sft'
+    max_length: int | None = 1024
+    truncation_mode: Literal['keep_start', 'drop', 'error'] = 'keep_start'
+    packing: bool = False
+    padding_free: bool = False
+    assistant_only_loss: bool = True
+    use_fast_lora: bool = True
+
+    def validate(self):
+        super().validate()
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if self.packing and self.max_length is None:
+            raise ConfigError("packing=True needs max_length (the packed sequence length)")
 
 # %% ../nbs/08_sft.ipynb #692e8e66
 def lr_factor(step: int, total: int, warmup: int, kind: str = 'cosine') -> float:
@@ -280,7 +291,7 @@ class SFTLossError(FloatingPointError):
 def _units(examples: list[dict], cfg: SFTConfig) -> list[list[dict]]:
     return pack_examples(examples, cfg.max_length) if cfg.packing else [[e] for e in examples]
 
-def _micro_batches(units, cfg: SFTConfig, epoch: int) -> list[list[list[dict]]]:
+def _micro_batches(units, cfg: TrainingConfig, epoch: int) -> list[list[list[dict]]]:
     order = list(range(len(units)))
     if cfg.shuffle:
         order = torch.randperm(
@@ -288,10 +299,10 @@ def _micro_batches(units, cfg: SFTConfig, epoch: int) -> list[list[list[dict]]]:
     bs = cfg.per_device_train_batch_size
     mbs = [[units[j] for j in order[i:i + bs]] for i in range(0, len(order), bs)]
     # one row, no padding at all
-    if cfg.padding_free: mbs = [[[e for u in mb for e in u]] for mb in mbs]
+    if getattr(cfg, 'padding_free', False): mbs = [[[e for u in mb for e in u]] for mb in mbs]
     return mbs
 
-def _steps(units, cfg: SFTConfig):
+def _steps(units, cfg: TrainingConfig):
     "Yield (epoch, list of micro-batches) per optimizer update, for as many epochs as needed."
     epoch = 0
     while True:
@@ -300,7 +311,7 @@ def _steps(units, cfg: SFTConfig):
         for i in range(0, len(mbs), ga): yield epoch, mbs[i:i + ga]
         epoch += 1
 
-def total_steps(n_units: int, cfg: SFTConfig) -> int:
+def total_steps(n_units: int, cfg: TrainingConfig) -> int:
     "Optimizer updates of a run: `max_steps`, or updates per epoch times `num_train_epochs`."
     if cfg.max_steps > 0: return cfg.max_steps
     per_epoch = math.ceil(math.ceil(n_units / cfg.per_device_train_batch_size)
@@ -353,7 +364,7 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
     model.train(was)
     return tot / max(n, 1)
 
-def _optimizer(model, cfg: SFTConfig):
+def _optimizer(model, cfg: TrainingConfig):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter (all frozen): nothing to fine-tune")
@@ -440,8 +451,10 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
 # our name -> older name, for fields renamed between the trl/transformers versions pyproject admits
 TRL_RENAMES = {'activation_checkpointing': 'gradient_checkpointing'}
 
-def trl_field_map(kw: dict, fields: set[str], warmup_ratio: float = 0.0) -> dict:
-    "Keyword arguments `kw` renamed to what a TRL `SFTConfig` with dataclass `fields` accepts."
+def trl_field_map(kw: dict, fields: set[str], warmup_ratio: float = 0.0,
+                  config_name: str = 'SFTConfig') -> dict:
+    ("Keyword arguments `kw` renamed to what a TRL config class (`config_name`) with dataclass "
+     "`fields` accepts.")
     out = {}
     for k, v in kw.items():
         if k in fields: out[k] = v
@@ -449,17 +462,16 @@ def trl_field_map(kw: dict, fields: set[str], warmup_ratio: float = 0.0) -> dict
         # older trl: random is the only order
         elif k == 'train_sampling_strategy' and v == 'random': pass
         else:
-            raise TypeError(f"this trl's SFTConfig has no field {k!r} (nor an older name for it): "
-                            "check the installed trl version against pyproject's range")
+            raise TypeError(f"this trl's {config_name} has no field {k!r} (nor an older name for "
+                            "it): check the installed trl version against pyproject's range")
     # transformers < 5: the ratio has its own field, warmup_steps is int
     if 'warmup_ratio' in fields:
         out['warmup_ratio'], out['warmup_steps'] = warmup_ratio, 0
     return out
 
-def _trl_args(cfg: SFTConfig, **over):
-    import dataclasses
-    from trl import SFTConfig as TRLConfig
-    kw = dict(output_dir=cfg.output_dir, learning_rate=cfg.learning_rate,
+def trl_common_args(cfg: TrainingConfig) -> dict:
+    "The `TrainingConfig` fields as keyword arguments of a TRL config (any trainer's)."
+    return dict(output_dir=cfg.output_dir, learning_rate=cfg.learning_rate,
               num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
               per_device_train_batch_size=cfg.per_device_train_batch_size,
               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -467,16 +479,24 @@ def _trl_args(cfg: SFTConfig, **over):
               weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
               adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_epsilon,
               max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, seed=cfg.seed,
-              data_seed=cfg.seed, max_length=cfg.max_length, packing=cfg.packing,
-              padding_free=cfg.padding_free, assistant_only_loss=False, completion_only_loss=False,
-              bf16=use_bf16(cfg), use_cpu=not torch.cuda.is_available(),
+              data_seed=cfg.seed, bf16=use_bf16(cfg), use_cpu=not torch.cuda.is_available(),
               activation_checkpointing=False, optim='adamw_torch', report_to='none',
               save_strategy='no', train_sampling_strategy='random' if cfg.shuffle else 'sequential',
               disable_tqdm=True, eval_strategy='steps' if cfg.eval_steps else 'no',
               eval_steps=cfg.eval_steps, dataloader_num_workers=0)
-    kw.update(over)
-    return TRLConfig(
-        **trl_field_map(kw, {f.name for f in dataclasses.fields(TRLConfig)}, cfg.warmup_ratio))
+
+def trl_config(trl_cls, cfg: TrainingConfig, **kw):
+    "TRL's config class `trl_cls` made from our `cfg` plus `kw` (the method's own fields)."
+    import dataclasses
+    kw = {**trl_common_args(cfg), **kw}
+    return trl_cls(**trl_field_map(kw, {f.name for f in dataclasses.fields(trl_cls)},
+                                   cfg.warmup_ratio, trl_cls.__name__))
+
+def _trl_args(cfg: SFTConfig, **over):
+    from trl import SFTConfig as TRLConfig
+    return trl_config(TRLConfig, cfg, **{**dict(
+        max_length=cfg.max_length, packing=cfg.packing, padding_free=cfg.padding_free,
+        assistant_only_loss=False, completion_only_loss=False), **over})
 
 def _trl_dataset(examples: list[dict]):
     from datasets import Dataset
@@ -667,23 +687,30 @@ def split_people(world, train_fraction: float = 0.6) -> tuple[list, list]:
     k = int(train_fraction * len(known))
     return known[:k], known[k:]
 
+def sft_recipe(size: str, output_dir, max_steps: int | None = None):
+    ("`(LoRAConfig, SFTConfig)` of the lab SFT recipe (`fttk demo`, `sft_model`): LoRA r=16 on "
+     "every linear layer, 120 steps of 16 packed rows (20 steps at size 'test').")
+    from fttk.lora import LoRAConfig
+    steps = max_steps or (20 if size == 'test' else 120)
+    return (LoRAConfig(target_modules='all-linear', r=16, lora_alpha=32),
+            SFTConfig(output_dir=str(output_dir), learning_rate=3e-3, max_steps=steps,
+                      per_device_train_batch_size=16, warmup_ratio=0.05, max_length=192,
+                      packing=True, seed=0, save_steps=steps))
+
 def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> list[str]:
     ("Short LoRA SFT of the lab base model; writes `out/sft` (run folder) and "
      "`out/plots/sft_loss.png`, returns markdown lines.")
     from matplotlib.figure import Figure       # no pyplot: leaves the caller's backend alone
     from fttk.world import base_model, lab_world
-    from fttk.lora import LoRAConfig, inject_lora, trainable_parameters
+    from fttk.lora import inject_lora, trainable_parameters
     out = Path(out); t0 = time.time()
     model, tok = base_model(size, progress=False)
     world = lab_world(size)
     train_p, held_p = split_people(world)
     eval_p = held_p[:20] if size == 'test' else held_p[:60]
     before = evaluate_sft(model, tok, world, eval_p, bio=False)
-    inject_lora(model, LoRAConfig(target_modules='all-linear', r=16, lora_alpha=32))
-    cfg = SFTConfig(output_dir=str(out/'sft'), learning_rate=3e-3,
-                    max_steps=max_steps or (20 if size == 'test' else 120),
-                    per_device_train_batch_size=16, warmup_ratio=0.05, max_length=192, packing=True,
-                    seed=0, save_steps=max_steps or (20 if size == 'test' else 120))
+    lora_cfg, cfg = sft_recipe(size, out/'sft', max_steps)
+    inject_lora(model, lora_cfg)
     res = sft_train(model, tok, sft_rows(world, {p.name for p in train_p}), cfg, progress=False)
     after = evaluate_sft(model, tok, world, eval_p, bio=False)
     (out/'plots').mkdir(parents=True, exist_ok=True)
@@ -707,3 +734,27 @@ def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> 
             "", f"Sample: `{q['question']}` -> `{reply}` (true: {q['answer']}).", "",
             "![sft loss](plots/sft_loss.png)", "",
             f"SFT stage wall time: {time.time() - t0:.0f} s."]
+
+# %% ../nbs/08_sft.ipynb #bfd07cd0
+def sft_model(size: str = 'default', rebuild: bool = False):
+    ("`(model, tokenizer)`: the lab base model of `size` after `sft_recipe` on the training people "
+     "of `split_people`, LoRA merged in. A plain causal-LM folder, built once and cached: where "
+     "the reward model, PPO and DPO start.")
+    import hashlib
+    from fttk.core import cache_dir, quiet_progress
+    from fttk.world import base_model, base_model_recipe, cached_model, lab_world
+    from fttk.lora import inject_lora, unload_lora
+    lora_cfg, cfg = sft_recipe(size, 'sft')
+    recipe = {'base': base_model_recipe(size), 'lora': lora_cfg.to_dict(), 'sft': cfg.to_dict()}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    def build(tmp: Path):
+        model, tok = base_model(size, progress=False)
+        world = lab_world(size)
+        train_people = split_people(world)[0]
+        inject_lora(model, lora_cfg)
+        run_cfg = SFTConfig.from_dict({**cfg.to_dict(), 'output_dir': str(tmp/'sft-run')})
+        sft_train(model, tok, sft_rows(world, {p.name for p in train_people}), run_cfg,
+                  progress=False)
+        unload_lora(model)                  # merge B A into W: a plain LlamaForCausalLM again
+        with quiet_progress(): model.save_pretrained(tmp); tok.save_pretrained(tmp)
+    return cached_model(cache_dir('models')/f"{recipe['base']}-sft-{key}", build, recipe, rebuild)

@@ -26,7 +26,7 @@ __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMP
            'plackett_luce_ranking', 'preference_rows', 'preference_pairs', 'bayes_ceiling', 'preference_dataset',
            'train_lab_tokenizer', 'world_texts', 'BaseModelConfig', 'model_config', 'cosine_schedule', 'pretrain',
            'greedy_complete', 'fact_recall', 'lab_world', 'lab_tokenizer', 'require_chat_template', 'build_base_model',
-           'base_model', 'base_model_report', 'base_model_recipe', 'plot_pretraining']
+           'base_model', 'cached_model', 'base_model_report', 'base_model_recipe', 'plot_pretraining']
 
 # %% ../nbs/01_world.ipynb #14acccd1
 FIRST_NAMES = """Ada Alan Alma Amara Anders Anika Arjun Astrid Aurelio Beatriz Bjorn Bruno Camille
@@ -752,6 +752,12 @@ def base_model(size: str | BaseModelConfig = 'default', progress: bool = True,
     cfg = SIZES[size] if isinstance(size, str) else size
     world = World(cfg.world_config())
     folder = _cache_folder(name, cfg, world)
+    return cached_model(folder, lambda tmp: build_base_model(cfg, tmp, progress=progress),
+                        cfg.to_dict(), rebuild)
+
+def cached_model(folder: Path, build, config: dict, rebuild: bool = False):
+    ("`(model, tokenizer)` from the cache `folder`, checked against its manifest; when absent or "
+     "corrupt, `build(tmp)` writes it and the folder is published whole or not at all.")
     with FileLock(str(folder) + '.lock'):      # concurrent callers wait here while one builds
         if folder.exists() and not rebuild:
             try:
@@ -764,10 +770,10 @@ def base_model(size: str | BaseModelConfig = 'default', progress: bool = True,
         elif folder.exists(): shutil.rmtree(folder)
         tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_base_model(cfg, tmp, progress=progress)
+        build(tmp)
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob('*')) if p.is_file()}
         atomic_write_text(tmp/'manifest.json',
-                          json.dumps({'config': cfg.to_dict(), 'files': files}, indent=2))
+                          json.dumps({'config': config, 'files': files}, indent=2))
         # atomic publish: the folder appears complete or not at all
         os.rename(tmp, folder)
         return _load_folder(folder)
