@@ -4,7 +4,7 @@ input raises a clear error that names the problem, and leaves the user's files a
 CASES is the audit. Each case is one distinct bad input: the entry point, what is wrong, a function of a
 scratch folder that feeds it, the exception expected and a regex its message must match. The docs page
 "Bad input, audited" (nbs/95_bad_input.ipynb) renders this same list as a table, with the real messages."""
-import contextlib, io, json, math, pickle
+import contextlib, functools, io, json, math, pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,6 +99,27 @@ def _world_into(tmp):
     from fttk.world import World, WorldConfig
     d = tmp/'data'; d.mkdir(); (d/'qa.jsonl').write_text('shipped')
     return World(WorldConfig(n_people=10, bios_per_person=1)).write_jsonl(d)
+
+
+@functools.lru_cache(maxsize=1)
+def _lab_tokenizer():
+    from fttk.world import lab_tokenizer
+    return lab_tokenizer('test')
+
+
+def _reward_rows(rows):
+    from fttk.reward import prepare_reward_data
+    return prepare_reward_data(rows, _lab_tokenizer(), max_length=256)
+
+
+def _cfg_obj(cls_path, **kw):
+    mod, name = cls_path.rsplit('.', 1)
+    return getattr(__import__(mod, fromlist=[name]), name)(**kw)
+
+
+def _reward_run(out):
+    from fttk.reward import RewardConfig, reward_train
+    return reward_train(None, None, [{'chosen': 'A', 'rejected': 'B'}], RewardConfig(output_dir=str(out)), progress=False)
 
 
 def _safetensors_bytes():
@@ -206,6 +227,32 @@ CASES = [
          r'give exactly one of config'),
     Case('MemoryConfig', 'NaN parameters', _cfg('fttk.memory.MemoryConfig', params=float('nan')), Exception, r"'params' must be a finite number"),
     Case('MemoryConfig', 'ZeRO stage 4', _cfg('fttk.memory.MemoryConfig', params=1e9, stage=4), Exception, r'stage'),
+    # --- reward model (fttk.reward): preference rows, config, run folder
+    Case('RewardConfig', 'unknown batch_by', _cfg('fttk.reward.RewardConfig', batch_by='prompt'), Exception,
+         r"config field 'batch_by' must be one of \['ranking', 'pair'\], got 'prompt'"),
+    Case('RewardConfig', 'negative centering coefficient', _cfg('fttk.reward.RewardConfig', center_rewards_coefficient=-0.1),
+         Exception, r'center_rewards_coefficient must be None or >= 0, got -0\.1'),
+    Case('prepare_reward_data', 'a row without rejected', lambda tmp: _reward_rows([{'chosen': 'A'}]),
+         Exception, r"row 0: missing 'rejected'"),
+    Case('prepare_reward_data', 'chosen identical to rejected',
+         lambda tmp: _reward_rows([{'chosen': 'A', 'rejected': 'B'}, {'prompt': 'Q', 'chosen': 'A', 'rejected': 'A'}]),
+         Exception, r"row 1: 'chosen' and 'rejected' are identical"),
+    Case('prepare_reward_data', 'chosen of the wrong type', lambda tmp: _reward_rows([{'chosen': 3, 'rejected': 'B'}]),
+         Exception, r"row 0: 'chosen' must be a string or a list of \{'role', 'content'\} messages, got int"),
+    Case('prepare_reward_data', 'prompt as a string, responses as messages',
+         lambda tmp: _reward_rows([{'prompt': 'Q', 'chosen': [{'role': 'assistant', 'content': 'A'}],
+                                    'rejected': [{'role': 'assistant', 'content': 'B'}]}]),
+         Exception, r'row 0: mixes plain strings and message lists'),
+    Case('prepare_reward_data', 'NaN margin', lambda tmp: _reward_rows([{'chosen': 'A', 'rejected': 'B', 'margin': math.nan}]),
+         Exception, r"row 0: 'margin' must be a finite number, got nan"),
+    Case('prepare_reward_data', 'a pair over max_length',
+         lambda tmp: _reward_rows([{'prompt': 'Q ' * 300, 'chosen': 'A', 'rejected': 'B'}]),
+         Exception, r"row 0: \d+ tokens, over max_length=256; raise max_length or set truncation_mode='drop'"),
+    Case('reward_train', 'output_dir holds the user\'s files', lambda tmp: _with_notes(tmp) and _reward_run(tmp/'results'),
+         FileExistsError, r'run folder .*results is not empty', _notes_intact),
+    Case('trl_reward_train', 'ranking batches (TRL trains pair by pair)',
+         lambda tmp: __import__('fttk.reward').reward.trl_reward_train(None, None, [], _cfg_obj('fttk.reward.RewardConfig')),
+         Exception, r"TRL's RewardTrainer trains pair by pair: set batch_by='pair'"),
     # --- the command line: one line on stderr, exit 2, no traceback
     Case('fttk', 'no subcommand', lambda tmp: cli(), CLIError, r'exit 2: fttk: error: the following arguments are required: command'),
     Case('fttk world build', 'unknown --size', lambda tmp: cli('world', 'build', '--size', 'huge'), CLIError, r"exit 2: .*invalid choice: 'huge'"),
