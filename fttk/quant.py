@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/quant.html.md"""
 
 # %% ../nbs/04_quant.ipynb #68b21f3f
 from __future__ import annotations
-import math, warnings
+import copy, math, warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,13 +18,14 @@ import numpy as np
 from .core import Config, ConfigError, in_test, set_seed
 
 # %% auto #0
-__all__ = ['FLOAT_FORMATS', 'NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'DYNAMIC_CODE', 'BLOCKSIZES', 'CODES_4BIT', 'float_bits',
-           'round_to', 'format_table', 'bits_per_param', 'model_gigabytes', 'absmax_quantize', 'absmax_dequantize',
-           'zeropoint_quantize', 'zeropoint_dequantize', 'blockwise_absmax_quantize', 'blockwise_absmax_dequantize',
-           'int8_outlier_matmul', 'nf4_codebook', 'pack_4bit', 'unpack_4bit', 'dynamic_map', 'quantize_blockwise_8bit',
-           'dequantize_blockwise_8bit', 'NF4Tensor', 'quantize_nf4', 'dequantize_nf4', 'nf4_to_bnb', 'nf4_from_bnb',
-           'quantize_dequantize_4bit', 'quant_mse', 'NF4Linear', 'QuantConfig', 'quantize_model', 'weight_bytes',
-           'disable_avx512bf16_repack', 'is_quantized_layer', 'prepare_qlora_model']
+__all__ = ['FLOAT_FORMATS', 'NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'DYNAMIC_CODE', 'BLOCKSIZES', 'CODES_4BIT',
+           'COMPLETION_TEMPLATE', 'float_bits', 'format_table', 'round_to', 'bits_per_param', 'model_gigabytes',
+           'absmax_quantize', 'absmax_dequantize', 'zeropoint_quantize', 'zeropoint_dequantize',
+           'blockwise_absmax_quantize', 'blockwise_absmax_dequantize', 'int8_outlier_matmul', 'nf4_codebook',
+           'pack_4bit', 'unpack_4bit', 'dynamic_map', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit',
+           'NF4Tensor', 'quantize_nf4', 'dequantize_nf4', 'nf4_to_bnb', 'nf4_from_bnb', 'quantize_dequantize_4bit',
+           'quant_mse', 'NF4Linear', 'QuantConfig', 'quantize_model', 'weight_bytes', 'disable_avx512bf16_repack',
+           'is_quantized_layer', 'prepare_qlora_model', 'completion_rows', 'completion_tokenizer', 'answer_loss']
 
 # %% ../nbs/04_quant.ipynb #60f5d458
 FLOAT_FORMATS = {  # name: (dtype, exponent bits, mantissa bits)
@@ -37,6 +38,7 @@ def _format(fmt: str):
             f"unknown float format {fmt!r}; known formats are: {', '.join(FLOAT_FORMATS)}")
     return FLOAT_FORMATS[fmt]
 
+# %% ../nbs/04_quant.ipynb #ad294135
 def float_bits(x: float, fmt: str = 'fp32') -> str:
     "The bits of `x` rounded to `fmt`, as 'sign exponent mantissa'."
     dtype, e, m = _format(fmt)
@@ -47,10 +49,7 @@ def float_bits(x: float, fmt: str = 'fp32') -> str:
     b = format(raw, f'0{nbits}b')
     return f"{b[0]} {b[1:1+e]} {b[1+e:]}"
 
-def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    "`x` rounded to `fmt` and back to fp32: what storing it in that format keeps."
-    return x.to(_format(fmt)[0]).float()
-
+# %% ../nbs/04_quant.ipynb #3a784557
 def format_table() -> list[dict]:
     "Bits, range and precision of each float format (from `torch.finfo`)."
     rows = []
@@ -59,6 +58,11 @@ def format_table() -> list[dict]:
         rows.append({'format': name, 'bits': fi.bits, 'exponent': e, 'mantissa': m, 'max': fi.max,
                      'min_normal': fi.tiny, 'eps': fi.eps, 'bytes': fi.bits // 8})
     return rows
+
+# %% ../nbs/04_quant.ipynb #7b5225b7
+def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    "`x` rounded to `fmt` and back to fp32: what storing it in that format keeps."
+    return x.to(_format(fmt)[0]).float()
 
 # %% ../nbs/04_quant.ipynb #78fd917f
 def bits_per_param(fmt: str, blocksize: int = 64, dq_blocksize: int = 256) -> float:
@@ -73,6 +77,7 @@ def bits_per_param(fmt: str, blocksize: int = 64, dq_blocksize: int = 256) -> fl
     raise ValueError(
         f"unknown format {fmt!r}; use one of {list(FLOAT_FORMATS) + ['int8', 'nf4', 'nf4_dq']}")
 
+# %% ../nbs/04_quant.ipynb #9058f0c7
 def model_gigabytes(n_params: float, fmt: str, **kw) -> float:
     "Weight memory in GB (1e9 bytes) of `n_params` parameters stored as `fmt`."
     return n_params * bits_per_param(fmt, **kw) / 8 / 1e9
@@ -84,19 +89,23 @@ def _check_float(x: torch.Tensor, what: str = 'x'):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
 
+# %% ../nbs/04_quant.ipynb #48bc770d
 def _check_values(x: torch.Tensor, who: str):
     "A float tensor with at least one value, all finite (NaN or inf would poison every scale)."
     _check_float(x)
     if x.numel() == 0: raise ValueError(f"{who}: cannot quantize an empty tensor")
     if not torch.isfinite(x).all(): raise ValueError(f"{who}: x contains NaN or inf")
 
+# %% ../nbs/04_quant.ipynb #77bf3799
 def _check_blocksize(blocksize):
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
 
+# %% ../nbs/04_quant.ipynb #5f71c16a
 def _scale_dims(x, dim):
     return dict(dim=dim, keepdim=True) if dim is not None else {}
 
+# %% ../nbs/04_quant.ipynb #447c2634
 def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     ("Symmetric int8: returns (q int8, scale) with x ≈ q / scale; `dim` gives one scale per slice "
      "(per-channel).")
@@ -106,9 +115,11 @@ def absmax_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tens
     scale = 127 / amax.clamp_min(1e-12)   # an all-zero slice gets q = 0, not 0/0
     return torch.round(xf * scale).to(torch.int8), scale
 
+# %% ../nbs/04_quant.ipynb #924243b4
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() / scale
 
+# %% ../nbs/04_quant.ipynb #c7303f2d
 def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                          torch.Tensor]:
     "Asymmetric int8: returns (q int8, scale, zero) with x ≈ (q - zero) / scale."
@@ -121,9 +132,11 @@ def zeropoint_quantize(x: torch.Tensor, dim: int | None = None) -> tuple[torch.T
     zero = torch.round(-128 - scale * lo)
     return torch.clamp(torch.round(scale * xf + zero), -128, 127).to(torch.int8), scale, zero
 
+# %% ../nbs/04_quant.ipynb #3f41a589
 def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q.float() - zero) / scale
 
+# %% ../nbs/04_quant.ipynb #15c903e8
 def blockwise_absmax_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[
         torch.Tensor, torch.Tensor]:
     "Absmax int8 per block of `blocksize` consecutive values (the last block may be shorter)."
@@ -135,6 +148,7 @@ def blockwise_absmax_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[
     q, scale = absmax_quantize(F.pad(flat.float(), (0, pad)).view(-1, blocksize), dim=1)
     return q.reshape(-1)[:flat.numel()].reshape(x.shape), scale
 
+# %% ../nbs/04_quant.ipynb #aee9b943
 def blockwise_absmax_dequantize(q: torch.Tensor, scale: torch.Tensor,
                                 blocksize: int = 64) -> torch.Tensor:
     _check_blocksize(blocksize)
@@ -161,6 +175,7 @@ def _check_int8_operands(x, CW, sW, threshold):
             or not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
 
+# %% ../nbs/04_quant.ipynb #8fedba1f
 def int8_outlier_matmul(x: torch.Tensor, CW: torch.Tensor, sW: torch.Tensor,
                         threshold: float = 6.0) -> torch.Tensor:
     ("LLM.int8() forward: `x` (..., in) times int8 weight `CW` (out, in) with row scales `sW` "
@@ -203,18 +218,20 @@ FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0., -0.0625, -8, -12, -4
 # symmetric 4-bit integers, absmax-scaled
 INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7
 
-# %% ../nbs/04_quant.ipynb #7050c7fd
-_NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-
+# %% ../nbs/04_quant.ipynb #34c67ab9
 def _check_weights(w: torch.Tensor):
     _check_float(w, 'weight')
     if w.numel() == 0: raise ValueError("cannot quantize an empty tensor")
 
+# %% ../nbs/04_quant.ipynb #116fdb86
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = flat.numel(); full = n - n % blocksize
     absmax = flat[:full].view(-1, blocksize).abs().amax(1)
     if full < n: absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])
     return absmax
+
+# %% ../nbs/04_quant.ipynb #7050c7fd
+_NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 
 def _nf4_indices(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     "4-bit indices (int32, padded to even length) of fp32 `flat` given its block absmax."
@@ -228,11 +245,13 @@ def _nf4_indices(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> to
     # values beyond ±1 (rounding of x/absmax) land in the end buckets, so no clamp is needed
     return torch.bucketize(scaled, _NF4_MIDPOINTS, out_int32=True)
 
+# %% ../nbs/04_quant.ipynb #3228eb6a
 def pack_4bit(idx: torch.Tensor) -> torch.Tensor:
     "Pack 4-bit indices (even count) two per byte, first in the high nibble."
     pairs = idx.view(-1, 2).to(torch.uint8)
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
+# %% ../nbs/04_quant.ipynb #e35d2cf6
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     "The first `n` 4-bit indices stored in `packed`."
     return torch.stack([packed >> 4, packed & 0xF], 1).view(-1)[:n]
@@ -260,6 +279,7 @@ def _lut_for(code: torch.Tensor) -> torch.Tensor:
 
 _DYNAMIC_LUT = _lut_for(DYNAMIC_CODE)
 
+# %% ../nbs/04_quant.ipynb #c22a6664
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[
         torch.Tensor, torch.Tensor]:
     ("8-bit dynamic-code blockwise quantization of a flat fp32 tensor: (codes uint8, absmax fp32); "
@@ -281,6 +301,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[
                         codes)
     return codes, absmax
 
+# %% ../nbs/04_quant.ipynb #8209a0dc
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
                               blocksize: int = 256) -> torch.Tensor:
     n = codes.numel(); blocks = absmax.numel()
@@ -348,6 +369,7 @@ class NF4Tensor:
         return {k: getattr(self, k) for k in ('packed', 'absmax', 'absmax2', 'offset')
                 if getattr(self, k) is not None}
 
+# %% ../nbs/04_quant.ipynb #838e5e46
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     ("NF4-quantize `w` (fp32/fp16/bf16, any shape) in blocks of `blocksize`; bit-exact with "
      "bitsandbytes on CPU.")
@@ -372,11 +394,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     codes, absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
     return NF4Tensor(packed, codes, w.shape, w.dtype, blocksize, absmax2, offset, 256)
 
-# %% ../nbs/04_quant.ipynb #904c8722
-# byte -> 2 levels
-_PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], 1)
-# the same 8 bytes per row, as one int64
-_PAIR_TABLE64 = _PAIR_TABLE.contiguous().view(torch.int64).view(-1)
+# %% ../nbs/04_quant.ipynb #3a094f7c
 # NumPy's own huge-page threshold, 4 MB
 _HUGE = 1 << 22
 
@@ -386,6 +404,12 @@ def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
     nbytes = n * dtype.itemsize
     if nbytes < _HUGE: return torch.empty(n, dtype=dtype)
     return torch.from_numpy(np.empty(nbytes, np.uint8)).view(dtype)
+
+# %% ../nbs/04_quant.ipynb #904c8722
+# byte -> 2 levels
+_PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], 1)
+# the same 8 bytes per row, as one int64
+_PAIR_TABLE64 = _PAIR_TABLE.contiguous().view(torch.int64).view(-1)
 
 def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
     "Decode an `NF4Tensor` to its original shape and dtype (computed in fp32, as bitsandbytes)."
@@ -416,6 +440,7 @@ def nf4_to_bnb(t: NF4Tensor):
                                     blocksize=t.dq_blocksize, dtype=torch.float32)
     return t.packed.view(-1, 1), qs
 
+# %% ../nbs/04_quant.ipynb #e2203efd
 def nf4_from_bnb(packed: torch.Tensor, qs) -> NF4Tensor:
     "An `NF4Tensor` from bitsandbytes' packed weight and QuantState."
     if qs.quant_type != 'nf4': raise ValueError(f"only nf4 is supported, got {qs.quant_type!r}")
@@ -447,6 +472,7 @@ def quantize_dequantize_4bit(x: torch.Tensor, code: str | torch.Tensor = 'nf4',
     idx = torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2)
     return (levels[idx] * absmax.view(-1, 1)).view(-1)[:n].view(x.shape)
 
+# %% ../nbs/04_quant.ipynb #b35c8581
 def quant_mse(x: torch.Tensor, blocksize: int = 64) -> dict[str, float]:
     "Mean squared error of NF4, FP4 and Int4 round trips of `x`."
     return {name: (quantize_dequantize_4bit(x, name, blocksize) - x.float()).pow(2).mean().item()
@@ -540,6 +566,7 @@ class QuantConfig(Config):
                                   llm_int8_threshold=self.llm_int8_threshold,
                                   llm_int8_skip_modules=list(self.llm_int8_skip_modules))
 
+# %% ../nbs/04_quant.ipynb #c399b7a5
 def _bnb_layer(lin: nn.Linear, cfg: QuantConfig) -> nn.Module:
     import bitsandbytes as bnb
     has_bias = lin.bias is not None
@@ -561,6 +588,7 @@ def _bnb_layer(lin: nn.Linear, cfg: QuantConfig) -> nn.Module:
     if has_bias: new.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     return new.to(lin.weight.device)                 # bitsandbytes quantizes on .to()
 
+# %% ../nbs/04_quant.ipynb #25c40bd2
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
     "Replace the `nn.Linear` layers of `model` (in place) by quantized ones; returns `model`."
     if config is not None and kwargs:
@@ -638,6 +666,7 @@ def is_quantized_layer(m: nn.Module) -> bool:
     return isinstance(m, NF4Linear) or name in ('Linear4bit', 'Linear8bitLt', 'LinearNF4',
                                                 'LinearFP4')
 
+# %% ../nbs/04_quant.ipynb #40a11e70
 def prepare_qlora_model(model: nn.Module, lora_config=None,
                         quant_config: QuantConfig | None = None) -> nn.Module:
     ("Quantize `model`'s linear layers (if not done), guard bitsandbytes' CPU repack, inject LoRA "
@@ -648,3 +677,34 @@ def prepare_qlora_model(model: nn.Module, lora_config=None,
     disable_avx512bf16_repack(model)
     return inject_lora(
         model, lora_config or LoRAConfig(target_modules='all-linear', r=8, lora_alpha=16))
+
+# %% ../nbs/04_quant.ipynb #70867e89
+def completion_rows(qa_rows: list[dict]) -> list[dict]:
+    "QA rows (`prompt`, `answer`) as two-turn chats for `completion_tokenizer`."
+    return [{'messages': [{'role': 'user', 'content': r['prompt']},
+                          {'role': 'assistant', 'content': r['answer']}]} for r in qa_rows]
+
+# %% ../nbs/04_quant.ipynb #f56dbb47
+# a (user prompt, assistant answer) chat as the plain text 'prompt answer'; {% generation %}
+# marks the answer, so only its tokens carry labels
+COMPLETION_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ ' ' ~ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+
+def completion_tokenizer(tokenizer):
+    ("A copy of `tokenizer` whose chat template is `COMPLETION_TEMPLATE`: `fttk.sft` then trains "
+     "and scores plain completions.")
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = COMPLETION_TEMPLATE
+    return tok
+
+# %% ../nbs/04_quant.ipynb #389dccf2
+def answer_loss(model, tokenizer, qa_rows: list[dict], batch_size: int = 256) -> float:
+    ("Mean cross-entropy per answer token of `qa_rows` given their prompts (teacher-forced): "
+     "`fttk.sft.eval_loss` on the completions.")
+    from fttk.sft import prepare_sft_data, eval_loss
+    examples = prepare_sft_data(completion_rows(qa_rows), completion_tokenizer(tokenizer),
+                                max_length=None)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return eval_loss(model, examples, batch_size, pad)
