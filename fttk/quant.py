@@ -18,14 +18,13 @@ import numpy as np
 from .core import Config, ConfigError, in_test, set_seed
 
 # %% auto #0
-__all__ = ['FLOAT_FORMATS', 'NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'DYNAMIC_CODE', 'BLOCKSIZES', 'CODES_4BIT',
-           'COMPLETION_TEMPLATE', 'float_bits', 'format_table', 'round_to', 'bits_per_param', 'model_gigabytes',
-           'absmax_quantize', 'absmax_dequantize', 'zeropoint_quantize', 'zeropoint_dequantize',
-           'blockwise_absmax_quantize', 'blockwise_absmax_dequantize', 'int8_outlier_matmul', 'nf4_codebook',
-           'pack_4bit', 'unpack_4bit', 'dynamic_map', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit',
-           'NF4Tensor', 'quantize_nf4', 'dequantize_nf4', 'nf4_to_bnb', 'nf4_from_bnb', 'quantize_dequantize_4bit',
-           'quant_mse', 'NF4Linear', 'QuantConfig', 'quantize_model', 'weight_bytes', 'disable_avx512bf16_repack',
-           'is_quantized_layer', 'prepare_qlora_model', 'completion_rows', 'completion_tokenizer', 'answer_loss']
+__all__ = ['FLOAT_FORMATS', 'NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'DYNAMIC_CODE', 'BLOCKSIZES', 'CODES_4BIT', 'float_bits',
+           'format_table', 'round_to', 'bits_per_param', 'model_gigabytes', 'absmax_quantize', 'absmax_dequantize',
+           'zeropoint_quantize', 'zeropoint_dequantize', 'blockwise_absmax_quantize', 'blockwise_absmax_dequantize',
+           'int8_outlier_matmul', 'nf4_codebook', 'pack_4bit', 'unpack_4bit', 'dynamic_map', 'quantize_blockwise_8bit',
+           'dequantize_blockwise_8bit', 'NF4Tensor', 'quantize_nf4', 'dequantize_nf4', 'nf4_to_bnb', 'nf4_from_bnb',
+           'quantize_dequantize_4bit', 'quant_mse', 'NF4Linear', 'QuantConfig', 'quantize_model', 'weight_bytes',
+           'disable_avx512bf16_repack', 'is_quantized_layer', 'prepare_qlora_model']
 
 # %% ../nbs/04_quant.ipynb #60f5d458
 FLOAT_FORMATS = {  # name: (dtype, exponent bits, mantissa bits)
@@ -677,34 +676,3 @@ def prepare_qlora_model(model: nn.Module, lora_config=None,
     disable_avx512bf16_repack(model)
     return inject_lora(
         model, lora_config or LoRAConfig(target_modules='all-linear', r=8, lora_alpha=16))
-
-# %% ../nbs/04_quant.ipynb #70867e89
-def completion_rows(qa_rows: list[dict]) -> list[dict]:
-    "QA rows (`prompt`, `answer`) as two-turn chats for `completion_tokenizer`."
-    return [{'messages': [{'role': 'user', 'content': r['prompt']},
-                          {'role': 'assistant', 'content': r['answer']}]} for r in qa_rows]
-
-# %% ../nbs/04_quant.ipynb #f56dbb47
-# a (user prompt, assistant answer) chat as the plain text 'prompt answer'; {% generation %}
-# marks the answer, so only its tokens carry labels
-COMPLETION_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
-    "{% generation %}{{ ' ' ~ m['content'] }}{% endgeneration %}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-
-def completion_tokenizer(tokenizer):
-    ("A copy of `tokenizer` whose chat template is `COMPLETION_TEMPLATE`: `fttk.sft` then trains "
-     "and scores plain completions.")
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = COMPLETION_TEMPLATE
-    return tok
-
-# %% ../nbs/04_quant.ipynb #389dccf2
-def answer_loss(model, tokenizer, qa_rows: list[dict], batch_size: int = 256) -> float:
-    ("Mean cross-entropy per answer token of `qa_rows` given their prompts (teacher-forced): "
-     "`fttk.sft.eval_loss` on the completions.")
-    from fttk.sft import prepare_sft_data, eval_loss
-    examples = prepare_sft_data(completion_rows(qa_rows), completion_tokenizer(tokenizer),
-                                max_length=None)[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return eval_loss(model, examples, batch_size, pad)

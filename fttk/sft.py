@@ -22,13 +22,13 @@ from .core import (Config, ConfigError, RunFolder, set_seed, save_tensors, load_
 from .world import require_chat_template
 
 # %% auto #0
-__all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'SFTDataError', 'check_row', 'tokenize_chat',
-           'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses', 'padding_stats',
-           'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps', 'trainable_state',
-           'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
-           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
-           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'split_people', 'sft_recipe', 'sft_demo',
-           'sft_model']
+__all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
+           'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
+           'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
+           'trainable_state', 'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train',
+           'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft',
+           'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows',
+           'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
 # %% ../nbs/08_sft.ipynb #197170a2
 ROLES = ('system', 'user', 'assistant')
@@ -679,6 +679,36 @@ def few_shot_curve(model, tokenizer, qa_rows: list[dict], shot_pool: list[dict],
     if fmt == 'text':
         return {k: text_few_shot_accuracy(model, tokenizer, qa_rows, pool[:k], names) for k in ks}
     return {k: qa_accuracy(model, tokenizer, qa_rows, shots=pool[:k], names=names) for k in ks}
+
+# %% ../nbs/08_sft.ipynb #d9ec1523
+def completion_rows(qa_rows: list[dict]) -> list[dict]:
+    "QA rows (`prompt`, `answer`) as two-turn chats for `completion_tokenizer`."
+    return [{'messages': [{'role': 'user', 'content': r['prompt']},
+                          {'role': 'assistant', 'content': r['answer']}]} for r in qa_rows]
+
+# %% ../nbs/08_sft.ipynb #9c07034e
+# a (user prompt, assistant answer) chat as the plain text 'prompt answer'; {% generation %}
+# marks the answer, so only its tokens carry labels
+COMPLETION_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ ' ' ~ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+
+def completion_tokenizer(tokenizer):
+    ("A copy of `tokenizer` whose chat template is `COMPLETION_TEMPLATE`: `fttk.sft` then trains "
+     "and scores plain completions.")
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = COMPLETION_TEMPLATE
+    return tok
+
+# %% ../nbs/08_sft.ipynb #948d10c1
+def answer_loss(model, tokenizer, qa_rows: list[dict], batch_size: int = 256) -> float:
+    ("Mean cross-entropy per answer token of `qa_rows` given their prompts (teacher-forced): "
+     "`fttk.sft.eval_loss` on the completions.")
+    examples = prepare_sft_data(completion_rows(qa_rows), completion_tokenizer(tokenizer),
+                                max_length=None)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return eval_loss(model, examples, batch_size, pad)
 
 # %% ../nbs/08_sft.ipynb #22ffc630
 def split_people(world, train_fraction: float = 0.6) -> tuple[list, list]:
