@@ -35,13 +35,14 @@ def cmd_info(args) -> int:
     print(json.dumps(fingerprint(), indent=2))
     return 0
 
-# %% ../nbs/90_cli.ipynb #e1d24ac3
+# %% ../nbs/90_cli.ipynb #67f8ec60
 def _md_table(rows: dict[str, dict[str, float]]) -> str:
     cols = list(next(iter(rows.values())))
     out = ['| | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
     out += [f"| {k} | " + ' | '.join(f"{v[c]:.3f}" for c in cols) + ' |' for k, v in rows.items()]
     return '\n'.join(out)
 
+# %% ../nbs/90_cli.ipynb #8b3e3584
 def fresh_folder(base: str | Path) -> Path:
     "`base` if it does not exist or is empty, else the first of `base-2`, `base-3`, ... that is."
     base, n = Path(base), 1
@@ -50,6 +51,7 @@ def fresh_folder(base: str | Path) -> Path:
         n += 1; p = base.with_name(f'{base.name}-{n}')
     return p
 
+# %% ../nbs/90_cli.ipynb #f1213942
 def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = True,
              overwrite: bool = False) -> Path:
     """The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`;
@@ -93,6 +95,7 @@ def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = T
     md += [f"Demo wall time: {time.time() - t0:.0f} s (base model from cache: {rep['folder']})."]
     return atomic_write_text(run.path/'report.md', '\n'.join(md) + '\n')
 
+# %% ../nbs/90_cli.ipynb #6c10283e
 def cmd_demo(args) -> int:
     path = run_demo(args.size, args.out, sft=not args.no_sft, overwrite=args.overwrite)
     print(path.read_text()); print(f"report written to {path}")
@@ -119,7 +122,7 @@ def run_command(func, *args) -> int:
               file=sys.stderr)
         return 2 if bad_input else 1
 
-# %% ../nbs/90_cli.ipynb #451904dd
+# %% ../nbs/90_cli.ipynb #4fe7ee37
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fttk', description='fttk, the fine-tuning toolkit')
     sub = p.add_subparsers(dest='command', required=True)
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser('memory', help='training-memory estimate (fttk memory --help)', add_help=False)
     return p
 
+# %% ../nbs/90_cli.ipynb #8d50d15e
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # its own parser, its own --help

@@ -32,11 +32,12 @@ __all__ = ['BF16_SPEEDUP', 'in_test', 'get_device', 'set_seed', 'ConfigError', '
            'progress_bar', 'cpu_features', 'matmul_gflops', 'best_precision', 'read_jsonl', 'hash_data', 'lib_versions',
            'hardware', 'fingerprint', 'RunFolder']
 
-# %% ../nbs/00_core.ipynb #c3c10ab0
+# %% ../nbs/00_core.ipynb #fea07be7
 def in_test() -> bool:
     "True while `nbdev-test` or pytest runs us: notebooks shrink their sizes then."
     return bool(os.environ.get('IN_TEST')) or 'PYTEST_CURRENT_TEST' in os.environ
 
+# %% ../nbs/00_core.ipynb #02804438
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "The device to train on: `device` if given (and present), else cuda -> mps -> cpu."
     if device is not None:
@@ -71,13 +72,15 @@ def set_seed(seed: int, deterministic: bool = True) -> torch.Generator:
         torch.backends.cudnn.deterministic = True
     return torch.Generator().manual_seed(seed)
 
-# %% ../nbs/00_core.ipynb #f719cbdc
+# %% ../nbs/00_core.ipynb #dbcfaaf8
 class ConfigError(ValueError):
     "A config that cannot be used: unknown key, wrong type, or a value out of range."
 
+# %% ../nbs/00_core.ipynb #45e7004c
 def _type_name(tp) -> str:
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
+# %% ../nbs/00_core.ipynb #35da0254
 def _coerce(name: str, value: Any, tp) -> Any:
     ("Check `value` against annotation `tp`, converting only the lossless cases (int -> float, "
      "list -> tuple).")
@@ -183,10 +186,11 @@ class Config:
         return hashlib.sha256(
             json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/00_core.ipynb #92d61753
+# %% ../nbs/00_core.ipynb #3c844db3
 class CorruptFileError(RuntimeError):
     "A file that exists but cannot be read back: truncated, overwritten, or not what its name says."
 
+# %% ../nbs/00_core.ipynb #e042904b
 def _atomic(path: str | Path, write):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -201,14 +205,16 @@ def _atomic(path: str | Path, write):
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #45fb20a3
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` so that readers see the old file or the new one, never half of one."
     return _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
+# %% ../nbs/00_core.ipynb #a093e109
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
-# %% ../nbs/00_core.ipynb #16539fc6
+# %% ../nbs/00_core.ipynb #1e9998f5
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> Path:
     "Save a flat dict of tensors as safetensors, atomically."
@@ -219,6 +225,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
+# %% ../nbs/00_core.ipynb #1f07b1ab
 def load_tensors(path: str | Path, device: str = 'cpu') -> dict[str, torch.Tensor]:
     "Load a safetensors file; a damaged file raises `CorruptFileError` naming it."
     from safetensors.torch import load_file
@@ -227,6 +234,7 @@ def load_tensors(path: str | Path, device: str = 'cpu') -> dict[str, torch.Tenso
     try: return load_file(str(path), device=device)
     except Exception as e: raise CorruptFileError(f"cannot read tensors from {path}: {e}") from e
 
+# %% ../nbs/00_core.ipynb #08ab1596
 def safe_torch_load(path: str | Path, map_location='cpu'):
     ("`torch.load` with `weights_only=True`: tensors and plain containers only, never arbitrary "
      "code.")
@@ -260,9 +268,10 @@ def quiet_progress():
     finally:
         if was_on: hf_logging.enable_progress_bar()
 
-# %% ../nbs/00_core.ipynb #b9d77203
+# %% ../nbs/00_core.ipynb #2ab78ed0
 from tqdm import tqdm as _tqdm
 
+# %% ../nbs/00_core.ipynb #d90da154
 class _OneLineBar(_tqdm):
     "A tqdm that draws into a buffer and prints its final state once, on stdout, when closed."
     def __init__(self, *args, **kwargs):
@@ -274,6 +283,7 @@ class _OneLineBar(_tqdm):
             print(str(self))
         super().close()
 
+# %% ../nbs/00_core.ipynb #a77ea5f6
 def progress_bar(iterable=None, **kwargs):
     ("tqdm in a terminal; in a notebook (a Jupyter kernel) one final line instead of a redraw per "
      "update.")
@@ -353,10 +363,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not rows: raise CorruptFileError(f"{path} holds no rows")
     return rows
 
-# %% ../nbs/00_core.ipynb #61f211d6
-_LIBS = ('fttk', 'torch', 'transformers', 'peft', 'trl', 'datasets', 'tokenizers', 'accelerate',
-         'bitsandbytes', 'numpy')
-
+# %% ../nbs/00_core.ipynb #fe501b12
 def hash_data(data) -> str | None:
     "A sha256 of `data`'s content (first 16 hex digits); `None` for no data."
     if data is None: return None
@@ -369,6 +376,10 @@ def hash_data(data) -> str | None:
             h.update(json.dumps(row, sort_keys=True, default=str).encode()); h.update(b'\n')
     return h.hexdigest()[:16]
 
+# %% ../nbs/00_core.ipynb #34a33d4e
+_LIBS = ('fttk', 'torch', 'transformers', 'peft', 'trl', 'datasets', 'tokenizers', 'accelerate',
+         'bitsandbytes', 'numpy')
+
 def lib_versions() -> dict[str, str | None]:
     from importlib.metadata import version, PackageNotFoundError
     out = {'python': platform.python_version()}
@@ -377,6 +388,7 @@ def lib_versions() -> dict[str, str | None]:
         except PackageNotFoundError: out[lib] = None
     return out
 
+# %% ../nbs/00_core.ipynb #24942c28
 def hardware() -> dict:
     hw = {'platform': platform.platform(), 'machine': platform.machine(),
           'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
@@ -387,6 +399,7 @@ def hardware() -> dict:
         hw['gpu_capability'] = '.'.join(map(str, torch.cuda.get_device_capability(0)))
     return hw
 
+# %% ../nbs/00_core.ipynb #78d78c2a
 def fingerprint(seed: int | None = None, config: Config | dict | None = None, data=None) -> dict:
     "Everything needed to say whether two runs should give the same numbers."
     if isinstance(config, Config): chash = config.config_hash()

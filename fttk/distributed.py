@@ -49,11 +49,12 @@ class ShardedRunConfig(Config):
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.seed < 0: raise ConfigError(f"seed must be non-negative, got {self.seed}")
 
-# %% ../nbs/06_distributed.ipynb #8b9d326c
+# %% ../nbs/06_distributed.ipynb #b7abfc91
 def _local(t):
     from torch.distributed.tensor import DTensor
     return t.to_local() if isinstance(t, DTensor) else t
 
+# %% ../nbs/06_distributed.ipynb #02bab2f8
 def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
     "Bytes of distinct storages this process holds for parameters, gradients and optimizer state."
     seen, out = set(), {'params': 0, 'grads': 0, 'optim': 0}
@@ -73,18 +74,20 @@ def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
             if torch.is_tensor(v) and v.dim() > 0: add('optim', v)
     return out
 
-# %% ../nbs/06_distributed.ipynb #7f83e1bf
+# %% ../nbs/06_distributed.ipynb #fdff9667
 def _model(cfg: ShardedRunConfig):
     from transformers import LlamaForCausalLM
     set_seed(cfg.seed)
     return LlamaForCausalLM(lab_config(cfg.size))
 
+# %% ../nbs/06_distributed.ipynb #236b7e11
 def _global_batches(cfg: ShardedRunConfig, vocab: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     return [torch.randint(0, vocab, (cfg.world_size*cfg.per_device_train_batch_size, cfg.seq),
                           generator=g)
             for _ in range(cfg.steps)]
 
+# %% ../nbs/06_distributed.ipynb #dd759909
 def _wrap(model, engine: str, lr: float):
     from torch.nn.parallel import DistributedDataParallel as DDP
     if engine in ('ddp', 'zero1'):
@@ -100,9 +103,11 @@ def _wrap(model, engine: str, lr: float):
     fully_shard(model, reshard_after_forward=not keep)
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
+# %% ../nbs/06_distributed.ipynb #adbfb49f
 def _rss() -> int:
     with open('/proc/self/statm') as f: return int(f.read().split()[1])*os.sysconf('SC_PAGE_SIZE')
 
+# %% ../nbs/06_distributed.ipynb #cf58aaa9
 def _worker(rank: int, cfg_dict: dict, port: int, out_dir: str):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
@@ -138,11 +143,12 @@ def _worker(rank: int, cfg_dict: dict, port: int, out_dir: str):
     finally:
         dist.destroy_process_group()
 
+# %% ../nbs/06_distributed.ipynb #b2aa3760
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-# %% ../nbs/06_distributed.ipynb #370bf339
+# %% ../nbs/06_distributed.ipynb #cb48bc59
 @dataclass
 class EngineResult:
     engine: str
@@ -160,6 +166,7 @@ class EngineResult:
         params = s['fwd']['params'] if self.engine == 'fsdp2-keep' else s['step']['params']
         return {'params': params, 'grads': s['step']['grads'], 'optim': s['step']['optim']}
 
+# %% ../nbs/06_distributed.ipynb #af3261ff
 def run_sharded(cfg: ShardedRunConfig | None = None, **kwargs) -> dict[str, EngineResult]:
     "Spawn `world_size` gloo processes, train each engine in turn, return what every rank measured."
     cfg = cfg or ShardedRunConfig(**kwargs)
@@ -176,6 +183,7 @@ def run_sharded(cfg: ShardedRunConfig | None = None, **kwargs) -> dict[str, Engi
             out[e] = EngineResult(e, ENGINES[e], ranks, load_tensors(Path(d)/f'{e}.safetensors'))
     return out
 
+# %% ../nbs/06_distributed.ipynb #9c32c4c0
 def train_single(cfg: ShardedRunConfig) -> tuple[dict[str, torch.Tensor], list[float]]:
     "The reference: one process, the whole global batch each step, same seed, same optimizer."
     model = _model(cfg)
@@ -187,12 +195,13 @@ def train_single(cfg: ShardedRunConfig) -> tuple[dict[str, torch.Tensor], list[f
         loss.backward(); opt.step(); losses.append(loss.item())
     return {n: p.detach().clone() for n, p in model.named_parameters()}, losses
 
-# %% ../nbs/06_distributed.ipynb #ab496c1f
+# %% ../nbs/06_distributed.ipynb #e6761a8d
 def predict(engine: str, psi: float, ranks: int) -> dict[str, float]:
     "The accountant's per-rank model-state bytes for one of the engines, fp32 AdamW."
     return zero_model_states(psi, ENGINES[engine], ranks, 'fp32', 'adamw',
                              'fsdp2' if engine.startswith('fsdp2') else 'zero')
 
+# %% ../nbs/06_distributed.ipynb #7148a85b
 def compare(results: dict[str, EngineResult], psi: float, ranks: int) -> list[dict]:
     "One row per engine and rank: predicted and measured model-state bytes and their ratio."
     rows = []

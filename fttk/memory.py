@@ -22,7 +22,7 @@ __all__ = ['DTYPES', 'OPTIMIZERS', 'GB', 'NF4_DQ_BITS', 'StateBytes', 'state_byt
            'deepspeed_zero3_mem', 'deepspeed_zero2_estimate', 'deepspeed_zero3_estimate',
            'accelerate_training_estimate', 'memory_parser', 'memory_main']
 
-# %% ../nbs/05_memory.ipynb #5249016a
+# %% ../nbs/05_memory.ipynb #365db160
 # mixed = bf16/fp16 weights and grads, fp32 master + optimizer state
 DTYPES = ('mixed', 'fp32', 'bf16')
 # optimizer states per parameter (Adam: m and v; SGD: momentum)
@@ -39,10 +39,12 @@ class StateBytes:
     @property
     def total(self): return self.param + self.grad + self.optim
 
+# %% ../nbs/05_memory.ipynb #9fa73883
 def _check_choice(what, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
+# %% ../nbs/05_memory.ipynb #b621171d
 def state_bytes(dtype: str = 'mixed', optim: str = 'adamw') -> StateBytes:
     "Bytes per trainable parameter for weights, gradients and optimizer state (K)."
     _check_choice('dtype', dtype, DTYPES); _check_choice('optimizer', optim, tuple(OPTIMIZERS))
@@ -51,7 +53,7 @@ def state_bytes(dtype: str = 'mixed', optim: str = 'adamw') -> StateBytes:
     if dtype == 'fp32':  return StateBytes(4, 4, 4*n_states)
     return StateBytes(2, 2, 2*n_states)
 
-# %% ../nbs/05_memory.ipynb #ed85a0b9
+# %% ../nbs/05_memory.ipynb #449ff77f
 def _check_ranks(stage, ranks):
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -59,6 +61,7 @@ def _check_ranks(stage, ranks):
         raise ValueError(
             f"ranks (data-parallel processes) must be a positive integer, got {ranks!r}")
 
+# %% ../nbs/05_memory.ipynb #4569d572
 def _check_count(what, v):
     "A parameter count: a real, finite, positive whole number (7.5e9 is fine, 1.5 and nan are not)."
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
@@ -66,6 +69,7 @@ def _check_count(what, v):
     if not math.isfinite(v) or v <= 0 or v != int(v):
         raise ValueError(f"{what} must be a finite positive whole number, got {v!r}")
 
+# %% ../nbs/05_memory.ipynb #dbb58376
 def zero_model_states(psi: float, stage: int = 0, ranks: int = 1, dtype: str = 'mixed',
                       optim: str = 'adamw',
                       engine: Literal['zero', 'fsdp2'] = 'zero') -> dict[str, float]:
@@ -88,9 +92,7 @@ def zero_model_states(psi: float, stage: int = 0, ranks: int = 1, dtype: str = '
     unsharded = p if stage == 2 else 0
     return {'params': unsharded + shard, 'grads': master_b*psi/N, 'optim': K/N}
 
-# %% ../nbs/05_memory.ipynb #915424d3
-_HIDDEN_KEYS = ('hidden_size', 'n_embd', 'd_model', 'dim')
-
+# %% ../nbs/05_memory.ipynb #3af7ac8c
 # Stand-in for fttk.world.model_config, used only when fttk.world cannot be imported.
 _LAB_SIZES = {
     'test': dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
@@ -103,14 +105,17 @@ _LAB_SIZES = {
 
 def lab_config(size: str = 'default'):
     "The `LlamaConfig` of a lab model size."
-    try:
-        from fttk.world import model_config
-        return model_config(size)
+    try: from fttk.world import SIZES, model_config
     except ImportError:
         from transformers import LlamaConfig
-        if size not in _LAB_SIZES:
-            raise ValueError(f"unknown lab size {size!r}; choose one of: {', '.join(_LAB_SIZES)}")
-        return LlamaConfig(**_LAB_SIZES[size])
+        SIZES, model_config = _LAB_SIZES, lambda s: LlamaConfig(**_LAB_SIZES[s])
+    # a misspelled size is a usage error with the choices named, not a KeyError from a dict
+    if isinstance(size, str) and size not in SIZES:
+        raise ValueError(f"unknown lab size {size!r}; choose one of: {', '.join(SIZES)}")
+    return model_config(size)
+
+# %% ../nbs/05_memory.ipynb #561f7214
+_HIDDEN_KEYS = ('hidden_size', 'n_embd', 'd_model', 'dim')
 
 def load_config(config):
     "A transformers config from an object, dict, JSON file or folder, `lab:<size>`, or a hub name."
@@ -145,7 +150,7 @@ def load_config(config):
     return AutoConfig.for_model(
         model_type, **{k: v for k, v in config.items() if k != 'model_type'})
 
-# %% ../nbs/05_memory.ipynb #6e617a68
+# %% ../nbs/05_memory.ipynb #3a53e8a8
 @dataclass
 class ModelSpec:
     "What the accountant needs to know about a model: counts and shapes, no weights."
@@ -165,6 +170,7 @@ class ModelSpec:
     @property
     def linear_params(self) -> int: return sum(i*o for _, i, o in self.linears)
 
+# %% ../nbs/05_memory.ipynb #8c8220a2
 def model_spec(config, name: str = '') -> ModelSpec:
     "Build the model on the meta device and read off its parameter count and layer shapes."
     from transformers import AutoModelForCausalLM
@@ -183,9 +189,7 @@ def model_spec(config, name: str = '') -> ModelSpec:
                      getattr(cfg, 'head_dim', None) or h//a, inter, cfg.vocab_size, largest,
                      name or getattr(cfg, 'name_or_path', '') or cfg.model_type)
 
-# %% ../nbs/05_memory.ipynb #27d078fd
-NF4_DQ_BITS = 4 + 8/64 + 32/(64*256)
-
+# %% ../nbs/05_memory.ipynb #bd83ca3d
 def lora_params(spec: ModelSpec, r: int, target_modules: list[str] | None = None) -> int:
     ("Trainable LoRA parameters: r*(d_in+d_out) per adapted linear (default: every linear in the "
      "blocks).")
@@ -195,6 +199,9 @@ def lora_params(spec: ModelSpec, r: int, target_modules: list[str] | None = None
            or n.split('.')[-1] in target_modules]
     if not hit: raise ValueError(f"no linear layer matches target_modules={target_modules}")
     return sum(r*(i + o) for _, i, o in hit)
+
+# %% ../nbs/05_memory.ipynb #5077157a
+NF4_DQ_BITS = 4 + 8/64 + 32/(64*256)
 
 # %% ../nbs/05_memory.ipynb #9b22b51c
 def activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str = 'mixed',
@@ -324,9 +331,10 @@ class MemoryEstimate:
                   f"{'sent per step':<{w}}{self.comm_bytes/GB:>12.3f}"]
         return head + '\n'.join(lines)
 
-# %% ../nbs/05_memory.ipynb #65d69739
+# %% ../nbs/05_memory.ipynb #dc0bb42a
 def _frozen_shard(nbytes, stage, ranks): return nbytes/ranks if stage == 3 else nbytes
 
+# %% ../nbs/05_memory.ipynb #3532c75f
 def estimate_memory(cfg: MemoryConfig | None = None, spec: ModelSpec | None = None,
                     **kwargs) -> MemoryEstimate:
     "Per-rank training memory for the question in `cfg` (or keyword fields of `MemoryConfig`)."
@@ -377,7 +385,7 @@ def plot_estimates(estimates: dict[str, MemoryEstimate], title: str = '', ax=Non
     ax.set_ylabel('GB per rank'); ax.set_title(title); ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/05_memory.ipynb #5fa6b28a
+# %% ../nbs/05_memory.ipynb #bb5d928e
 def deepspeed_zero2_mem(psi, gpus_per_node=1, nodes=1, cpu_offload=True, buffer_factor=1.5):
     ("(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero2_model_states_mem_needs`, same "
      "arguments.")
@@ -389,6 +397,7 @@ def deepspeed_zero2_mem(psi, gpus_per_node=1, nodes=1, cpu_offload=True, buffer_
     # v)
     return int(psi*4*gpus_per_node*buffer_factor), int(2*psi + int(18*psi/n))
 
+# %% ../nbs/05_memory.ipynb #27e8bbef
 def deepspeed_zero3_mem(psi, largest_layer, gpus_per_node=1, nodes=1, cpu_offload=True,
                         cpu_offload_params=True, zero_init=True, buffer_factor=1.5):
     ("(CPU, GPU) bytes of DeepSpeed 0.19.8's `estimate_zero3_model_states_mem_needs`, same "
@@ -407,21 +416,24 @@ def deepspeed_zero3_mem(psi, largest_layer, gpus_per_node=1, nodes=1, cpu_offloa
     cpu = largest_layer*4*gpus_per_node*b if zero_init else psi*4*gpus_per_node*b
     return int(cpu), int(big + int(18*psi/n))
 
+# %% ../nbs/05_memory.ipynb #fb08cdc5
 def deepspeed_zero2_estimate(psi: float, ranks: int) -> float:
     "DeepSpeed's ZeRO-2 GPU bytes without offload, on one node: $2\\Psi + 18\\Psi/N_d$."
     return deepspeed_zero2_mem(psi, ranks, cpu_offload=False)[1]
 
+# %% ../nbs/05_memory.ipynb #bf6fc2d9
 def deepspeed_zero3_estimate(psi: float, largest_layer: float, ranks: int) -> float:
     ("DeepSpeed's ZeRO-3 GPU bytes without offload, on one node: $4\\Psi_\\text{largest} + "
      "18\\Psi/N_d$.")
     return deepspeed_zero3_mem(psi, largest_layer, ranks, cpu_offload=False)[1]
 
+# %% ../nbs/05_memory.ipynb #7a6af907
 def accelerate_training_estimate(psi: float, dtype: str = 'float32') -> float:
     "What `accelerate estimate-memory` prints under 'Training using Adam' (the largest component)."
     from accelerate.commands.estimate import estimate_training_usage
     return max(estimate_training_usage(int(4*psi), dtype).values())
 
-# %% ../nbs/05_memory.ipynb #260300cc
+# %% ../nbs/05_memory.ipynb #f0b188ef
 def _positive_int(s):
     try: v = int(s)
     except ValueError:
@@ -429,6 +441,7 @@ def _positive_int(s):
     if v < 1: raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return v
 
+# %% ../nbs/05_memory.ipynb #6f7f056f
 def _positive_float(s):
     ("A parameter count from the command line: 7.5e9 and 7500000000 are fine, nan, inf and 1.5 are "
      "not.")
@@ -441,6 +454,7 @@ def _positive_float(s):
         raise argparse.ArgumentTypeError(f"must be a whole number of parameters, got {s}")
     return v
 
+# %% ../nbs/05_memory.ipynb #e8368ae9
 def memory_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fttk memory', description='Per-rank training memory: model '
                                                                 'states, ZeRO, LoRA/QLoRA, '
@@ -468,6 +482,7 @@ def memory_parser() -> argparse.ArgumentParser:
                    help="zero: the paper's formula; fsdp2: PyTorch FSDP2")
     return p
 
+# %% ../nbs/05_memory.ipynb #915144fe
 def memory_main(argv: list[str] | None = None) -> int:
     "The `fttk memory` command: print the per-rank memory table; exit code 2 on bad input."
     parser = memory_parser()

@@ -21,11 +21,12 @@ __all__ = ['EM_MODES', 'RougeScore', 'ROUGE_TYPES', 'BLEU_SMOOTH_DEFAULTS', 'MET
            'rouge_n', 'lcs_table', 'rouge_l', 'lcs_positions', 'rouge_lsum', 'rouge_scores', 'rouge', 'tokenize_13a',
            'bleu_stats', 'bleu_from_stats', 'bleu', 'metric_script', 'metric_path', 'load_metric']
 
-# %% ../nbs/07_metrics.ipynb #fd99f4ef
+# %% ../nbs/07_metrics.ipynb #f63ccc36
 def _short(v, n: int = 60) -> str:
     r = repr(v)
     return r if len(r) <= n else r[:n - 3] + '...'
 
+# %% ../nbs/07_metrics.ipynb #78f3f505
 def check_text_pairs(predictions, references, fn: str) -> tuple[list[str], list[list[str]]]:
     "Check text-metric inputs; return the predictions and, per prediction, a list of references."
     for arg, val in (('predictions', predictions), ('references', references)):
@@ -57,11 +58,13 @@ def check_text_pairs(predictions, references, fn: str) -> tuple[list[str], list[
                         "string or a list of strings")
     return list(predictions), refs
 
-# %% ../nbs/07_metrics.ipynb #88ac16fa
+# %% ../nbs/07_metrics.ipynb #64f1baa4
 _PUNCT = frozenset(string.punctuation)
-_ARTICLES = re.compile(r'\b(a|an|the)\b')
 
 def _is_punct(ch: str) -> bool: return ch in _PUNCT or unicodedata.category(ch).startswith('P')
+
+# %% ../nbs/07_metrics.ipynb #40f7604e
+_ARTICLES = re.compile(r'\b(a|an|the)\b')
 
 def normalize_answer(text: str) -> str:
     ("SQuAD normalisation: lowercase, drop punctuation (ASCII and Unicode), drop articles, squeeze "
@@ -73,7 +76,7 @@ def normalize_answer(text: str) -> str:
     text = _ARTICLES.sub(' ', text)
     return ' '.join(text.split())
 
-# %% ../nbs/07_metrics.ipynb #4ff7869d
+# %% ../nbs/07_metrics.ipynb #378429d7
 EM_MODES = ('exact', 'prefix', 'contains')
 
 def _em_one(pred: list[str], gold: list[str], mode: str) -> bool:
@@ -83,6 +86,7 @@ def _em_one(pred: list[str], gold: list[str], mode: str) -> bool:
     k = len(gold)
     return any(pred[i:i + k] == gold for i in range(len(pred) - k + 1))
 
+# %% ../nbs/07_metrics.ipynb #5c972902
 def exact_match_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
                        mode: str = 'exact') -> list[bool]:
     ("Per example: does the normalised prediction match any normalised reference (`mode`: exact, "
@@ -93,6 +97,7 @@ def exact_match_scores(predictions: Sequence[str], references: Sequence[str | Se
     return [any(_em_one(normalize_answer(p).split(), normalize_answer(g).split(), mode) for g in gs)
             for p, gs in zip(preds, refs)]
 
+# %% ../nbs/07_metrics.ipynb #91ae1515
 def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
                 mode: str = 'exact') -> float:
     ("Fraction of predictions that match a reference after SQuAD normalisation (see "
@@ -100,7 +105,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
     s = exact_match_scores(predictions, references, mode)
     return sum(s) / len(s)
 
-# %% ../nbs/07_metrics.ipynb #2e12dee1
+# %% ../nbs/07_metrics.ipynb #f5a421a2
 def _f1_one(pred: list[str], gold: list[str]) -> float:
     if not pred or not gold: return float(pred == gold)
     c = sum((Counter(pred) & Counter(gold)).values())
@@ -108,6 +113,7 @@ def _f1_one(pred: list[str], gold: list[str]) -> float:
     P, R = c / len(pred), c / len(gold)
     return 2 * P * R / (P + R)
 
+# %% ../nbs/07_metrics.ipynb #3748b942
 def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
              average: bool = True):
     ("SQuAD token F1 after `normalize_answer`, best over references; mean over examples (or the "
@@ -117,7 +123,7 @@ def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str
          for p, gs in zip(preds, refs)]
     return sum(s) / len(s) if average else s
 
-# %% ../nbs/07_metrics.ipynb #0869c759
+# %% ../nbs/07_metrics.ipynb #1a37f85d
 def _as_1d(x, fn: str, arg: str) -> list:
     if isinstance(x, (str, bytes)) or not (isinstance(x, (list, tuple)) or hasattr(x, 'tolist')):
         raise TypeError(
@@ -127,11 +133,13 @@ def _as_1d(x, fn: str, arg: str) -> list:
         raise ValueError(f"{fn}: {arg} must be 1-d (one value per example)")
     return out
 
+# %% ../nbs/07_metrics.ipynb #38a10378
 def _check_lengths(fn: str, a: list, b: list, an: str, bn: str):
     if len(a) != len(b):
         raise ValueError(f"{fn}: {len(a)} {an} but {len(b)} {bn}; they must pair up one to one")
     if not a: raise ValueError(f"{fn}: no {an} given")
 
+# %% ../nbs/07_metrics.ipynb #6b241a1f
 def accuracy(predictions, references) -> float:
     ("Fraction of predicted labels equal to the reference labels (any comparable labels: ints, "
      "strings, bools).")
@@ -140,6 +148,7 @@ def accuracy(predictions, references) -> float:
     _check_lengths('accuracy', p, r, 'predictions', 'references')
     return sum(a == b for a, b in zip(p, r)) / len(p)
 
+# %% ../nbs/07_metrics.ipynb #4b299036
 def roc_auc(prediction_scores, references) -> float:
     ("Area under the ROC curve of scores against 0/1 labels, by average ranks (equals sklearn's "
      "`roc_auc_score`).")
@@ -165,22 +174,24 @@ def roc_auc(prediction_scores, references) -> float:
     R_pos = avg_rank[inverse][y].sum()
     return float((R_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
-# %% ../nbs/07_metrics.ipynb #3c5633ea
+# %% ../nbs/07_metrics.ipynb #1dc1aa16
 _NON_ALNUM = re.compile(r'[^a-z0-9]+')
 
 def rouge_tokenize(text: str) -> list[str]:
     "rouge-score's default tokenizer without stemming: lowercase, keep runs of [a-z0-9]."
     return _NON_ALNUM.sub(' ', text.lower()).split()
 
+# %% ../nbs/07_metrics.ipynb #2a494afd
 def ngrams(tokens: Sequence[str], n: int) -> Counter:
     "Counts of the contiguous n-grams of `tokens` (as tuples)."
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
-# %% ../nbs/07_metrics.ipynb #563ecfc3
+# %% ../nbs/07_metrics.ipynb #ce225944
 RougeScore = namedtuple('RougeScore', 'precision recall fmeasure')
 
 def _fmeasure(P: float, R: float) -> float: return 2 * P * R / (P + R) if P + R > 0 else 0.0
 
+# %% ../nbs/07_metrics.ipynb #dc51271a
 def rouge_n(pred_tokens: Sequence[str], ref_tokens: Sequence[str], n: int) -> RougeScore:
     "ROUGE-N precision, recall and F1 from clipped n-gram counts."
     c_pred, c_ref = ngrams(pred_tokens, n), ngrams(ref_tokens, n)
@@ -189,7 +200,7 @@ def rouge_n(pred_tokens: Sequence[str], ref_tokens: Sequence[str], n: int) -> Ro
     R = overlap / max(sum(c_ref.values()), 1)
     return RougeScore(P, R, _fmeasure(P, R))
 
-# %% ../nbs/07_metrics.ipynb #db3494c6
+# %% ../nbs/07_metrics.ipynb #9305e317
 def lcs_table(ref: Sequence[str], pred: Sequence[str]) -> list[list[int]]:
     "The LCS dynamic-programming table: `L[i][j]` is the LCS length of `ref[:i]` and `pred[:j]`."
     m, n = len(ref), len(pred)
@@ -199,6 +210,7 @@ def lcs_table(ref: Sequence[str], pred: Sequence[str]) -> list[list[int]]:
             L[i][j] = L[i-1][j-1] + 1 if ref[i-1] == pred[j-1] else max(L[i-1][j], L[i][j-1])
     return L
 
+# %% ../nbs/07_metrics.ipynb #89bfa449
 def rouge_l(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> RougeScore:
     "ROUGE-L from the longest common subsequence (0 when either side is empty)."
     if not pred_tokens or not ref_tokens: return RougeScore(0.0, 0.0, 0.0)
@@ -206,7 +218,7 @@ def rouge_l(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> RougeScore
     P, R = lcs / len(pred_tokens), lcs / len(ref_tokens)
     return RougeScore(P, R, _fmeasure(P, R))
 
-# %% ../nbs/07_metrics.ipynb #bca1998b
+# %% ../nbs/07_metrics.ipynb #f8e34424
 def lcs_positions(ref: Sequence[str], pred: Sequence[str]) -> list[int]:
     "Positions in `ref` of one longest common subsequence with `pred` (rouge-score's tie-breaking)."
     L, i, j, out = lcs_table(ref, pred), len(ref), len(pred), []
@@ -216,6 +228,11 @@ def lcs_positions(ref: Sequence[str], pred: Sequence[str]) -> list[int]:
         else: i -= 1
     return out[::-1]
 
+# %% ../nbs/07_metrics.ipynb #2572e035
+def _sentences(text: str) -> list[list[str]]:
+    return [rouge_tokenize(s) for s in text.split('\n') if s]
+
+# %% ../nbs/07_metrics.ipynb #7868217f
 def rouge_lsum(pred_sents: Sequence[Sequence[str]],
                ref_sents: Sequence[Sequence[str]]) -> RougeScore:
     ("Summary-level ROUGE-L over tokenised sentences: union LCS per reference sentence, hits "
@@ -233,10 +250,7 @@ def rouge_lsum(pred_sents: Sequence[Sequence[str]],
     P, R = hits / n, hits / m
     return RougeScore(P, R, _fmeasure(P, R))
 
-def _sentences(text: str) -> list[list[str]]:
-    return [rouge_tokenize(s) for s in text.split('\n') if s]
-
-# %% ../nbs/07_metrics.ipynb #35ffa192
+# %% ../nbs/07_metrics.ipynb #7de744a4
 _ROUGE_TYPE = re.compile(r'rouge([1-9])$')
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')
 
@@ -249,18 +263,7 @@ def _check_rouge_types(rouge_types) -> list[str]:
             f"rouge: unknown rouge type(s) {bad}; use 'rouge1'..'rouge9', 'rougeL' or 'rougeLsum'")
     return list(rouge_types)
 
-def _pick_backend(backend: str, lib: str, fn: str) -> str:
-    if backend not in ('auto', 'fttk', lib):
-        raise ValueError(f"{fn}: backend must be 'auto', 'fttk' or {lib!r}, got {backend!r}")
-    if backend == 'fttk': return backend
-    try: __import__(lib)
-    except ImportError:
-        if backend == lib:
-            raise ImportError(f"{fn}: backend={lib!r} needs the {lib} package (pip install "
-                              f"{lib.replace('_', '-')})")
-        return 'fttk'
-    return lib
-
+# %% ../nbs/07_metrics.ipynb #754d82f3
 def rouge_scores(prediction: str, references: Sequence[str],
                  rouge_types=ROUGE_TYPES) -> dict[str, RougeScore]:
     "From-scratch ROUGE of one prediction against one or more references (best F1 per type)."
@@ -277,6 +280,20 @@ def rouge_scores(prediction: str, references: Sequence[str],
     # the first reference with the best F1, type by type (rouge-score's score_multi)
     return {t: max(per_ref, key=lambda d: d[t].fmeasure)[t] for t in types}
 
+# %% ../nbs/07_metrics.ipynb #d76fc507
+def _pick_backend(backend: str, lib: str, fn: str) -> str:
+    if backend not in ('auto', 'fttk', lib):
+        raise ValueError(f"{fn}: backend must be 'auto', 'fttk' or {lib!r}, got {backend!r}")
+    if backend == 'fttk': return backend
+    try: __import__(lib)
+    except ImportError:
+        if backend == lib:
+            raise ImportError(f"{fn}: backend={lib!r} needs the {lib} package (pip install "
+                              f"{lib.replace('_', '-')})")
+        return 'fttk'
+    return lib
+
+# %% ../nbs/07_metrics.ipynb #55f69c34
 def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
           rouge_types=ROUGE_TYPES, use_aggregator: bool = True, use_stemmer: bool = False,
           backend: str = 'auto') -> dict:
@@ -315,16 +332,16 @@ def tokenize_13a(line: str) -> str:
     for rx, repl in _13A_RULES: line = rx.sub(repl, line)
     return ' '.join(line.split())
 
-# %% ../nbs/07_metrics.ipynb #3af6047d
-BLEU_SMOOTH_DEFAULTS = {'none': None, 'floor': 0.1, 'add-k': 1, 'exp': None}
-
+# %% ../nbs/07_metrics.ipynb #0bad1c9a
 def _bleu_ngrams(tokens: list[str], N: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for n in range(1, N + 1)
                    for i in range(len(tokens) - n + 1))
 
+# %% ../nbs/07_metrics.ipynb #ae202def
 def _closest_ref_len(c: int, ref_lens: list[int]) -> int:
     return min(ref_lens, key=lambda r: (abs(c - r), r))
 
+# %% ../nbs/07_metrics.ipynb #074efe99
 def bleu_stats(prediction: str, references: Sequence[str], N: int = 4) -> list[int]:
     "Sufficient statistics of one tokenised sentence: [c, r, matches_1..N, totals_1..N]."
     hyp = prediction.split()
@@ -337,6 +354,9 @@ def bleu_stats(prediction: str, references: Sequence[str], N: int = 4) -> list[i
         matches[len(g) - 1] += min(k, ref_max[g])
     return [len(hyp), _closest_ref_len(
         len(hyp), [len(r.split()) for r in references])] + matches + totals
+
+# %% ../nbs/07_metrics.ipynb #3c61f60c
+BLEU_SMOOTH_DEFAULTS = {'none': None, 'floor': 0.1, 'add-k': 1, 'exp': None}
 
 def _log(x: float) -> float: return math.log(x) if x > 0 else -9999999999   # sacrebleu's log(0)
 
@@ -403,7 +423,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
     return bleu_from_stats(total.tolist(), max_ngram_order, smooth_method, smooth_value,
                            effective_order)
 
-# %% ../nbs/07_metrics.ipynb #6763a7f3
+# %% ../nbs/07_metrics.ipynb #9226d474
 _SCRIPT_HEAD = '''# fttk's offline {name} metric for Hugging Face `evaluate`.
 # Written by fttk.metrics.metric_path; edits are overwritten.
 # Load with fttk.metrics.load_metric({name!r}).
@@ -449,6 +469,7 @@ _TEXT_METHODS = '''    # evaluate fixes the input format from the first example 
 
 '''
 
+# %% ../nbs/07_metrics.ipynb #8aa1d627
 _SCRIPTS = {
     'rouge': dict(fn='rouge', cls='FttkRouge', features='_TEXT',
                   desc='ROUGE-N / ROUGE-L / ROUGE-Lsum F1 (mean over examples), equal to '
@@ -505,6 +526,7 @@ _SCRIPTS = {
 }
 METRICS = tuple(_SCRIPTS)
 
+# %% ../nbs/07_metrics.ipynb #cba8c250
 def metric_script(name: str) -> str:
     "The source text of fttk's local `evaluate` module for metric `name`."
     if name not in _SCRIPTS:
@@ -514,6 +536,7 @@ def metric_script(name: str) -> str:
     return _SCRIPT_HEAD.format(name=name, extra=extra, **{
         k: s[k] for k in ('fn', 'cls', 'desc', 'inputs', 'features')}) + s['body']
 
+# %% ../nbs/07_metrics.ipynb #ce270bf9
 def metric_path(name: str) -> Path:
     ("Folder of the local `evaluate` module for `name` (written into the fttk cache on first use); "
      "pass it to `evaluate.load`.")
@@ -524,6 +547,7 @@ def metric_path(name: str) -> Path:
     if not script.exists() or script.read_text() != text: atomic_write_text(script, text)
     return folder
 
+# %% ../nbs/07_metrics.ipynb #7c2a36a4
 def load_metric(name: str, **kwargs):
     ("`evaluate.load` of fttk's local module for `name` ('rouge', 'bleu', 'exact_match', "
      "'accuracy', 'roc_auc'): no network.")

@@ -23,7 +23,24 @@ __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'SPLIT_PATTERNS', 'BYTE_T
            'BPETokenizer', 'docs_corpus', 'to_hf', 'train_hf', 'hf_merges', 'byte_merges', 'fertility',
            'render_with_spans', 'token_char_offsets', 'assistant_mask', 'to_transformers', 'add_special_tokens']
 
-# %% ../nbs/02_tokenization.ipynb #0b6ec04f
+# %% ../nbs/02_tokenization.ipynb #4448dd7b
+def _get_stats(words: Iterable[tuple[list, int]]) -> dict[tuple, int]:
+    "count(a, b) over `(symbols, frequency)` pairs: every adjacent pair, overlaps included."
+    stats: dict[tuple, int] = {}
+    for w, f in words:
+        for pair in zip(w, w[1:]): stats[pair] = stats.get(pair, 0) + f
+    return stats
+
+# %% ../nbs/02_tokenization.ipynb #2ae40b1f
+def _merge_word(word: list, a, b, new_id) -> list:
+    "Replace every non-overlapping `a b` in `word`, left to right, by `new_id`."
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b: out.append(new_id); i += 2
+        else: out.append(word[i]); i += 1
+    return out
+
+# %% ../nbs/02_tokenization.ipynb #a7ea6be8
 def toy_bpe(word_freqs: dict[str, int], num_merges: int,
             eow: str = '</w>') -> tuple[list[tuple[str, str]], dict[str, int]]:
     ("The merge loop of Sennrich et al. (2016) on whole words: returns the merges and the "
@@ -31,32 +48,22 @@ def toy_bpe(word_freqs: dict[str, int], num_merges: int,
     vocab = {tuple(w) + (eow,): f for w, f in word_freqs.items()}
     merges = []
     for _ in range(num_merges):
-        pairs: dict[tuple[str, str], int] = {}
-        for symbols, f in vocab.items():
-            for pair in zip(symbols, symbols[1:]): pairs[pair] = pairs.get(pair, 0) + f
-        if not pairs: break
-        # most frequent pair; on a tie the alphabetically smallest, so the result never depends on
-        # dict order
-        best = min(pairs, key=lambda p: (-pairs[p], p))
+        stats = _get_stats(vocab.items())
+        if not stats: break
+        best = min(stats, key=lambda p: (-stats[p], p))      # on a tie, the alphabetically smallest
         merges.append(best)
-        new_vocab = {}
-        for symbols, f in vocab.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1]); i += 2
-                else: out.append(symbols[i]); i += 1
-            new_vocab[tuple(out)] = f
-        vocab = new_vocab
+        vocab = {tuple(_merge_word(list(s), *best, best[0] + best[1])): f
+                 for s, f in vocab.items()}
     return merges, {' '.join(s): f for s, f in vocab.items()}
 
-# %% ../nbs/02_tokenization.ipynb #92d396e8
+# %% ../nbs/02_tokenization.ipynb #8d385b7a
 GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|"""
                       r"""\s+""")
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
                       r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 SPLIT_PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'none': None}
 
+# %% ../nbs/02_tokenization.ipynb #480ca3fd
 def resolve_pattern(pattern: str | None) -> str | None:
     "The split regex for `pattern`: a name in `SPLIT_PATTERNS`, `None` (one chunk) or a regex."
     if pattern is not None and not isinstance(pattern, str):
@@ -77,6 +84,7 @@ def _resolve_pattern(pattern: str | None) -> str | None:
         raise ValueError(f"split pattern {pattern!r} is not a valid regex: {e}") from None
     return pattern
 
+# %% ../nbs/02_tokenization.ipynb #1141696c
 def pre_split(text: str, pattern: str | None = GPT4_SPLIT_PATTERN) -> list[str]:
     "Cut `text` into the chunks BPE works inside; text between matches is a chunk too."
     pattern = resolve_pattern(pattern)
@@ -91,7 +99,7 @@ def pre_split(text: str, pattern: str | None = GPT4_SPLIT_PATTERN) -> list[str]:
         pos = m.end()
     return out + ([text[pos:]] if pos < len(text) else [])
 
-# %% ../nbs/02_tokenization.ipynb #e641cee2
+# %% ../nbs/02_tokenization.ipynb #72407512
 def bytes_to_unicode() -> dict[int, str]:
     "GPT-2's reversible map from the 256 byte values to printable characters."
     keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
@@ -104,10 +112,12 @@ def bytes_to_unicode() -> dict[int, str]:
 BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
+# %% ../nbs/02_tokenization.ipynb #63b56b1b
 def token_str(b: bytes) -> str:
     "A token's bytes as HF `tokenizers` writes them in `vocab`/`merges` (`b' the'` -> `'Ġthe'`)."
     return ''.join(BYTE_TO_CHAR[x] for x in b)
 
+# %% ../nbs/02_tokenization.ipynb #8f444c5d
 def str_token(s: str) -> bytes:
     "Inverse of `token_str`."
     return bytes(CHAR_TO_BYTE[c] for c in s)
@@ -122,7 +132,7 @@ def tie_rank(token_id: int) -> int:
      "theirs).")
     return _HF_BYTE_RANK[token_id] if token_id < 256 else token_id
 
-# %% ../nbs/02_tokenization.ipynb #ecccf29e
+# %% ../nbs/02_tokenization.ipynb #94a2236f
 def count_chunks(texts: str | Iterable[str],
                  pattern: str | None = GPT4_SPLIT_PATTERN) -> dict[bytes, int]:
     "Unique pre-split chunks of `texts` (as UTF-8 bytes) with their frequencies."
@@ -135,6 +145,7 @@ def count_chunks(texts: str | Iterable[str],
             counts[b] = counts.get(b, 0) + 1
     return counts
 
+# %% ../nbs/02_tokenization.ipynb #798081f5
 def _check_int(name: str, value, lo: int) -> int:
     "`value` as an int >= `lo`; floats (integral ones, nan, inf), bools and strings are refused."
     if isinstance(value, bool) or not hasattr(value, '__index__'):
@@ -143,15 +154,7 @@ def _check_int(name: str, value, lo: int) -> int:
     if value < lo: raise ValueError(f"{name} must be >= {lo}, got {value}")
     return value
 
-def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
-    "Replace every non-overlapping `a b` in `word`, left to right, by `new_id`."
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b: out.append(new_id); i += 2
-        else: out.append(word[i]); i += 1
-    return out
-
-# %% ../nbs/02_tokenization.ipynb #44fa782c
+# %% ../nbs/02_tokenization.ipynb #c3e3dc26
 def _new_token(vocab: list[bytes], index: dict[bytes, int], a: int, b: int) -> int:
     ("Id of the token `vocab[a] + vocab[b]`: an existing id if the bytes are already a token (HF "
      "does the same).")
@@ -159,6 +162,7 @@ def _new_token(vocab: list[bytes], index: dict[bytes, int], a: int, b: int) -> i
     if tok not in index: index[tok] = len(vocab); vocab.append(tok)
     return index[tok]
 
+# %% ../nbs/02_tokenization.ipynb #7b17bca0
 def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: int = 1,
                 progress: bool = False) -> tuple[list[tuple[int, int]], list[bytes]]:
     ("Teaching BPE trainer: recount all pairs over the unique chunks before every merge, until "
@@ -172,9 +176,7 @@ def train_naive(chunk_counts: dict[bytes, int], vocab_size: int, min_frequency: 
     merges = []
     bar = progress_bar(total=vocab_size - 256, desc='naive BPE', disable=not progress)
     while len(vocab) < vocab_size:
-        stats: dict[tuple[int, int], int] = {}
-        for w, f in zip(words, freqs):
-            for pair in zip(w, w[1:]): stats[pair] = stats.get(pair, 0) + f
+        stats = _get_stats(zip(words, freqs))
         if not stats: break
         # highest count; ties go to the pair HF's trainer would pop first (smallest ids in its
         # order)
@@ -281,7 +283,7 @@ def bpe_merge_heap(ids: list[int], ranks: dict[tuple[int, int], int],
         if k < n and (rr := ranks.get((ids[i], ids[k]))) is not None: heapq.heappush(heap, (rr, i))
     return [t for t in ids if t >= 0]
 
-# %% ../nbs/02_tokenization.ipynb #02019e17
+# %% ../nbs/02_tokenization.ipynb #b11d6151
 @dataclass
 class BPEConfig(Config):
     ("Settings for training a `BPETokenizer` (`vocab_size` counts the 256 byte tokens, merges and "
@@ -304,6 +306,7 @@ class BPEConfig(Config):
             raise ConfigError(
                 f"special_tokens must be distinct non-empty strings, got {self.special_tokens}")
 
+# %% ../nbs/02_tokenization.ipynb #2b429b6f
 def _check_encodable(text: str):
     try: text.encode('utf-8')
     except UnicodeEncodeError as e:
@@ -312,14 +315,63 @@ def _check_encodable(text: str):
                          "surrogates are not Unicode scalar values, so UTF-8 has no bytes for "
                          "them") from None
 
-# %% ../nbs/02_tokenization.ipynb #25d17857
-_HEAP_FROM = 16   # chunk length (bytes) from which the heap merge beats the simple loop in CPython
-
+# %% ../nbs/02_tokenization.ipynb #284c61b4
 def _check_merge(r: int, m) -> tuple[int, int]:
     if not (isinstance(m, (list, tuple)) and len(m) == 2
             and all(hasattr(x, '__index__') and not isinstance(x, bool) for x in m)):
         raise TypeError(f"merge {r} must be a pair of int token ids, got {m!r}")
     return operator.index(m[0]), operator.index(m[1])
+
+# %% ../nbs/02_tokenization.ipynb #fceb6101
+def _check_specials(vocab: list[bytes], specials: list[str]):
+    "Refuse special tokens that are empty, repeated or spelled like a token of `vocab`."
+    bad = [s for s in specials if not isinstance(s, str) or not s]
+    if bad: raise ValueError(f"special tokens must be non-empty strings, got {bad[0]!r}")
+    dup = [s for s in dict.fromkeys(specials) if specials.count(s) > 1]
+    if dup: raise ValueError(f"special token {dup[0]!r} is listed twice")
+    # HF keeps one vocabulary keyed by the printable spelling (token_str): a special token
+    # spelled like a learned or byte token would get that token's id there, not a new one
+    spelled = {}
+    for i, t in enumerate(vocab): spelled.setdefault(token_str(t), i)
+    for s in specials:
+        if s in spelled:
+            raise ValueError(f"special token {s!r} is spelled like vocabulary token "
+                             f"{spelled[s]} ({vocab[spelled[s]]!r} in GPT-2's byte names)"
+                             ": "
+                             "HF tokenizers would give it that id instead of a new one; "
+                             "choose another spelling")
+
+# %% ../nbs/02_tokenization.ipynb #4016c0e5
+def _read_json(path: Path):
+    "JSON of `path`, with the problem named when the bytes are not UTF-8 or not (complete) JSON."
+    raw = path.read_bytes()
+    if not raw.strip(): raise ValueError("the file is empty")
+    try: text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+    try: return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON, truncated or damaged ({e})") from None
+
+# %% ../nbs/02_tokenization.ipynb #6406166f
+def _check_bpe_dict(d):
+    "Raise `ValueError` naming the problem unless `d` is what `BPETokenizer.save` writes."
+    if not isinstance(d, dict) or d.get('format') != 'fttk-bpe':
+        raise ValueError("not an fttk-bpe file (no \"format\": \"fttk-bpe\" key)")
+    if d.get('version') != 1: raise ValueError(f"unknown version {d.get('version')!r}")
+    missing = [k for k in ('merges', 'special_tokens', 'pattern') if k not in d]
+    if missing: raise ValueError(f"missing key {missing[0]!r}")
+    merges, specials, pattern = d['merges'], d['special_tokens'], d['pattern']
+    pair = lambda m: isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+    if not (isinstance(merges, list) and all(map(pair, merges))):
+        raise ValueError("merges must be a list of [id, id] pairs")
+    if not (isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
+        raise ValueError("special_tokens must be a list of strings")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ValueError("pattern must be a string or null")
+
+# %% ../nbs/02_tokenization.ipynb #be80b5bc
+_HEAP_FROM = 16   # chunk length (bytes) from which the heap merge beats the simple loop in CPython
 
 class BPETokenizer:
     "Byte-level BPE: regex pre-split, 256 byte tokens, learned merges, special tokens."
@@ -338,30 +390,13 @@ class BPETokenizer:
             # a pair learned twice keeps its first (lowest) rank, as HF's merge map would
             self._ranks.setdefault((a, b), r)
         special_tokens = list(special_tokens)
-        self._check_specials(special_tokens)
+        _check_specials(self.vocab, special_tokens)
         self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens)}
         self._special_re = (regex.compile('(' + '|'.join(
             regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ')')
                             if self.special_tokens else None)
         self._id_to_special = {i: s.encode('utf-8') for s, i in self.special_tokens.items()}
         self._cache: dict[bytes, list[int]] = {}
-
-    def _check_specials(self, specials: list[str]):
-        bad = [s for s in specials if not isinstance(s, str) or not s]
-        if bad: raise ValueError(f"special tokens must be non-empty strings, got {bad[0]!r}")
-        dup = [s for s in dict.fromkeys(specials) if specials.count(s) > 1]
-        if dup: raise ValueError(f"special token {dup[0]!r} is listed twice")
-        # HF keeps one vocabulary keyed by the printable spelling (token_str): a special token
-        # spelled like a learned or byte token would get that token's id there, not a new one
-        spelled = {}
-        for i, t in enumerate(self.vocab): spelled.setdefault(token_str(t), i)
-        for s in specials:
-            if s in spelled:
-                raise ValueError(f"special token {s!r} is spelled like vocabulary token "
-                                 f"{spelled[s]} ({self.vocab[spelled[s]]!r} in GPT-2's byte names)"
-                                 ": "
-                                 "HF tokenizers would give it that id instead of a new one; "
-                                 "choose another spelling")
 
     @classmethod
     def train(cls, texts: str | Iterable[str], cfg: BPEConfig | None = None, progress: bool = False,
@@ -460,33 +495,10 @@ class BPETokenizer:
 
     @classmethod
     def _from_dict(cls, d) -> 'BPETokenizer':
-        if not isinstance(d, dict) or d.get('format') != 'fttk-bpe':
-            raise ValueError("not an fttk-bpe file (no \"format\": \"fttk-bpe\" key)")
-        if d.get('version') != 1: raise ValueError(f"unknown version {d.get('version')!r}")
-        missing = [k for k in ('merges', 'special_tokens', 'pattern') if k not in d]
-        if missing: raise ValueError(f"missing key {missing[0]!r}")
-        merges, specials, pattern = d['merges'], d['special_tokens'], d['pattern']
-        pair = lambda m: isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
-        if not (isinstance(merges, list) and all(map(pair, merges))):
-            raise ValueError("merges must be a list of [id, id] pairs")
-        if not (isinstance(specials, list) and all(isinstance(s, str) for s in specials)):
-            raise ValueError("special_tokens must be a list of strings")
-        if pattern is not None and not isinstance(pattern, str):
-            raise ValueError("pattern must be a string or null")
-        return cls(merges, pattern, specials)
+        _check_bpe_dict(d)
+        return cls(d['merges'], d['pattern'], d['special_tokens'])
 
-def _read_json(path: Path):
-    "JSON of `path`, with the problem named when the bytes are not UTF-8 or not (complete) JSON."
-    raw = path.read_bytes()
-    if not raw.strip(): raise ValueError("the file is empty")
-    try: text = raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
-    try: return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON, truncated or damaged ({e})") from None
-
-# %% ../nbs/02_tokenization.ipynb #7835543b
+# %% ../nbs/02_tokenization.ipynb #43ccb404
 def _stdlib_docstrings(path: Path) -> list[str]:
     try: tree = ast.parse(path.read_text(encoding='utf-8'))
     except (SyntaxError, UnicodeDecodeError, ValueError): return []
@@ -497,6 +509,7 @@ def _stdlib_docstrings(path: Path) -> list[str]:
             if d and d.strip(): out.append(d)
     return out
 
+# %% ../nbs/02_tokenization.ipynb #c7d59c48
 def _doc_stream():
     from pydoc_data.topics import topics
     for k in sorted(topics): yield topics[k]
@@ -506,6 +519,12 @@ def _doc_stream():
                    key=lambda p: p.relative_to(root).as_posix())
     for f in files: yield _stdlib_docstrings(f)
 
+# %% ../nbs/02_tokenization.ipynb #d48da9d4
+def _encodable(s: str) -> bool:
+    try: s.encode('utf-8'); return True
+    except UnicodeEncodeError: return False
+
+# %% ../nbs/02_tokenization.ipynb #d8cf292c
 def docs_corpus(min_bytes: int = 2**20) -> list[str]:
     ("CPython's English documentation: `pydoc_data.topics`, then stdlib docstrings in sorted file "
      "order, until >= `min_bytes`.")
@@ -521,11 +540,7 @@ def docs_corpus(min_bytes: int = 2**20) -> list[str]:
     raise RuntimeError(f"this Python's documentation holds only {total:,} bytes, less than "
                        f"min_bytes={min_bytes:,}")
 
-def _encodable(s: str) -> bool:
-    try: s.encode('utf-8'); return True
-    except UnicodeEncodeError: return False
-
-# %% ../nbs/02_tokenization.ipynb #190221fe
+# %% ../nbs/02_tokenization.ipynb #e5be583e
 def _hf_pre_tokenizer(pattern: str | None):
     from tokenizers import Regex, pre_tokenizers
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -533,6 +548,7 @@ def _hf_pre_tokenizer(pattern: str | None):
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(pattern), behavior='isolated'), byte_level])
 
+# %% ../nbs/02_tokenization.ipynb #f66afcdb
 def to_hf(tok: BPETokenizer):
     "An HF `tokenizers.Tokenizer` that encodes exactly as `tok` does (same ids)."
     from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -551,6 +567,7 @@ def to_hf(tok: BPETokenizer):
                                  f"tokenizers, not {i}: it is spelled like a vocabulary token")
     return hf
 
+# %% ../nbs/02_tokenization.ipynb #b3f95319
 def train_hf(texts: Iterable[str], vocab_size: int, pattern: str | None = 'gpt4',
              special_tokens: Iterable[str] = ()):
     ("HF `tokenizers`' BPE trainer with our pre-tokenization and all 256 bytes as the initial "
@@ -566,15 +583,17 @@ def train_hf(texts: Iterable[str], vocab_size: int, pattern: str | None = 'gpt4'
     hf.train_from_iterator(list(texts), trainer)
     return hf
 
+# %% ../nbs/02_tokenization.ipynb #d949ea82
 def hf_merges(hf) -> list[tuple[bytes, bytes]]:
     "The merges of an HF byte-level BPE tokenizer, as pairs of byte strings."
     ms = json.loads(hf.to_str())['model']['merges']
     return [tuple(str_token(s) for s in (m.split(' ') if isinstance(m, str) else m)) for m in ms]
 
+# %% ../nbs/02_tokenization.ipynb #f94f5214
 def byte_merges(tok: BPETokenizer) -> list[tuple[bytes, bytes]]:
     return [(tok.vocab[a], tok.vocab[b]) for a, b in tok.merges]
 
-# %% ../nbs/02_tokenization.ipynb #817e5567
+# %% ../nbs/02_tokenization.ipynb #b033db1d
 UDHR_ARTICLE_1 = {
     'English': "All human beings are born free and equal in dignity and rights. They are endowed "
                "with reason and conscience and should act towards one another in a spirit of "
@@ -596,6 +615,7 @@ UDHR_ARTICLE_1 = {
     'Chinese': "人人生而自由，在尊严和权利上一律平等。他们赋有理性和良心，并应以兄弟关系的精神相对待。",
 }
 
+# %% ../nbs/02_tokenization.ipynb #9a3474d8
 def fertility(tok, texts: dict[str, str],
               reference: str = 'English') -> dict[str, dict[str, float]]:
     ("Tokens per character, per word and relative to `reference` for each text (any tokenizer with "
@@ -614,7 +634,7 @@ def fertility(tok, texts: dict[str, str],
                   'vs ' + reference: ntok[k] / ntok[reference]}
     return out
 
-# %% ../nbs/02_tokenization.ipynb #52f95aee
+# %% ../nbs/02_tokenization.ipynb #0b6d9673
 # private-use characters: they never occur in real chat text
 _GEN_OPEN, _GEN_CLOSE = '\ue000', '\ue001'
 _GEN_TAG = regex.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
@@ -642,6 +662,7 @@ def render_with_spans(chat_template: str, messages: list[dict], add_generation_p
         else: text.append(ch)
     return ''.join(text), spans
 
+# %% ../nbs/02_tokenization.ipynb #c33f688a
 def token_char_offsets(tok: BPETokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
     ("Character span `[start, end)` of each token of `text` (a token that cuts a character covers "
      "all of it).")
@@ -653,6 +674,7 @@ def token_char_offsets(tok: BPETokenizer, text: str, ids: list[int]) -> list[tup
         out.append((char_at_byte[pos], char_at_byte[pos + n - 1] + 1)); pos += n
     return out
 
+# %% ../nbs/02_tokenization.ipynb #77cfa535
 def assistant_mask(tok, chat_template: str, messages: list[dict],
                    **kwargs) -> tuple[list[int], list[int]]:
     ("Token ids of the rendered chat and the 0/1 mask of the tokens inside generation blocks (what "
@@ -672,6 +694,7 @@ def assistant_mask(tok, chat_template: str, messages: list[dict],
         for k in range(first, last + 1): mask[k] = 1
     return ids, mask
 
+# %% ../nbs/02_tokenization.ipynb #538e8a89
 def to_transformers(tok: BPETokenizer, chat_template: str | None = None, **special):
     ("A `PreTrainedTokenizerFast` over `tok` (same ids), e.g. `bos_token='<s>', eos_token='</s>', "
      "pad_token='<pad>'`.")
