@@ -268,6 +268,8 @@ CASES = [
     Case('fttk memory', 'negative --params', lambda tmp: cli('memory', '--params', '-5'), CLIError, r'exit 2: .*--params'),
     Case('fttk memory', 'NaN --params', lambda tmp: cli('memory', '--params', 'nan'), CLIError, r'exit 2: .*--params.*nan'),
     Case('fttk memory', 'neither --config nor --params', lambda tmp: cli('memory'), CLIError, r'exit 2: .*one of the arguments --config --params is required'),
+    Case('fttk memory', 'unknown lab size', lambda tmp: cli('memory', '--config', 'lab:huge'), CLIError,
+         r"exit 2: .*unknown lab size 'huge'; choose one of: test, default"),
 ]
 
 
