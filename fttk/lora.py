@@ -32,7 +32,7 @@ def lora_param_count(d_in: int, d_out: int, r: int) -> int:
      "d_out x r.")
     return r * (d_in + d_out)
 
-# %% ../nbs/03_lora.ipynb #b4562e68
+# %% ../nbs/03_lora.ipynb #55d5a16e
 def _check_patterns(name: str, v):
     "Module-name patterns: non-empty strings; a single string is a regex and must compile."
     if v is None: return
@@ -43,7 +43,7 @@ def _check_patterns(name: str, v):
         except re.error as e:
             raise ConfigError(f"{where} {s!r} is not a valid regular expression: {e}") from None
 
-# %% ../nbs/03_lora.ipynb #4426f89a
+# %% ../nbs/03_lora.ipynb #f34e80a8
 def _check_layer_selection(c):
     "peft's rules: indices >= 0, only with a list of target_modules; a pattern only with indices."
     layers = c.layers_to_transform
@@ -56,7 +56,7 @@ def _check_layer_selection(c):
         raise ConfigError("layers_pattern is set but layers_to_transform is not: "
                           "name the layer indices")
 
-# %% ../nbs/03_lora.ipynb #5212ea32
+# %% ../nbs/03_lora.ipynb #749a7d8b
 def _check_pattern_dict(name: str, d: dict, tp):
     "rank_pattern values: positive integers; alpha_pattern values: finite numbers > 0."
     for k, v in d.items():
@@ -114,7 +114,7 @@ class LoRAConfig(Config):
         "The factor in front of B A: alpha/r, or alpha/sqrt(r) with rsLoRA."
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-# %% ../nbs/03_lora.ipynb #72fafe67
+# %% ../nbs/03_lora.ipynb #2799070c
 def base_weight(base: nn.Module) -> torch.Tensor:
     ("The base layer's weight as a dense `(out_features, in_features)` float tensor (dequantized "
      "if need be).")
@@ -128,7 +128,7 @@ def base_weight(base: nn.Module) -> torch.Tensor:
                     "DoRA need one "
                     f"(give the layer a `dequantize_weight()` method)")
 
-# %% ../nbs/03_lora.ipynb #2d7801da
+# %% ../nbs/03_lora.ipynb #2327ffaa
 def _check_linear_like(base: nn.Module, name: str = 'base layer'):
     d_in, d_out = getattr(base, 'in_features', None), getattr(base, 'out_features', None)
     if not (isinstance(d_in, int) and isinstance(d_out, int)):
@@ -138,7 +138,7 @@ def _check_linear_like(base: nn.Module, name: str = 'base layer'):
                         "Linear4bit/Linear8bitLt)")
     return d_in, d_out
 
-# %% ../nbs/03_lora.ipynb #eddf7d92
+# %% ../nbs/03_lora.ipynb #f631a2b6
 def _check_lora_args(base_layer: nn.Module, r, lora_alpha, lora_dropout) -> tuple[int, int]:
     "LoRALinear's arguments: a linear base, an integer r > 0, finite alpha > 0, dropout in [0, 1)."
     d_in, d_out = _check_linear_like(base_layer)
@@ -150,7 +150,7 @@ def _check_lora_args(base_layer: nn.Module, r, lora_alpha, lora_dropout) -> tupl
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
     return d_in, d_out
 
-# %% ../nbs/03_lora.ipynb #35e0c706
+# %% ../nbs/03_lora.ipynb #1e5bc606
 class LoRALinear(nn.Module):
     ("A frozen base linear layer plus a trainable low-rank update `scaling * B A` (LoRA, rsLoRA or "
      "DoRA).")
@@ -186,7 +186,7 @@ class LoRALinear(nn.Module):
         xl = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         return result + (self.lora_B(self.lora_A(xl)) * self.scaling).to(result.dtype)
 
-# %% ../nbs/03_lora.ipynb #7aacf1cf
+# %% ../nbs/03_lora.ipynb #0d9dee03
 _lora_forward = LoRALinear.forward       # the equation, as the class above defines it
 
 @patch
@@ -202,15 +202,14 @@ def forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     if self.fast and _fast_ok(self): return self._fast_forward(x)
     return _lora_forward(self, x)
 
-# %% ../nbs/03_lora.ipynb #31edf3a9
+# %% ../nbs/03_lora.ipynb #0fe0de66
 @patch
 def delta_weight(self: LoRALinear) -> torch.Tensor:
     "The update s B A as a dense (out, in) matrix."
     return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
-# %% ../nbs/03_lora.ipynb #5eaf3202
+# %% ../nbs/03_lora.ipynb #52ca2763
 @patch
-@torch.no_grad()
 def merge(self: LoRALinear):
     "Fold the update into the base weight: inference then costs nothing extra."
     if self.merged:
@@ -222,30 +221,31 @@ def merge(self: LoRALinear):
             and W.is_floating_point()) or type(W).__name__ == 'Params4bit':
         raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: merging needs "
                         "a float weight")
-    delta = self.delta_weight().to(W.dtype)
-    if self.use_dora: self._dora_merge(W, delta)
-    else: W.add_(delta)
+    with torch.no_grad():          # an edit of the weight, not a step for autograd to record
+        delta = self.delta_weight().to(W.dtype)
+        if self.use_dora: self._dora_merge(W, delta)
+        else: W.add_(delta)
     self.merged = True
 
-# %% ../nbs/03_lora.ipynb #cb6ef3c6
+# %% ../nbs/03_lora.ipynb #99aeb729
 @patch
-@torch.no_grad()
 def unmerge(self: LoRALinear):
     "Undo `merge` (exact up to rounding)."
     if not self.merged: raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
-    W, delta = self.base_layer.weight, self.delta_weight().to(self.base_layer.weight.dtype)
-    if self.use_dora: self._dora_unmerge(W, delta)
-    else: W.sub_(delta)
+    with torch.no_grad():
+        W, delta = self.base_layer.weight, self.delta_weight().to(self.base_layer.weight.dtype)
+        if self.use_dora: self._dora_unmerge(W, delta)
+        else: W.sub_(delta)
     self.merged = False
 
-# %% ../nbs/03_lora.ipynb #70b88094
+# %% ../nbs/03_lora.ipynb #844a2994
 @patch
 def weight_norm(self: LoRALinear, W0: torch.Tensor,
                 delta: torch.Tensor | None = None) -> torch.Tensor:
     "||W0 + delta||_c: the L2 norm of each output unit's weight vector."
     return torch.linalg.norm(W0 if delta is None else W0 + delta, dim=1)
 
-# %% ../nbs/03_lora.ipynb #fb3539d7
+# %% ../nbs/03_lora.ipynb #d04aabf0
 @patch
 def _init_dora(self: LoRALinear):
     "DoRA's magnitude m, a trainable vector that starts at ||W0||_c."
@@ -253,7 +253,7 @@ def _init_dora(self: LoRALinear):
         m = self.weight_norm(base_weight(self.base_layer).to(self.lora_A.weight.dtype))
     self.lora_magnitude_vector = nn.Parameter(m)
 
-# %% ../nbs/03_lora.ipynb #59727f5e
+# %% ../nbs/03_lora.ipynb #07563fea
 @patch
 def _dora_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     "DoRA's h, from W0 x and B A x (W' is never built)."
@@ -273,38 +273,38 @@ def _dora_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         self.lora_A(xl)) * self.scaling
     return result + dora.to(result.dtype)
 
-# %% ../nbs/03_lora.ipynb #4d6d0925
+# %% ../nbs/03_lora.ipynb #2cd1bf10
 @patch
 def _dora_merge(self: LoRALinear, W: torch.Tensor, delta: torch.Tensor):
-    "W <- m / ||W + delta||_c * (W + delta), in place (merge runs it without grad)."
+    "W <- m / ||W + delta||_c * (W + delta), in place (merge calls it without grad)."
     self._merge_norm = self.weight_norm(W, delta)
     W.copy_((self.lora_magnitude_vector / self._merge_norm).view(-1, 1) * (W + delta))
 
-# %% ../nbs/03_lora.ipynb #620c7ec9
+# %% ../nbs/03_lora.ipynb #0699f038
 @patch
 def _dora_unmerge(self: LoRALinear, W: torch.Tensor, delta: torch.Tensor):
     "Undo `_dora_merge` with the norm it kept."
     W.copy_(W / (self.lora_magnitude_vector / self._merge_norm).view(-1, 1) - delta)
     del self._merge_norm
 
-# %% ../nbs/03_lora.ipynb #a47f4d5a
+# %% ../nbs/03_lora.ipynb #10a57495
 @patch
 def extra_repr(self: LoRALinear):
     kind = 'DoRA' if self.use_dora else 'rsLoRA' if self.use_rslora else 'LoRA'
     return (f"{kind} r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
             f"merged={self.merged}")
 
-# %% ../nbs/03_lora.ipynb #ece64bb3
+# %% ../nbs/03_lora.ipynb #f7191575
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     "The `LoRALinear` layers of `model`, by module name."
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
-# %% ../nbs/03_lora.ipynb #b8197481
+# %% ../nbs/03_lora.ipynb #f0483c62
 def _matches(name: str, targets) -> bool:
     if isinstance(targets, str): return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith('.' + t) for t in targets)
 
-# %% ../nbs/03_lora.ipynb #918685e4
+# %% ../nbs/03_lora.ipynb #45511a34
 def _layer_index(name: str, layers_pattern) -> int | None:
     "peft's rule: the first number after `<pattern>.` (after any `<word>.` if no pattern)."
     pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
@@ -313,20 +313,20 @@ def _layer_index(name: str, layers_pattern) -> int | None:
     m = next((m for m in hits if m), None)
     return int(m['idx']) if m else None
 
-# %% ../nbs/03_lora.ipynb #fdb2200d
+# %% ../nbs/03_lora.ipynb #3624e722
 def _in_layers(name: str, layers, layers_pattern) -> bool:
     if layers is None or layers == []: return True
     i = _layer_index(name, layers_pattern)
     return i is not None and (i == layers if isinstance(layers, int) else i in layers)
 
-# %% ../nbs/03_lora.ipynb #e0ef66e7
+# %% ../nbs/03_lora.ipynb #9c3cd91d
 def _excluded(name: str, exclude_modules, modules_to_save) -> bool:
     "peft's `check_target_module_exists`: excluded names and modules to save get no adapter."
     ex = exclude_modules
     if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _matches(name, ex)): return True
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or [])
 
-# %% ../nbs/03_lora.ipynb #e540ddab
+# %% ../nbs/03_lora.ipynb #b64abb6e
 def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
                         layers_to_transform=None, layers_pattern=None,
                         modules_to_save=None) -> list[str]:
@@ -361,17 +361,17 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
                          f"its linear layers are named: {', '.join(lin) or '(none)'}")
     return names
 
-# %% ../nbs/03_lora.ipynb #478ada6c
+# %% ../nbs/03_lora.ipynb #384b82ca
 def _set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-# %% ../nbs/03_lora.ipynb #34fae639
+# %% ../nbs/03_lora.ipynb #083e0093
 def _pattern_value(pattern: dict, name: str, default):
     "peft's `get_pattern_key`: the first key matching the end of `name` (at a dot) gives the value."
     return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
 
-# %% ../nbs/03_lora.ipynb #d5b32e76
+# %% ../nbs/03_lora.ipynb #55a435af
 def _modules_to_save(model: nn.Module, entries) -> list[str]:
     "peft's `_set_trainable` rule: modules whose names end with an entry (not inside one taken)."
     hits = []
@@ -384,7 +384,7 @@ def _modules_to_save(model: nn.Module, entries) -> list[str]:
         hits += new
     return hits
 
-# %% ../nbs/03_lora.ipynb #cf104cec
+# %% ../nbs/03_lora.ipynb #50451de8
 def _untie(model: nn.Module, name: str, swaps: list):
     "Give module `name` its own copy of each parameter it shares with the rest of the model."
     others = {id(p) for n, m in model.named_modules() if n != name and not n.startswith(name + '.')
@@ -395,7 +395,7 @@ def _untie(model: nn.Module, name: str, swaps: list):
                 setattr(sub, pn, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
                 swaps.append((sub, pn, p))
 
-# %% ../nbs/03_lora.ipynb #302ca9fc
+# %% ../nbs/03_lora.ipynb #40664fa2
 def _undo_inject(model: nn.Module, undo):
     "Put `model` back as before `_inject`: base layers, tied parameters, requires_grad flags."
     grads, swaps = undo
@@ -404,7 +404,7 @@ def _undo_inject(model: nn.Module, undo):
     for p, g in grads: p.requires_grad_(g)
     model.__dict__.pop('fttk_lora_config', None)
 
-# %% ../nbs/03_lora.ipynb #c7dddca1
+# %% ../nbs/03_lora.ipynb #1cce76a4
 def _inject(model: nn.Module, config: LoRAConfig):
     "inject_lora's work; returns what `_undo_inject` needs, and undoes itself if it fails half-way."
     if lora_layers(model):
@@ -440,7 +440,7 @@ def _inject(model: nn.Module, config: LoRAConfig):
         _undo_inject(model, undo); raise
     return undo
 
-# %% ../nbs/03_lora.ipynb #083fcbe1
+# %% ../nbs/03_lora.ipynb #8f7c02bd
 def _as_lora_config(config, model=None) -> LoRAConfig:
     if isinstance(config, LoRAConfig): return config
     if type(config).__name__ == 'LoraConfig' and type(config).__module__.startswith('peft'):
@@ -448,27 +448,27 @@ def _as_lora_config(config, model=None) -> LoRAConfig:
     raise TypeError(f"config must be an fttk LoRAConfig or a peft LoraConfig, "
                     f"got {type(config).__name__}")
 
-# %% ../nbs/03_lora.ipynb #d0988419
+# %% ../nbs/03_lora.ipynb #0c018e06
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     "(trainable, total) parameter counts."
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(p.numel() for p in model.parameters()))
 
-# %% ../nbs/03_lora.ipynb #3aad563d
+# %% ../nbs/03_lora.ipynb #0981ea44
 def inject_lora(model: nn.Module, config=None, **kwargs) -> nn.Module:
     "Wrap the targets of `model` in `LoRALinear` (in place), freeze the rest; return `model`."
     _inject(model, _as_lora_config(config, model) if config is not None else LoRAConfig(**kwargs))
     return model
 
-# %% ../nbs/03_lora.ipynb #2f2e6919
+# %% ../nbs/03_lora.ipynb #bb1694f0
 def merge_lora(model: nn.Module):
     for m in lora_layers(model).values(): m.merge()
 
-# %% ../nbs/03_lora.ipynb #ca01787a
+# %% ../nbs/03_lora.ipynb #5b488dad
 def unmerge_lora(model: nn.Module):
     for m in lora_layers(model).values(): m.unmerge()
 
-# %% ../nbs/03_lora.ipynb #68a4f5ed
+# %% ../nbs/03_lora.ipynb #2f0c905a
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     "Inside this block the model computes its base outputs (the reference model of DPO, for free)."
@@ -480,7 +480,7 @@ def lora_disabled(model: nn.Module):
     finally:
         for m in layers: m.disabled = False
 
-# %% ../nbs/03_lora.ipynb #458a7738
+# %% ../nbs/03_lora.ipynb #32e5430d
 _PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias',
               'modules_to_save', 'init_lora_weights', 'exclude_modules', 'layers_to_transform',
               'layers_pattern', 'rank_pattern', 'alpha_pattern')
@@ -492,7 +492,7 @@ def peft_lora_config(config: LoRAConfig, **kw):
                                              str) else list(config.target_modules)
     return LoraConfig(target_modules=tm, **{k: getattr(config, k) for k in _PEFT_SAME}, **kw)
 
-# %% ../nbs/03_lora.ipynb #ad68fda3
+# %% ../nbs/03_lora.ipynb #367822b0
 _PREFIX = 'base_model.model.'
 
 def from_peft_name(name: str) -> str:
@@ -501,7 +501,7 @@ def from_peft_name(name: str) -> str:
     return (name.removeprefix(_PREFIX).replace('.default', '')
             .replace('lora_magnitude_vector.weight', 'lora_magnitude_vector'))
 
-# %% ../nbs/03_lora.ipynb #96cf6ae7
+# %% ../nbs/03_lora.ipynb #006be263
 _PEFT_META = ('task_type', 'peft_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path',
               'revision')
 
@@ -521,7 +521,7 @@ def lora_config_from_peft(pc, model: nn.Module | None = None) -> LoRAConfig:
     if d['target_modules'] is None: d['target_modules'] = _peft_default_targets(model)
     return LoRAConfig.from_dict(d)
 
-# %% ../nbs/03_lora.ipynb #fdda1d07
+# %% ../nbs/03_lora.ipynb #89e4dc12
 def _peft_default_targets(model) -> list[str]:
     "peft's choice when target_modules is None: its per-architecture table."
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
@@ -548,14 +548,14 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float 
                         {'params': b, 'lr': lr * ratio, 'weight_decay': weight_decay})
                         if g['params']]
 
-# %% ../nbs/03_lora.ipynb #dac8b25c
+# %% ../nbs/03_lora.ipynb #0236d2a4
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ("The tensors an adapter file holds: every trainable parameter (LoRA factors, magnitudes, "
      "trained biases, modules_to_save).")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in trainable or 'lora_' in k}
 
-# %% ../nbs/03_lora.ipynb #1600a5b4
+# %% ../nbs/03_lora.ipynb #a3171d96
 def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     return {'peft_type': 'LORA', 'task_type': None,
@@ -564,7 +564,7 @@ def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> d
             'target_modules': cfg.target_modules, 'fan_in_fan_out': cfg.fan_in_fan_out,
             'inference_mode': True}
 
-# %% ../nbs/03_lora.ipynb #bf70a86a
+# %% ../nbs/03_lora.ipynb #a5e9ff65
 def save_adapter(model: nn.Module, path: str | Path,
                  base_model_name_or_path: str | None = None) -> Path:
     "Write `model`'s adapter as peft does: `adapter_config.json` + `adapter_model.safetensors`."
@@ -606,7 +606,7 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     try: return LoRAConfig.from_dict(d)
     except ConfigError as e: raise ConfigError(f"{p}: {e}") from None
 
-# %% ../nbs/03_lora.ipynb #90a08953
+# %% ../nbs/03_lora.ipynb #b61f2d75
 def _check_adapter_tensors(model: nn.Module, sd: dict, file: Path):
     "Each tensor of the file fits a tensor of `model`; each adapter tensor is in the file."
     own = model.state_dict()
@@ -622,7 +622,7 @@ def _check_adapter_tensors(model: nn.Module, sd: dict, file: Path):
             raise ValueError(f"{file}: {k} has shape {tuple(v.shape)}, but adapter_config.json on "
                              f"this model gives {tuple(own[k].shape)} (another r or base model?)")
 
-# %% ../nbs/03_lora.ipynb #dcb7030a
+# %% ../nbs/03_lora.ipynb #d8490386
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     "Inject the adapter saved at `path` (by fttk or peft); on any error `model` is unchanged."
     path = Path(path)
@@ -638,7 +638,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         for k, v in sd.items(): own[k].copy_(v)      # shapes checked: copy_ cannot fail half-way
     return model
 
-# %% ../nbs/03_lora.ipynb #d31f8b80
+# %% ../nbs/03_lora.ipynb #c9e3c76a
 class LoRALinearFunction(torch.autograd.Function):
     ("y = x W0^T + b0 + s (xd A^T) B^T with a hand-derived backward; `xd` is x after LoRA dropout "
      "(may be x itself).")
@@ -670,7 +670,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]: dxd = torch.mm(GB, A).mul_(s).view(ctx.shape)
         return dx, dxd, None, None, dA, dB, None
 
-# %% ../nbs/03_lora.ipynb #d2333149
+# %% ../nbs/03_lora.ipynb #08b2d52e
 def _fast_ok(m: LoRALinear) -> bool:
     ("The fused function applies: a plain frozen nn.Linear base, no DoRA, and lora dtype = base "
      "dtype.")
@@ -679,7 +679,7 @@ def _fast_ok(m: LoRALinear) -> bool:
             and (b.bias is None or not b.bias.requires_grad)
             and not m.use_dora and b.weight.dtype == m.lora_A.weight.dtype)
 
-# %% ../nbs/03_lora.ipynb #eb73f7cf
+# %% ../nbs/03_lora.ipynb #8f258914
 @patch
 def _fast_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     "The LoRA equation through `LoRALinearFunction` (its hand-derived backward)."
@@ -687,7 +687,7 @@ def _fast_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return LoRALinearFunction.apply(x, self.lora_dropout(x), W0, b0, self.lora_A.weight,
                                     self.lora_B.weight, self.scaling)
 
-# %% ../nbs/03_lora.ipynb #bb92a173
+# %% ../nbs/03_lora.ipynb #006a3519
 class LoRAMLPFunction(torch.autograd.Function):
     ("down(silu(gate(x)) * up(x)) with three LoRA linears; keeps x, e, g and the thin x A^T "
      "products only (optionally RMSNorm-ed first).")
@@ -732,11 +732,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         return dX.view(
             ctx.shape), None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None, None, None
 
-# %% ../nbs/03_lora.ipynb #777b8e8d
+# %% ../nbs/03_lora.ipynb #75fd7531
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ('SiLUActivation', 'SiLU')
 
-# %% ../nbs/03_lora.ipynb #ccb0ec6e
+# %% ../nbs/03_lora.ipynb #5766622d
 def _fused_ok(m, bias_ok: bool = True) -> bool:
     ("This LoRA layer can go through a fused function right now (no dropout in training, not "
      "merged or disabled).")
@@ -744,7 +744,7 @@ def _fused_ok(m, bias_ok: bool = True) -> bool:
             and (bias_ok or m.base_layer.bias is None) and not m.merged
             and not m.disabled and (isinstance(m.lora_dropout, nn.Identity) or not m.training))
 
-# %% ../nbs/03_lora.ipynb #36f5edf9
+# %% ../nbs/03_lora.ipynb #1a9731fa
 def _fast_mlp_forward(self, x):
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
     norm = self._pre_norm[0] if getattr(self, '_pre_norm', ()) else None
@@ -756,13 +756,13 @@ def _fast_mlp_forward(self, x):
                                  u.scaling, d.base_layer.weight, d.lora_A.weight, d.lora_B.weight,
                                  d.scaling, nw, eps)
 
-# %% ../nbs/03_lora.ipynb #1550306d
+# %% ../nbs/03_lora.ipynb #181715de
 def _rms_scale(r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     ("w * r * rho with rho's precision inside: the norm's output, also rebuilt from (r, rho) in "
      "backward.")
     return w * (r.to(rho.dtype) * rho).to(r.dtype)
 
-# %% ../nbs/03_lora.ipynb #72401597
+# %% ../nbs/03_lora.ipynb #7f5116a0
 def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     ("LlamaRMSNorm with the same roundings (float32 inside; float64 stays float64): returns (w * r "
      "* rho, rho).")
@@ -770,13 +770,13 @@ def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tenso
     rho = torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
     return _rms_scale(r, rho, w), rho
 
-# %% ../nbs/03_lora.ipynb #11b7353f
+# %% ../nbs/03_lora.ipynb #d61d4db3
 def _rms_norm_backward(dxhat: torch.Tensor, r: torch.Tensor, rho: torch.Tensor,
                        w: torch.Tensor) -> torch.Tensor:
     g, r_hat = (dxhat * w).to(rho.dtype), r.to(rho.dtype) * rho
     return ((g - r_hat * (g * r_hat).mean(-1, keepdim=True)) * rho).to(r.dtype)
 
-# %% ../nbs/03_lora.ipynb #82cd7a6d
+# %% ../nbs/03_lora.ipynb #e0260168
 class NormLoRAQKVFunction(torch.autograd.Function):
     "q, k, v = three LoRA linears of RMSNorm(x); keeps x, rho and the thin x A^T products."
     @staticmethod
@@ -816,7 +816,7 @@ class NormLoRAQKVFunction(torch.autograd.Function):
         return (dx, None, None, None, None, grads[0], grads[1], None, None, None, grads[2],
                 grads[3], None, None, None, grads[4], grads[5], None)
 
-# %% ../nbs/03_lora.ipynb #ea25f7e7
+# %% ../nbs/03_lora.ipynb #afd291fd
 # k_proj / v_proj -> (input, output) from q_proj's fused call
 _qkv_stash = weakref.WeakKeyDictionary()
 
@@ -829,14 +829,14 @@ def _fused_qkv(qkv, norm, x):
     _qkv_stash[qkv[1]], _qkv_stash[qkv[2]] = (x, k), (x, v)
     return q
 
-# %% ../nbs/03_lora.ipynb #0332469b
+# %% ../nbs/03_lora.ipynb #d3d941f8
 def _identity_forward(self, x): return x
 
-# %% ../nbs/03_lora.ipynb #301679fd
+# %% ../nbs/03_lora.ipynb #bde1c0ca
 # the class's forward, past the identity patch
 def _call_norm(norm, x): return type(norm).forward(norm, x)
 
-# %% ../nbs/03_lora.ipynb #895538ad
+# %% ../nbs/03_lora.ipynb #f188eb58
 @patch
 def _fused_qkv_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
     "With the norm before q/k/v folded in: this layer's output from the fused call, or None."
@@ -848,7 +848,7 @@ def _fused_qkv_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor | None
         return _fused_qkv(qkv, self._pre_norm[0], x)
     return None
 
-# %% ../nbs/03_lora.ipynb #d2543156
+# %% ../nbs/03_lora.ipynb #e16455d6
 def _foldable_norm(norm) -> bool:
     w = getattr(norm, 'weight', None)
     if not (type(norm).__name__.endswith('RMSNorm') and isinstance(w, nn.Parameter)
@@ -860,7 +860,7 @@ def _foldable_norm(norm) -> bool:
         return torch.allclose(_call_norm(norm, probe),
                               _rms_norm(probe, w, norm.variance_epsilon)[0], rtol=1e-5, atol=1e-6)
 
-# %% ../nbs/03_lora.ipynb #eabac05f
+# %% ../nbs/03_lora.ipynb #b940a920
 _FOLD_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
 
 def _fold_norms(model: nn.Module) -> int:
@@ -881,7 +881,7 @@ def _fold_norms(model: nn.Module) -> int:
             n2.forward, n2._fttk_folded = types.MethodType(_identity_forward, n2), True; n += 1
     return n
 
-# %% ../nbs/03_lora.ipynb #5be3aba0
+# %% ../nbs/03_lora.ipynb #d54087cb
 def _unfold_norms(model: nn.Module):
     for mod in model.modules():
         if '_fttk_folded' in mod.__dict__: del mod.forward, mod._fttk_folded
@@ -889,7 +889,7 @@ def _unfold_norms(model: nn.Module):
         elif '_pre_norm' in mod.__dict__: del mod._pre_norm
         if '_qkv' in mod.__dict__: del mod._qkv
 
-# %% ../nbs/03_lora.ipynb #1c1fb8b5
+# %% ../nbs/03_lora.ipynb #bf44486e
 def _untie_config(model: nn.Module):
     "As peft's merge_and_unload: a trained copy of a tied head means the config is untied."
     cfg, get = getattr(model, 'config', None), getattr(model, 'get_output_embeddings', None)
@@ -902,7 +902,7 @@ def _untie_config(model: nn.Module):
                       "(modules_to_save trained a copy); setting tie_word_embeddings=False "
                       "in the model config.")
 
-# %% ../nbs/03_lora.ipynb #406dc073
+# %% ../nbs/03_lora.ipynb #3c3cf988
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     ("Replace every `LoRALinear` by its base layer, merged first unless `merge=False` (peft's "
      "`merge_and_unload`).")
@@ -915,7 +915,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge: _untie_config(model)
     return model
 
-# %% ../nbs/03_lora.ipynb #35b26a37
+# %% ../nbs/03_lora.ipynb #fb0cffa8
 def enable_fast_lora(model: nn.Module, enable: bool = True,
                      fold_norms: bool = True) -> dict[str, int]:
     ("Route LoRA layers (and SwiGLU MLPs whose three projections are LoRA) through the fused "
@@ -949,7 +949,7 @@ def count_saved_bytes(model: nn.Module | None = None):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): yield stats
 
-# %% ../nbs/03_lora.ipynb #4ccd8edd
+# %% ../nbs/03_lora.ipynb #d769519c
 def lowrank_task(d: int = 128, k: int | None = 8, n: int = 512, seed: int = 0):
     ("(W0, X, Y): a regression whose true update over W0 has rank k (k=None: full rank with a "
      "1/sqrt(i) spectrum).")
@@ -964,7 +964,7 @@ def lowrank_task(d: int = 128, k: int | None = 8, n: int = 512, seed: int = 0):
     X = torch.randn(n, d, generator=g)
     return W0, X, X @ (W0 + dW).T
 
-# %% ../nbs/03_lora.ipynb #6d90a91f
+# %% ../nbs/03_lora.ipynb #93ba9663
 def fit_lora(W0, X, Y, r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 1e-2,
              steps: int = 300, loraplus_lr_ratio: float = 1.0, stop_below: float | None = None,
              seed: int = 0) -> list[float]:
