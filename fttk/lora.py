@@ -15,14 +15,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastcore.basics import patch
+
 from .core import Config, ConfigError, atomic_write_text, load_tensors, save_tensors
 
 # %% auto #0
-__all__ = ['lora_param_count', 'LoRAConfig', 'base_weight', 'LoRALinear', 'lora_layers', 'find_target_modules', 'inject_lora',
-           'lora_config_from_peft', 'trainable_parameters', 'merge_lora', 'unmerge_lora', 'unload_lora',
-           'lora_disabled', 'peft_lora_config', 'from_peft_name', 'loraplus_param_groups', 'lora_state_dict',
-           'save_adapter', 'read_adapter_config', 'load_adapter', 'LoRALinearFunction', 'LoRAMLPFunction',
-           'NormLoRAQKVFunction', 'enable_fast_lora', 'count_saved_bytes', 'lowrank_task', 'fit_lora']
+__all__ = ['lora_param_count', 'LoRAConfig', 'base_weight', 'LoRALinear', 'lora_layers', 'find_target_modules',
+           'trainable_parameters', 'inject_lora', 'merge_lora', 'unmerge_lora', 'lora_disabled', 'peft_lora_config',
+           'from_peft_name', 'lora_config_from_peft', 'loraplus_param_groups', 'lora_state_dict', 'save_adapter',
+           'read_adapter_config', 'load_adapter', 'LoRALinearFunction', 'LoRAMLPFunction', 'NormLoRAQKVFunction',
+           'unload_lora', 'enable_fast_lora', 'count_saved_bytes', 'lowrank_task', 'fit_lora']
 
 # %% ../nbs/03_lora.ipynb #38c87d81
 def lora_param_count(d_in: int, d_out: int, r: int) -> int:
@@ -30,7 +32,7 @@ def lora_param_count(d_in: int, d_out: int, r: int) -> int:
      "d_out x r.")
     return r * (d_in + d_out)
 
-# %% ../nbs/03_lora.ipynb #3095bbd4
+# %% ../nbs/03_lora.ipynb #55d5a16e
 def _check_patterns(name: str, v):
     "Module-name patterns: non-empty strings; a single string is a regex and must compile."
     if v is None: return
@@ -41,6 +43,7 @@ def _check_patterns(name: str, v):
         except re.error as e:
             raise ConfigError(f"{where} {s!r} is not a valid regular expression: {e}") from None
 
+# %% ../nbs/03_lora.ipynb #f34e80a8
 def _check_layer_selection(c):
     "peft's rules: indices >= 0, only with a list of target_modules; a pattern only with indices."
     layers = c.layers_to_transform
@@ -53,6 +56,7 @@ def _check_layer_selection(c):
         raise ConfigError("layers_pattern is set but layers_to_transform is not: "
                           "name the layer indices")
 
+# %% ../nbs/03_lora.ipynb #749a7d8b
 def _check_pattern_dict(name: str, d: dict, tp):
     "rank_pattern values: positive integers; alpha_pattern values: finite numbers > 0."
     for k, v in d.items():
@@ -110,7 +114,7 @@ class LoRAConfig(Config):
         "The factor in front of B A: alpha/r, or alpha/sqrt(r) with rsLoRA."
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-# %% ../nbs/03_lora.ipynb #601bea18
+# %% ../nbs/03_lora.ipynb #2799070c
 def base_weight(base: nn.Module) -> torch.Tensor:
     ("The base layer's weight as a dense `(out_features, in_features)` float tensor (dequantized "
      "if need be).")
@@ -124,6 +128,7 @@ def base_weight(base: nn.Module) -> torch.Tensor:
                     "DoRA need one "
                     f"(give the layer a `dequantize_weight()` method)")
 
+# %% ../nbs/03_lora.ipynb #2327ffaa
 def _check_linear_like(base: nn.Module, name: str = 'base layer'):
     d_in, d_out = getattr(base, 'in_features', None), getattr(base, 'out_features', None)
     if not (isinstance(d_in, int) and isinstance(d_out, int)):
@@ -133,7 +138,19 @@ def _check_linear_like(base: nn.Module, name: str = 'base layer'):
                         "Linear4bit/Linear8bitLt)")
     return d_in, d_out
 
-# %% ../nbs/03_lora.ipynb #5f000ed3
+# %% ../nbs/03_lora.ipynb #f631a2b6
+def _check_lora_args(base_layer: nn.Module, r, lora_alpha, lora_dropout) -> tuple[int, int]:
+    "LoRALinear's arguments: a linear base, an integer r > 0, finite alpha > 0, dropout in [0, 1)."
+    d_in, d_out = _check_linear_like(base_layer)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not (lora_alpha > 0 and math.isfinite(lora_alpha)):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    return d_in, d_out
+
+# %% ../nbs/03_lora.ipynb #1e5bc606
 class LoRALinear(nn.Module):
     ("A frozen base linear layer plus a trainable low-rank update `scaling * B A` (LoRA, rsLoRA or "
      "DoRA).")
@@ -141,13 +158,7 @@ class LoRALinear(nn.Module):
                  lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                  init_lora_weights: bool = True):
         super().__init__()
-        d_in, d_out = _check_linear_like(base_layer)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if not (lora_alpha > 0 and math.isfinite(lora_alpha)):
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        d_in, d_out = _check_lora_args(base_layer, r, lora_alpha, lora_dropout)
         self.base_layer, self.in_features, self.out_features = base_layer, d_in, d_out
         for p in base_layer.parameters(): p.requires_grad_(False)
         self.r, self.lora_alpha, self.use_rslora, self.use_dora = (r, lora_alpha, use_rslora,
@@ -164,103 +175,136 @@ class LoRALinear(nn.Module):
         if isinstance(w, torch.Tensor):
             self.lora_A.to(w.device); self.lora_B.to(w.device)
             if w.is_floating_point(): self.lora_A.to(w.dtype); self.lora_B.to(w.dtype)
-        if use_dora:
-            with torch.no_grad():
-                m = self.weight_norm(base_weight(base_layer).to(self.lora_A.weight.dtype))
-            self.lora_magnitude_vector = nn.Parameter(m)
+        if use_dora: self._init_dora()                      # DoRA's magnitude vector (below)
         self.merged, self.disabled, self.fast = False, False, False
         # set by enable_fast_lora when it folds the RMSNorm before q/k/v into this layer
         self._pre_norm = ()
 
-    def delta_weight(self) -> torch.Tensor:
-        "The update s B A as a dense (out, in) matrix."
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-
-    def weight_norm(self, W0: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
-        "||W0 + delta||_c: the L2 norm of each output unit's weight vector."
-        return torch.linalg.norm(W0 if delta is None else W0 + delta, dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the RMSNorm before this layer was folded in (see enable_fast_lora)
-        if getattr(self, "_pre_norm", ()):
-            hit = _qkv_stash.pop(self, None)
-            # k or v, already computed by q's fused call
-            if hit is not None and hit[0] is x: return hit[1]
-            qkv = getattr(self, '_qkv', None)
-            if qkv is not None and all(_fused_ok(m) for m in qkv):
-                return _fused_qkv(qkv, self._pre_norm[0], x)
-            x = _call_norm(self._pre_norm[0], x)
-        if self.merged or self.disabled: return self.base_layer(x)
-        if self.use_dora: return self._dora_forward(x)
-        if self.fast and _fast_ok(self):
-            W0, b0 = self.base_layer.weight, self.base_layer.bias
-            return LoRALinearFunction.apply(x, self.lora_dropout(x), W0, b0, self.lora_A.weight,
-                                            self.lora_B.weight, self.scaling)
+        "h = base_layer(x) + scaling * lora_B(lora_A(lora_dropout(x)))"
         result = self.base_layer(x)
         xl = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         return result + (self.lora_B(self.lora_A(xl)) * self.scaling).to(result.dtype)
 
-    def _dora_forward(self, x):
-        result = self.base_layer(x)
-        xl = x.to(self.lora_A.weight.dtype)
-        W0 = base_weight(self.base_layer).to(xl.dtype)
-        # the norm is a constant for backward (DoRA section 4.3)
-        norm = self.weight_norm(W0, self.delta_weight().detach()).detach()
-        mag_norm_scale = (self.lora_magnitude_vector / norm).view(1, -1)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, 'bias', None)
-            base_result = (result - bias if bias is not None else result).to(xl.dtype)
-        else:   # W0 x must see the same dropped-out input as B A x
-            xl = self.lora_dropout(xl)
-            base_result = F.linear(xl, W0)
-        dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * self.lora_B(
-            self.lora_A(xl)) * self.scaling
-        return result + dora.to(result.dtype)
+# %% ../nbs/03_lora.ipynb #0d9dee03
+_lora_forward = LoRALinear.forward       # the equation, as the class above defines it
 
-    @torch.no_grad()
-    def merge(self):
-        "Fold the update into the base weight: inference then costs nothing extra."
-        if self.merged:
-            raise RuntimeError("this LoRALinear is already merged; merging again would add B A to "
-                               "the weight "
-                               "twice (call unmerge() first)")
-        W = getattr(self.base_layer, 'weight', None)
-        if not (isinstance(W, torch.Tensor)
-                and W.is_floating_point()) or type(W).__name__ == 'Params4bit':
-            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: merging needs "
-                            "a float weight")
+@patch
+def forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    "The path of the layer's state (merged, disabled, DoRA, fast path), else the LoRA equation."
+    # the RMSNorm before this layer was folded in (see enable_fast_lora)
+    if getattr(self, "_pre_norm", ()):
+        y = self._fused_qkv_forward(x)
+        if y is not None: return y
+        x = _call_norm(self._pre_norm[0], x)
+    if self.merged or self.disabled: return self.base_layer(x)
+    if self.use_dora: return self._dora_forward(x)
+    if self.fast and _fast_ok(self): return self._fast_forward(x)
+    return _lora_forward(self, x)
+
+# %% ../nbs/03_lora.ipynb #0fe0de66
+@patch
+def delta_weight(self: LoRALinear) -> torch.Tensor:
+    "The update s B A as a dense (out, in) matrix."
+    return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+# %% ../nbs/03_lora.ipynb #52ca2763
+@patch
+def merge(self: LoRALinear):
+    "Fold the update into the base weight: inference then costs nothing extra."
+    if self.merged:
+        raise RuntimeError("this LoRALinear is already merged; merging again would add B A to "
+                           "the weight "
+                           "twice (call unmerge() first)")
+    W = getattr(self.base_layer, 'weight', None)
+    if not (isinstance(W, torch.Tensor)
+            and W.is_floating_point()) or type(W).__name__ == 'Params4bit':
+        raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: merging needs "
+                        "a float weight")
+    with torch.no_grad():          # an edit of the weight, not a step for autograd to record
         delta = self.delta_weight().to(W.dtype)
-        if self.use_dora:
-            self._merge_norm = self.weight_norm(W, delta)
-            W.copy_((self.lora_magnitude_vector / self._merge_norm).view(-1, 1) * (W + delta))
+        if self.use_dora: self._dora_merge(W, delta)
         else: W.add_(delta)
-        self.merged = True
+    self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        "Undo `merge` (exact up to rounding)."
-        if not self.merged: raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
+# %% ../nbs/03_lora.ipynb #99aeb729
+@patch
+def unmerge(self: LoRALinear):
+    "Undo `merge` (exact up to rounding)."
+    if not self.merged: raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
+    with torch.no_grad():
         W, delta = self.base_layer.weight, self.delta_weight().to(self.base_layer.weight.dtype)
-        if self.use_dora:
-            W.copy_(W / (self.lora_magnitude_vector / self._merge_norm).view(-1, 1) - delta)
-            del self._merge_norm
+        if self.use_dora: self._dora_unmerge(W, delta)
         else: W.sub_(delta)
-        self.merged = False
+    self.merged = False
 
-    def extra_repr(self):
-        kind = 'DoRA' if self.use_dora else 'rsLoRA' if self.use_rslora else 'LoRA'
-        return (f"{kind} r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
-                f"merged={self.merged}")
+# %% ../nbs/03_lora.ipynb #844a2994
+@patch
+def weight_norm(self: LoRALinear, W0: torch.Tensor,
+                delta: torch.Tensor | None = None) -> torch.Tensor:
+    "||W0 + delta||_c: the L2 norm of each output unit's weight vector."
+    return torch.linalg.norm(W0 if delta is None else W0 + delta, dim=1)
 
-# %% ../nbs/03_lora.ipynb #2a3cf25f
+# %% ../nbs/03_lora.ipynb #d04aabf0
+@patch
+def _init_dora(self: LoRALinear):
+    "DoRA's magnitude m, a trainable vector that starts at ||W0||_c."
+    with torch.no_grad():
+        m = self.weight_norm(base_weight(self.base_layer).to(self.lora_A.weight.dtype))
+    self.lora_magnitude_vector = nn.Parameter(m)
+
+# %% ../nbs/03_lora.ipynb #07563fea
+@patch
+def _dora_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    "DoRA's h, from W0 x and B A x (W' is never built)."
+    result = self.base_layer(x)
+    xl = x.to(self.lora_A.weight.dtype)
+    W0 = base_weight(self.base_layer).to(xl.dtype)
+    # the norm is a constant for backward (DoRA section 4.3)
+    norm = self.weight_norm(W0, self.delta_weight().detach()).detach()
+    mag_norm_scale = (self.lora_magnitude_vector / norm).view(1, -1)
+    if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        bias = getattr(self.base_layer, 'bias', None)
+        base_result = (result - bias if bias is not None else result).to(xl.dtype)
+    else:   # W0 x must see the same dropped-out input as B A x
+        xl = self.lora_dropout(xl)
+        base_result = F.linear(xl, W0)
+    dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * self.lora_B(
+        self.lora_A(xl)) * self.scaling
+    return result + dora.to(result.dtype)
+
+# %% ../nbs/03_lora.ipynb #2cd1bf10
+@patch
+def _dora_merge(self: LoRALinear, W: torch.Tensor, delta: torch.Tensor):
+    "W <- m / ||W + delta||_c * (W + delta), in place (merge calls it without grad)."
+    self._merge_norm = self.weight_norm(W, delta)
+    W.copy_((self.lora_magnitude_vector / self._merge_norm).view(-1, 1) * (W + delta))
+
+# %% ../nbs/03_lora.ipynb #0699f038
+@patch
+def _dora_unmerge(self: LoRALinear, W: torch.Tensor, delta: torch.Tensor):
+    "Undo `_dora_merge` with the norm it kept."
+    W.copy_(W / (self.lora_magnitude_vector / self._merge_norm).view(-1, 1) - delta)
+    del self._merge_norm
+
+# %% ../nbs/03_lora.ipynb #10a57495
+@patch
+def extra_repr(self: LoRALinear):
+    kind = 'DoRA' if self.use_dora else 'rsLoRA' if self.use_rslora else 'LoRA'
+    return (f"{kind} r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
+            f"merged={self.merged}")
+
+# %% ../nbs/03_lora.ipynb #f7191575
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     "The `LoRALinear` layers of `model`, by module name."
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
+# %% ../nbs/03_lora.ipynb #f0483c62
 def _matches(name: str, targets) -> bool:
     if isinstance(targets, str): return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith('.' + t) for t in targets)
 
+# %% ../nbs/03_lora.ipynb #45511a34
 def _layer_index(name: str, layers_pattern) -> int | None:
     "peft's rule: the first number after `<pattern>.` (after any `<word>.` if no pattern)."
     pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
@@ -269,18 +313,20 @@ def _layer_index(name: str, layers_pattern) -> int | None:
     m = next((m for m in hits if m), None)
     return int(m['idx']) if m else None
 
+# %% ../nbs/03_lora.ipynb #3624e722
+def _in_layers(name: str, layers, layers_pattern) -> bool:
+    if layers is None or layers == []: return True
+    i = _layer_index(name, layers_pattern)
+    return i is not None and (i == layers if isinstance(layers, int) else i in layers)
+
+# %% ../nbs/03_lora.ipynb #9c3cd91d
 def _excluded(name: str, exclude_modules, modules_to_save) -> bool:
     "peft's `check_target_module_exists`: excluded names and modules to save get no adapter."
     ex = exclude_modules
     if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _matches(name, ex)): return True
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or [])
 
-def _in_layers(name: str, layers, layers_pattern) -> bool:
-    if layers is None or layers == []: return True
-    i = _layer_index(name, layers_pattern)
-    return i is not None and (i == layers if isinstance(layers, int) else i in layers)
-
-# %% ../nbs/03_lora.ipynb #6c0c7b28
+# %% ../nbs/03_lora.ipynb #b64abb6e
 def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclude_modules=None,
                         layers_to_transform=None, layers_pattern=None,
                         modules_to_save=None) -> list[str]:
@@ -315,15 +361,17 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str, exclu
                          f"its linear layers are named: {', '.join(lin) or '(none)'}")
     return names
 
+# %% ../nbs/03_lora.ipynb #384b82ca
 def _set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-# %% ../nbs/03_lora.ipynb #a1b45d3f
+# %% ../nbs/03_lora.ipynb #083e0093
 def _pattern_value(pattern: dict, name: str, default):
     "peft's `get_pattern_key`: the first key matching the end of `name` (at a dot) gives the value."
     return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
 
+# %% ../nbs/03_lora.ipynb #55a435af
 def _modules_to_save(model: nn.Module, entries) -> list[str]:
     "peft's `_set_trainable` rule: modules whose names end with an entry (not inside one taken)."
     hits = []
@@ -336,6 +384,7 @@ def _modules_to_save(model: nn.Module, entries) -> list[str]:
         hits += new
     return hits
 
+# %% ../nbs/03_lora.ipynb #50451de8
 def _untie(model: nn.Module, name: str, swaps: list):
     "Give module `name` its own copy of each parameter it shares with the rest of the model."
     others = {id(p) for n, m in model.named_modules() if n != name and not n.startswith(name + '.')
@@ -346,6 +395,7 @@ def _untie(model: nn.Module, name: str, swaps: list):
                 setattr(sub, pn, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
                 swaps.append((sub, pn, p))
 
+# %% ../nbs/03_lora.ipynb #40664fa2
 def _undo_inject(model: nn.Module, undo):
     "Put `model` back as before `_inject`: base layers, tied parameters, requires_grad flags."
     grads, swaps = undo
@@ -354,7 +404,7 @@ def _undo_inject(model: nn.Module, undo):
     for p, g in grads: p.requires_grad_(g)
     model.__dict__.pop('fttk_lora_config', None)
 
-# %% ../nbs/03_lora.ipynb #253fc708
+# %% ../nbs/03_lora.ipynb #1cce76a4
 def _inject(model: nn.Module, config: LoRAConfig):
     "inject_lora's work; returns what `_undo_inject` needs, and undoes itself if it fails half-way."
     if lora_layers(model):
@@ -390,12 +440,68 @@ def _inject(model: nn.Module, config: LoRAConfig):
         _undo_inject(model, undo); raise
     return undo
 
+# %% ../nbs/03_lora.ipynb #8f7c02bd
+def _as_lora_config(config, model=None) -> LoRAConfig:
+    if isinstance(config, LoRAConfig): return config
+    if type(config).__name__ == 'LoraConfig' and type(config).__module__.startswith('peft'):
+        return lora_config_from_peft(config, model)
+    raise TypeError(f"config must be an fttk LoRAConfig or a peft LoraConfig, "
+                    f"got {type(config).__name__}")
+
+# %% ../nbs/03_lora.ipynb #0c018e06
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    "(trainable, total) parameter counts."
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
+
+# %% ../nbs/03_lora.ipynb #0981ea44
 def inject_lora(model: nn.Module, config=None, **kwargs) -> nn.Module:
     "Wrap the targets of `model` in `LoRALinear` (in place), freeze the rest; return `model`."
     _inject(model, _as_lora_config(config, model) if config is not None else LoRAConfig(**kwargs))
     return model
 
-# %% ../nbs/03_lora.ipynb #760d9414
+# %% ../nbs/03_lora.ipynb #bb1694f0
+def merge_lora(model: nn.Module):
+    for m in lora_layers(model).values(): m.merge()
+
+# %% ../nbs/03_lora.ipynb #5b488dad
+def unmerge_lora(model: nn.Module):
+    for m in lora_layers(model).values(): m.unmerge()
+
+# %% ../nbs/03_lora.ipynb #2f0c905a
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    "Inside this block the model computes its base outputs (the reference model of DPO, for free)."
+    layers = lora_layers(model).values()
+    if any(m.merged for m in layers):
+        raise RuntimeError("cannot disable merged LoRA layers; unmerge_lora(model) first")
+    for m in layers: m.disabled = True
+    try: yield model
+    finally:
+        for m in layers: m.disabled = False
+
+# %% ../nbs/03_lora.ipynb #32e5430d
+_PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias',
+              'modules_to_save', 'init_lora_weights', 'exclude_modules', 'layers_to_transform',
+              'layers_pattern', 'rank_pattern', 'alpha_pattern')
+
+def peft_lora_config(config: LoRAConfig, **kw):
+    "The peft `LoraConfig` that means the same as `config`."
+    from peft import LoraConfig
+    tm = config.target_modules if isinstance(config.target_modules,
+                                             str) else list(config.target_modules)
+    return LoraConfig(target_modules=tm, **{k: getattr(config, k) for k in _PEFT_SAME}, **kw)
+
+# %% ../nbs/03_lora.ipynb #367822b0
+_PREFIX = 'base_model.model.'
+
+def from_peft_name(name: str) -> str:
+    ("A peft parameter or adapter-file name as fttk names it (drops the prefix and the adapter "
+     "name `default`).")
+    return (name.removeprefix(_PREFIX).replace('.default', '')
+            .replace('lora_magnitude_vector.weight', 'lora_magnitude_vector'))
+
+# %% ../nbs/03_lora.ipynb #006be263
 _PEFT_META = ('task_type', 'peft_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path',
               'revision')
 
@@ -415,6 +521,7 @@ def lora_config_from_peft(pc, model: nn.Module | None = None) -> LoRAConfig:
     if d['target_modules'] is None: d['target_modules'] = _peft_default_targets(model)
     return LoRAConfig.from_dict(d)
 
+# %% ../nbs/03_lora.ipynb #89e4dc12
 def _peft_default_targets(model) -> list[str]:
     "peft's choice when target_modules is None: its per-architecture table."
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
@@ -423,80 +530,6 @@ def _peft_default_targets(model) -> list[str]:
         raise ConfigError(f"target_modules=None and peft has no default targets for model type "
                           f"{mt!r}: name target_modules")
     return list(table[mt])
-
-def _as_lora_config(config, model=None) -> LoRAConfig:
-    if isinstance(config, LoRAConfig): return config
-    if type(config).__name__ == 'LoraConfig' and type(config).__module__.startswith('peft'):
-        return lora_config_from_peft(config, model)
-    raise TypeError(f"config must be an fttk LoRAConfig or a peft LoraConfig, "
-                    f"got {type(config).__name__}")
-
-# %% ../nbs/03_lora.ipynb #0b51970c
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    "(trainable, total) parameter counts."
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
-            sum(p.numel() for p in model.parameters()))
-
-def merge_lora(model: nn.Module):
-    for m in lora_layers(model).values(): m.merge()
-
-def unmerge_lora(model: nn.Module):
-    for m in lora_layers(model).values(): m.unmerge()
-
-def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    ("Replace every `LoRALinear` by its base layer, merged first unless `merge=False` (peft's "
-     "`merge_and_unload`).")
-    # a folded RMSNorm must compute again without us
-    _unfold_norms(model)
-    for name, m in lora_layers(model).items():
-        if merge and not m.merged: m.merge()
-        _set_module(model, name, m.base_layer)
-    if hasattr(model, 'fttk_lora_config'): del model.fttk_lora_config
-    if merge: _untie_config(model)
-    return model
-
-def _untie_config(model: nn.Module):
-    "As peft's merge_and_unload: a trained copy of a tied head means the config is untied."
-    cfg, get = getattr(model, 'config', None), getattr(model, 'get_output_embeddings', None)
-    if not (getattr(cfg, 'tie_word_embeddings', False) and callable(get)): return
-    out, inp = get(), model.get_input_embeddings()
-    if out is not None and inp is not None and out.weight is not inp.weight:
-        # else save_pretrained would drop the trained head and from_pretrained re-tie it
-        cfg.tie_word_embeddings = False
-        warnings.warn("Input and output embeddings are no longer tied after merging "
-                      "(modules_to_save trained a copy); setting tie_word_embeddings=False "
-                      "in the model config.")
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    "Inside this block the model computes its base outputs (the reference model of DPO, for free)."
-    layers = lora_layers(model).values()
-    if any(m.merged for m in layers):
-        raise RuntimeError("cannot disable merged LoRA layers; unmerge_lora(model) first")
-    for m in layers: m.disabled = True
-    try: yield model
-    finally:
-        for m in layers: m.disabled = False
-
-# %% ../nbs/03_lora.ipynb #d8897a3c
-_PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias',
-              'modules_to_save', 'init_lora_weights', 'exclude_modules', 'layers_to_transform',
-              'layers_pattern', 'rank_pattern', 'alpha_pattern')
-
-def peft_lora_config(config: LoRAConfig, **kw):
-    "The peft `LoraConfig` that means the same as `config`."
-    from peft import LoraConfig
-    tm = config.target_modules if isinstance(config.target_modules,
-                                             str) else list(config.target_modules)
-    return LoraConfig(target_modules=tm, **{k: getattr(config, k) for k in _PEFT_SAME}, **kw)
-
-_PREFIX = 'base_model.model.'
-
-def from_peft_name(name: str) -> str:
-    ("A peft parameter or adapter-file name as fttk names it (drops the prefix and the adapter "
-     "name `default`).")
-    return (name.removeprefix(_PREFIX).replace('.default', '')
-            .replace('lora_magnitude_vector.weight', 'lora_magnitude_vector'))
 
 # %% ../nbs/03_lora.ipynb #bdd08ba0
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float | None = None,
@@ -515,13 +548,14 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float 
                         {'params': b, 'lr': lr * ratio, 'weight_decay': weight_decay})
                         if g['params']]
 
-# %% ../nbs/03_lora.ipynb #03f16e6b
+# %% ../nbs/03_lora.ipynb #0236d2a4
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ("The tensors an adapter file holds: every trainable parameter (LoRA factors, magnitudes, "
      "trained biases, modules_to_save).")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in trainable or 'lora_' in k}
 
+# %% ../nbs/03_lora.ipynb #a3171d96
 def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     return {'peft_type': 'LORA', 'task_type': None,
@@ -530,6 +564,7 @@ def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> d
             'target_modules': cfg.target_modules, 'fan_in_fan_out': cfg.fan_in_fan_out,
             'inference_mode': True}
 
+# %% ../nbs/03_lora.ipynb #a5e9ff65
 def save_adapter(model: nn.Module, path: str | Path,
                  base_model_name_or_path: str | None = None) -> Path:
     "Write `model`'s adapter as peft does: `adapter_config.json` + `adapter_model.safetensors`."
@@ -571,7 +606,7 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     try: return LoRAConfig.from_dict(d)
     except ConfigError as e: raise ConfigError(f"{p}: {e}") from None
 
-# %% ../nbs/03_lora.ipynb #ccf728c0
+# %% ../nbs/03_lora.ipynb #b61f2d75
 def _check_adapter_tensors(model: nn.Module, sd: dict, file: Path):
     "Each tensor of the file fits a tensor of `model`; each adapter tensor is in the file."
     own = model.state_dict()
@@ -587,6 +622,7 @@ def _check_adapter_tensors(model: nn.Module, sd: dict, file: Path):
             raise ValueError(f"{file}: {k} has shape {tuple(v.shape)}, but adapter_config.json on "
                              f"this model gives {tuple(own[k].shape)} (another r or base model?)")
 
+# %% ../nbs/03_lora.ipynb #d8490386
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     "Inject the adapter saved at `path` (by fttk or peft); on any error `model` is unchanged."
     path = Path(path)
@@ -602,7 +638,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         for k, v in sd.items(): own[k].copy_(v)      # shapes checked: copy_ cannot fail half-way
     return model
 
-# %% ../nbs/03_lora.ipynb #b05c012a
+# %% ../nbs/03_lora.ipynb #c9e3c76a
 class LoRALinearFunction(torch.autograd.Function):
     ("y = x W0^T + b0 + s (xd A^T) B^T with a hand-derived backward; `xd` is x after LoRA dropout "
      "(may be x itself).")
@@ -634,6 +670,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]: dxd = torch.mm(GB, A).mul_(s).view(ctx.shape)
         return dx, dxd, None, None, dA, dB, None
 
+# %% ../nbs/03_lora.ipynb #08b2d52e
 def _fast_ok(m: LoRALinear) -> bool:
     ("The fused function applies: a plain frozen nn.Linear base, no DoRA, and lora dtype = base "
      "dtype.")
@@ -642,7 +679,15 @@ def _fast_ok(m: LoRALinear) -> bool:
             and (b.bias is None or not b.bias.requires_grad)
             and not m.use_dora and b.weight.dtype == m.lora_A.weight.dtype)
 
-# %% ../nbs/03_lora.ipynb #698282c6
+# %% ../nbs/03_lora.ipynb #8f258914
+@patch
+def _fast_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    "The LoRA equation through `LoRALinearFunction` (its hand-derived backward)."
+    W0, b0 = self.base_layer.weight, self.base_layer.bias
+    return LoRALinearFunction.apply(x, self.lora_dropout(x), W0, b0, self.lora_A.weight,
+                                    self.lora_B.weight, self.scaling)
+
+# %% ../nbs/03_lora.ipynb #006a3519
 class LoRAMLPFunction(torch.autograd.Function):
     ("down(silu(gate(x)) * up(x)) with three LoRA linears; keeps x, e, g and the thin x A^T "
      "products only (optionally RMSNorm-ed first).")
@@ -687,9 +732,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         return dX.view(
             ctx.shape), None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None, None, None
 
+# %% ../nbs/03_lora.ipynb #75fd7531
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ('SiLUActivation', 'SiLU')
 
+# %% ../nbs/03_lora.ipynb #5766622d
 def _fused_ok(m, bias_ok: bool = True) -> bool:
     ("This LoRA layer can go through a fused function right now (no dropout in training, not "
      "merged or disabled).")
@@ -697,6 +744,7 @@ def _fused_ok(m, bias_ok: bool = True) -> bool:
             and (bias_ok or m.base_layer.bias is None) and not m.merged
             and not m.disabled and (isinstance(m.lora_dropout, nn.Identity) or not m.training))
 
+# %% ../nbs/03_lora.ipynb #1a9731fa
 def _fast_mlp_forward(self, x):
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
     norm = self._pre_norm[0] if getattr(self, '_pre_norm', ()) else None
@@ -708,7 +756,13 @@ def _fast_mlp_forward(self, x):
                                  u.scaling, d.base_layer.weight, d.lora_A.weight, d.lora_B.weight,
                                  d.scaling, nw, eps)
 
-# %% ../nbs/03_lora.ipynb #003d9164
+# %% ../nbs/03_lora.ipynb #181715de
+def _rms_scale(r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    ("w * r * rho with rho's precision inside: the norm's output, also rebuilt from (r, rho) in "
+     "backward.")
+    return w * (r.to(rho.dtype) * rho).to(r.dtype)
+
+# %% ../nbs/03_lora.ipynb #7f5116a0
 def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     ("LlamaRMSNorm with the same roundings (float32 inside; float64 stays float64): returns (w * r "
      "* rho, rho).")
@@ -716,16 +770,13 @@ def _rms_norm(r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tenso
     rho = torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
     return _rms_scale(r, rho, w), rho
 
-def _rms_scale(r: torch.Tensor, rho: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    ("w * r * rho with rho's precision inside: the norm's output, also rebuilt from (r, rho) in "
-     "backward.")
-    return w * (r.to(rho.dtype) * rho).to(r.dtype)
-
+# %% ../nbs/03_lora.ipynb #d61d4db3
 def _rms_norm_backward(dxhat: torch.Tensor, r: torch.Tensor, rho: torch.Tensor,
                        w: torch.Tensor) -> torch.Tensor:
     g, r_hat = (dxhat * w).to(rho.dtype), r.to(rho.dtype) * rho
     return ((g - r_hat * (g * r_hat).mean(-1, keepdim=True)) * rho).to(r.dtype)
 
+# %% ../nbs/03_lora.ipynb #e0260168
 class NormLoRAQKVFunction(torch.autograd.Function):
     "q, k, v = three LoRA linears of RMSNorm(x); keeps x, rho and the thin x A^T products."
     @staticmethod
@@ -765,6 +816,7 @@ class NormLoRAQKVFunction(torch.autograd.Function):
         return (dx, None, None, None, None, grads[0], grads[1], None, None, None, grads[2],
                 grads[3], None, None, None, grads[4], grads[5], None)
 
+# %% ../nbs/03_lora.ipynb #afd291fd
 # k_proj / v_proj -> (input, output) from q_proj's fused call
 _qkv_stash = weakref.WeakKeyDictionary()
 
@@ -777,14 +829,26 @@ def _fused_qkv(qkv, norm, x):
     _qkv_stash[qkv[1]], _qkv_stash[qkv[2]] = (x, k), (x, v)
     return q
 
+# %% ../nbs/03_lora.ipynb #d3d941f8
+def _identity_forward(self, x): return x
+
+# %% ../nbs/03_lora.ipynb #bde1c0ca
 # the class's forward, past the identity patch
 def _call_norm(norm, x): return type(norm).forward(norm, x)
 
-def _identity_forward(self, x): return x
+# %% ../nbs/03_lora.ipynb #f188eb58
+@patch
+def _fused_qkv_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+    "With the norm before q/k/v folded in: this layer's output from the fused call, or None."
+    hit = _qkv_stash.pop(self, None)
+    # k or v, already computed by q's fused call
+    if hit is not None and hit[0] is x: return hit[1]
+    qkv = getattr(self, '_qkv', None)
+    if qkv is not None and all(_fused_ok(m) for m in qkv):
+        return _fused_qkv(qkv, self._pre_norm[0], x)
+    return None
 
-# %% ../nbs/03_lora.ipynb #e6f69c75
-_FOLD_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
-
+# %% ../nbs/03_lora.ipynb #e16455d6
 def _foldable_norm(norm) -> bool:
     w = getattr(norm, 'weight', None)
     if not (type(norm).__name__.endswith('RMSNorm') and isinstance(w, nn.Parameter)
@@ -796,12 +860,8 @@ def _foldable_norm(norm) -> bool:
         return torch.allclose(_call_norm(norm, probe),
                               _rms_norm(probe, w, norm.variance_epsilon)[0], rtol=1e-5, atol=1e-6)
 
-def _unfold_norms(model: nn.Module):
-    for mod in model.modules():
-        if '_fttk_folded' in mod.__dict__: del mod.forward, mod._fttk_folded
-        if isinstance(mod, LoRALinear): mod._pre_norm = ()
-        elif '_pre_norm' in mod.__dict__: del mod._pre_norm
-        if '_qkv' in mod.__dict__: del mod._qkv
+# %% ../nbs/03_lora.ipynb #b940a920
+_FOLD_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
 
 def _fold_norms(model: nn.Module) -> int:
     if getattr(getattr(model, 'config', None), 'model_type', None) not in _FOLD_MODEL_TYPES:
@@ -821,6 +881,41 @@ def _fold_norms(model: nn.Module) -> int:
             n2.forward, n2._fttk_folded = types.MethodType(_identity_forward, n2), True; n += 1
     return n
 
+# %% ../nbs/03_lora.ipynb #d54087cb
+def _unfold_norms(model: nn.Module):
+    for mod in model.modules():
+        if '_fttk_folded' in mod.__dict__: del mod.forward, mod._fttk_folded
+        if isinstance(mod, LoRALinear): mod._pre_norm = ()
+        elif '_pre_norm' in mod.__dict__: del mod._pre_norm
+        if '_qkv' in mod.__dict__: del mod._qkv
+
+# %% ../nbs/03_lora.ipynb #bf44486e
+def _untie_config(model: nn.Module):
+    "As peft's merge_and_unload: a trained copy of a tied head means the config is untied."
+    cfg, get = getattr(model, 'config', None), getattr(model, 'get_output_embeddings', None)
+    if not (getattr(cfg, 'tie_word_embeddings', False) and callable(get)): return
+    out, inp = get(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is not inp.weight:
+        # else save_pretrained would drop the trained head and from_pretrained re-tie it
+        cfg.tie_word_embeddings = False
+        warnings.warn("Input and output embeddings are no longer tied after merging "
+                      "(modules_to_save trained a copy); setting tie_word_embeddings=False "
+                      "in the model config.")
+
+# %% ../nbs/03_lora.ipynb #3c3cf988
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    ("Replace every `LoRALinear` by its base layer, merged first unless `merge=False` (peft's "
+     "`merge_and_unload`).")
+    # a folded RMSNorm must compute again without us
+    _unfold_norms(model)
+    for name, m in lora_layers(model).items():
+        if merge and not m.merged: m.merge()
+        _set_module(model, name, m.base_layer)
+    if hasattr(model, 'fttk_lora_config'): del model.fttk_lora_config
+    if merge: _untie_config(model)
+    return model
+
+# %% ../nbs/03_lora.ipynb #fb0cffa8
 def enable_fast_lora(model: nn.Module, enable: bool = True,
                      fold_norms: bool = True) -> dict[str, int]:
     ("Route LoRA layers (and SwiGLU MLPs whose three projections are LoRA) through the fused "
@@ -854,7 +949,7 @@ def count_saved_bytes(model: nn.Module | None = None):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): yield stats
 
-# %% ../nbs/03_lora.ipynb #fb99b7c7
+# %% ../nbs/03_lora.ipynb #d769519c
 def lowrank_task(d: int = 128, k: int | None = 8, n: int = 512, seed: int = 0):
     ("(W0, X, Y): a regression whose true update over W0 has rank k (k=None: full rank with a "
      "1/sqrt(i) spectrum).")
@@ -869,6 +964,7 @@ def lowrank_task(d: int = 128, k: int | None = 8, n: int = 512, seed: int = 0):
     X = torch.randn(n, d, generator=g)
     return W0, X, X @ (W0 + dW).T
 
+# %% ../nbs/03_lora.ipynb #93ba9663
 def fit_lora(W0, X, Y, r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 1e-2,
              steps: int = 300, loraplus_lr_ratio: float = 1.0, stop_below: float | None = None,
              seed: int = 0) -> list[float]:
