@@ -264,6 +264,26 @@ def write_source_pages(site: Path, lib: Path) -> list[str]:
         pages.append(str(out.relative_to(site)))
     return pages
 
+_ID = re.compile(r"""\bid=["']([^"']+)["']""")
+_PRIVATE_LINK = re.compile(r'<a href="([^"#]*)#(_\w+)"[^>]*>(.*?)</a>', re.S)
+
+def unlink_private(site: Path) -> int:
+    ("nbdev links every backticked name in `_modidx`, private ones too (`_coerce`), but only exported "
+     "public names get an entry with an anchor: drop links to private anchors a page does not have.")
+    pages = {PurePosixPath(p.relative_to(site).as_posix()): p for p in site.rglob('*.html')}
+    ids = {rel: set(_ID.findall(p.read_text(encoding='utf-8'))) for rel, p in pages.items()}
+    n = 0
+    for rel, page in pages.items():
+        text = page.read_text(encoding='utf-8')
+        def keep(m):
+            nonlocal n
+            target = PurePosixPath(posixpath.normpath(posixpath.join(str(rel.parent), m[1]))) if m[1] else rel
+            if target in ids and m[2] not in ids[target]: n += 1; return m[3]
+            return m[0]
+        new = _PRIVATE_LINK.sub(keep, text)
+        if new != text: page.write_text(new, encoding='utf-8')
+    return n
+
 def finish_site(site: Path, site_url: str) -> None:
     "Serve KaTeX from the site, and make links to the site's own URL relative."
     shutil.copytree(KATEX_DIR, site/'site_libs'/'katex', dirs_exist_ok=True)
@@ -277,6 +297,7 @@ def finish_site(site: Path, site_url: str) -> None:
         if base: new = _ATTR.sub(lambda m: f'{m[1]}={m[2]}{up}{m[3][len(base):] or "index.html"}{m[2]}'
                                  if m[3].startswith(base) else m[0], new)
         if new != text: page.write_text(new, encoding='utf-8')
+    unlink_private(site)
 
 def build(dest: Path | None = None, n_workers: int = 0, quiet: bool = False, file_re: str = '') -> dict:
     "Process the notebooks and render the site into `dest`; returns what happened (paths, timings, warnings, renames)."
