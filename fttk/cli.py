@@ -54,9 +54,9 @@ def fresh_folder(base: str | Path) -> Path:
 # %% ../nbs/90_cli.ipynb #f1213942
 def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = True,
              overwrite: bool = False) -> Path:
-    """The main job: world + base model (+ a LoRA SFT stage) + report (markdown and PNGs) in `out`;
-    returns the report's path. Without `out`, a new folder `runs/demo`, `runs/demo-2`, ...; a
-    non-empty `out` is an error unless `overwrite`."""
+    """The main job: world + base model (+ LoRA SFT and reward-model stages) + report (markdown
+    and PNGs) in `out`; returns the report's path. Without `out`, a new folder `runs/demo`,
+    `runs/demo-2`, ...; a non-empty `out` is an error unless `overwrite`."""
     import matplotlib; matplotlib.use('Agg')
     from fttk.world import (lab_world, base_model, base_model_report, plot_pretraining,
                             greedy_complete, attribute_prompt)
@@ -91,7 +91,8 @@ def run_demo(size: str = 'default', out: str | Path | None = None, sft: bool = T
           "![pretraining](plots/pretraining.png)", ""]
     if sft:
         from fttk.sft import sft_demo
-        md += sft_demo(run.path, size) + [""]
+        from fttk.reward import reward_demo
+        md += sft_demo(run.path, size) + [""] + reward_demo(run.path, size) + [""]
     md += [f"Demo wall time: {time.time() - t0:.0f} s (base model from cache: {rep['folder']})."]
     return atomic_write_text(run.path/'report.md', '\n'.join(md) + '\n')
 
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='run folder (default: a new runs/demo, runs/demo-2, ...)')
     d.add_argument('--overwrite', action='store_true', help='replace an earlier fttk run in --out')
     d.add_argument('--no-sft', action='store_true',
-                   help='stop after the base model (skip the SFT stage)')
+                   help='stop after the base model (skip the SFT and reward stages)')
     d.set_defaults(func=cmd_demo)
     sub.add_parser('memory', help='training-memory estimate (fttk memory --help)', add_help=False)
     return p

@@ -43,6 +43,8 @@ def test_demo_console_script(tmp_path):
     assert 'Greedy fact recall' in report and 'known people' in report
     assert 'Supervised fine-tuning (LoRA)' in report and 'QA exact match' in report
     assert (out/'plots'/'sft_loss.png').stat().st_size > 5_000
+    assert '## Reward model' in report and 'Bayes ceiling' in report
+    assert (out/'reward'/'metrics.jsonl').exists() and (out/'reward'/'config.yaml').exists()
     png = out/'plots'/'pretraining.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
     assert json.loads((out/'fingerprint.json').read_text())['data_hash']
