@@ -513,33 +513,24 @@ def test_qlora_loss_falls():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_qlora_on_lab_base_model_lowers_loss_and_keeps_nf4_base_bytes():
+def test_qlora_on_lab_base_model_lowers_loss_and_keeps_nf4_base_bytes(tmp_path):
     "QLoRA on the 'test' lab base model: answer loss falls, the frozen NF4+DQ base stays byte-identical."
-    from fttk.core import set_seed
+    from fttk.sft import SFTConfig, completion_rows, completion_tokenizer, sft_train
     from fttk.lora import LoRAConfig, lora_layers
     from fttk.world import base_model, lab_world
     model, tok = base_model('test', progress=False)
     world = lab_world('test')
     rows = world.qa_rows(world.known[:16])
-    prompts = [tok(r['prompt'])['input_ids'] for r in rows]
-    full = [tok(r['prompt'] + ' ' + r['answer'])['input_ids'] for r in rows]
-    L = max(map(len, full))
-    ids = torch.full((len(rows), L), tok.pad_token_id); labels = torch.full((len(rows), L), -100)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, (p, f) in enumerate(zip(prompts, full)):
-        assert f[:len(p)] == p
-        ids[i, :len(f)] = torch.tensor(f); mask[i, :len(f)] = 1; labels[i, len(p):len(f)] = torch.tensor(f[len(p):])
     model = prepare_qlora_model(model.float(), LoRAConfig(target_modules='all-linear', r=8, lora_alpha=16))
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
     assert len(nf4) == 14 and len(lora_layers(model)) == 14 and all(m.absmax2 is not None for m in nf4)   # NF4 + DQ
     assert all(not p.requires_grad for n, p in model.named_parameters() if 'lora_' not in n)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if 'lora_' not in k}
-    set_seed(0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
-    model.train(); losses = []
-    for _ in range(25):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    # the library's trainer on plain completions (prompt + ' ' + answer, loss on the answer), as the notebook does
+    cfg = SFTConfig(output_dir=str(tmp_path/'qlora'), learning_rate=2e-3, max_steps=25, per_device_train_batch_size=16,
+                    lr_scheduler_type='constant', seed=0, shuffle=False)
+    res = sft_train(model, completion_tokenizer(tok), completion_rows(rows), cfg, progress=False)
+    losses = [r['loss'] for r in res['log']]
     assert losses[-1] < 0.5 * losses[0], losses
     after = model.state_dict()
     for k, v in frozen.items():           # packed 4-bit codes, 8-bit scales, fp32 second-level scales, embeddings, norms
