@@ -237,10 +237,10 @@ def forward_batch(model, b: dict, temperature: float, rows=slice(None)) -> tuple
     if isinstance(model, PolicyAndValue): logits, values = model(ids, attn, pos)
     else: logits, values = model(input_ids=ids, attention_mask=attn, position_ids=pos,
                                  use_cache=False).logits, None
-    P = q.shape[1]
-    lg = logits[:, P - 1:-1].float() / temperature
+    P, dt = q.shape[1], torch.promote_types(logits.dtype, torch.float32)   # bf16 -> fp32
+    lg = logits[:, P - 1:-1].to(dt) / temperature
     logp = lg.log_softmax(-1).gather(-1, r[..., None]).squeeze(-1)
-    return lg, logp, None if values is None else values[:, P - 1:-1].float()
+    return lg, logp, None if values is None else values[:, P - 1:-1].to(dt)
 
 # %% ../nbs/10_ppo.ipynb #a0736523
 @torch.no_grad()
