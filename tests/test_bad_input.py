@@ -253,6 +253,16 @@ CASES = [
     Case('trl_reward_train', 'ranking batches (TRL trains pair by pair)',
          lambda tmp: __import__('fttk.reward').reward.trl_reward_train(None, None, [], _cfg_obj('fttk.reward.RewardConfig')),
          Exception, r"TRL's RewardTrainer trains pair by pair: set batch_by='pair'"),
+    # --- PPO (fttk.ppo)
+    Case('PPOConfig', 'discount above 1', _cfg('fttk.ppo.PPOConfig', gamma=1.5), Exception, r'gamma must be in \[0, 1\], got 1\.5'),
+    Case('PPOConfig', 'unknown KL estimator', _cfg('fttk.ppo.PPOConfig', kl_estimator='k4'), Exception,
+         r"config field 'kl_estimator' must be one of \['k1', 'k2', 'k3'\], got 'k4'"),
+    Case('PPOConfig', 'dual-clip bound not above 1', _cfg('fttk.ppo.PPOConfig', clip_ratio_c=1.0), Exception,
+         r'clip_ratio_c must be None or > 1'),
+    Case('check_prompts', 'no prompts', lambda tmp: __import__('fttk.ppo').ppo.check_prompts([]), ValueError,
+         r'prompts is empty: PPO needs prompts to sample responses to'),
+    Case('check_prompts', 'a row without a prompt', lambda tmp: __import__('fttk.ppo').ppo.check_prompts([{'prompt': 'Q'}, {'question': 'Q'}]),
+         ValueError, r"prompt row 1: needs 'prompt'"),
     # --- the command line: one line on stderr, exit 2, no traceback
     Case('fttk', 'no subcommand', lambda tmp: cli(), CLIError, r'exit 2: fttk: error: the following arguments are required: command'),
     Case('fttk world build', 'unknown --size', lambda tmp: cli('world', 'build', '--size', 'huge'), CLIError, r"exit 2: .*invalid choice: 'huge'"),
