@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from fastcore.basics import patch
 from filelock import FileLock
 
 from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_write_text,
@@ -22,11 +23,11 @@ from .core import (Config, ConfigError, CorruptFileError, RunFolder, atomic_writ
 __all__ = ['FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNIVERSITIES', 'MAJORS', 'EMPLOYERS', 'MONTHS', 'ATTRIBUTES', 'TEMPLATES',
            'QUESTIONS', 'LABELS', 'GOLD_WEIGHTS', 'WORD_LIMITS', 'QA_KINDS', 'BIO_KINDS', 'BOS', 'EOS', 'PAD',
            'ROLE_TOKENS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'SIZES', 'attribute_prompt', 'WorldConfig', 'Person',
-           'make_bio', 'World', 'claims', 'gold_components', 'gold_reward', 'candidate', 'PreferenceConfig',
-           'plackett_luce_ranking', 'preference_rows', 'preference_pairs', 'bayes_ceiling', 'preference_dataset',
-           'train_lab_tokenizer', 'world_texts', 'BaseModelConfig', 'model_config', 'cosine_schedule', 'pretrain',
+           'make_bio', 'World', 'claims', 'gold_components', 'gold_reward', 'candidate', 'plackett_luce_ranking',
+           'PreferenceConfig', 'preference_rows', 'preference_pairs', 'bayes_ceiling', 'preference_dataset',
+           'world_texts', 'train_lab_tokenizer', 'BaseModelConfig', 'model_config', 'cosine_schedule', 'pretrain',
            'greedy_complete', 'fact_recall', 'lab_world', 'lab_tokenizer', 'require_chat_template', 'build_base_model',
-           'base_model', 'cached_model', 'base_model_report', 'base_model_recipe', 'plot_pretraining']
+           'cached_model', 'base_model', 'base_model_report', 'base_model_recipe', 'plot_pretraining']
 
 # %% ../nbs/01_world.ipynb #14acccd1
 FIRST_NAMES = """Ada Alan Alma Amara Anders Anika Arjun Astrid Aurelio Beatriz Bjorn Bruno Camille
@@ -140,6 +141,7 @@ class Person:
     def facts(self) -> dict[str, str]: return {a: getattr(self, a) for a in ATTRIBUTES}
     def to_dict(self) -> dict: return {'name': self.name, **self.facts(), 'known': self.known}
 
+# %% ../nbs/01_world.ipynb #e67f9746
 def _make_people(cfg: WorldConfig) -> list[Person]:
     rng = random.Random(cfg.seed)
     names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
@@ -178,75 +180,65 @@ class World:
         return (f"World({len(self.people)} people: {len(self.known)} known, {len(self.unknown)} "
                 f"unknown; seed {self.cfg.seed})")
 
-    def corpus(self) -> list[str]:
-        ("The pretraining corpus: every biography of every known person (unknown people never "
-         "appear).")
-        return [b for p in self.known for b in self.bios[p.name]]
+# %% ../nbs/01_world.ipynb #ddb3ea2c
+@patch
+def corpus(self: World) -> list[str]:
+    ("The pretraining corpus: every biography of every known person (unknown people never "
+     "appear).")
+    return [b for p in self.known for b in self.bios[p.name]]
 
-    def qa_rows(self, people: list[Person] | None = None) -> list[dict]:
-        "One question per (person, attribute), with the short answer and a full-sentence answer."
-        rows = []
-        for p in (self.people if people is None else people):
-            for a in ATTRIBUTES:
-                rows.append({'name': p.name, 'attribute': a, 'known': p.known,
-                             'question': QUESTIONS[a].format(name=p.name), 'answer': getattr(p, a),
-                             'answer_sentence': TEMPLATES[a][0].format(
-                                 name=p.name, value=getattr(p, a)),
-                             'prompt': attribute_prompt(p.name, a)})
-        return rows
+# %% ../nbs/01_world.ipynb #c8b68e7a
+@patch
+def qa_rows(self: World, people: list[Person] | None = None) -> list[dict]:
+    "One question per (person, attribute), with the short answer and a full-sentence answer."
+    rows = []
+    for p in (self.people if people is None else people):
+        for a in ATTRIBUTES:
+            rows.append({'name': p.name, 'attribute': a, 'known': p.known,
+                         'question': QUESTIONS[a].format(name=p.name), 'answer': getattr(p, a),
+                         'answer_sentence': TEMPLATES[a][0].format(
+                             name=p.name, value=getattr(p, a)),
+                         'prompt': attribute_prompt(p.name, a)})
+    return rows
 
-    def instruction_rows(self, seed: int | None = None) -> list[dict]:
-        ("A generic chat instruction set about known people: questions, bio writing, listing "
-         "attributes.")
-        rng = random.Random((self.cfg.seed if seed is None else seed) + 2)
-        rows = []
-        for p in self.known:
-            for a in ATTRIBUTES:
-                rows.append({'task': 'qa', 'name': p.name, 'attribute': a, 'messages': [
-                    {'role': 'user', 'content': QUESTIONS[a].format(name=p.name)},
-                    {'role': 'assistant',
-                     'content': TEMPLATES[a][0].format(name=p.name, value=getattr(p, a))}]})
-            rows.append({'task': 'bio', 'name': p.name, 'attribute': None, 'messages': [
-                {'role': 'user', 'content': f"Write a short biography of {p.name}."},
-                {'role': 'assistant', 'content': make_bio(p, rng)}]})
-            rows.append({'task': 'list', 'name': p.name, 'attribute': None, 'messages': [
-                {'role': 'user', 'content': f"List what you know about {p.name}."},
+# %% ../nbs/01_world.ipynb #c6943730
+@patch
+def instruction_rows(self: World, seed: int | None = None) -> list[dict]:
+    ("A generic chat instruction set about known people: questions, bio writing, listing "
+     "attributes.")
+    rng = random.Random((self.cfg.seed if seed is None else seed) + 2)
+    rows = []
+    for p in self.known:
+        for a in ATTRIBUTES:
+            rows.append({'task': 'qa', 'name': p.name, 'attribute': a, 'messages': [
+                {'role': 'user', 'content': QUESTIONS[a].format(name=p.name)},
                 {'role': 'assistant',
-                 'content': '\n'.join(f"{LABELS[a]}: {v}" for a, v in p.facts().items())}]})
-        return rows
+                 'content': TEMPLATES[a][0].format(name=p.name, value=getattr(p, a))}]})
+        rows.append({'task': 'bio', 'name': p.name, 'attribute': None, 'messages': [
+            {'role': 'user', 'content': f"Write a short biography of {p.name}."},
+            {'role': 'assistant', 'content': make_bio(p, rng)}]})
+        rows.append({'task': 'list', 'name': p.name, 'attribute': None, 'messages': [
+            {'role': 'user', 'content': f"List what you know about {p.name}."},
+            {'role': 'assistant',
+             'content': '\n'.join(f"{LABELS[a]}: {v}" for a, v in p.facts().items())}]})
+    return rows
 
-    def qa_dataset(self, people=None):
-        from datasets import Dataset
-        return Dataset.from_list(self.qa_rows(people))
+# %% ../nbs/01_world.ipynb #5e984445
+@patch
+def qa_dataset(self: World, people=None):
+    from datasets import Dataset
+    return Dataset.from_list(self.qa_rows(people))
 
-    def instruction_dataset(self):
-        from datasets import Dataset
-        return Dataset.from_list(self.instruction_rows())
+# %% ../nbs/01_world.ipynb #3aca7e31
+@patch
+def instruction_dataset(self: World):
+    from datasets import Dataset
+    return Dataset.from_list(self.instruction_rows())
 
-    def write_jsonl(self, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
-        """Write people, corpus, QA and instructions as JSONL (sorted keys, fixed order: same world,
-        same bytes). A file of the same name with other content is never replaced unless
-        `overwrite=True`."""
-        folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-        files = {'people': [p.to_dict() for p in self.people],
-                 'corpus': [{'name': p.name, 'text': b} for p in self.known
-                            for b in self.bios[p.name]],
-                 'qa': self.qa_rows(), 'instructions': self.instruction_rows(),
-                 'preferences': preference_rows(self)}
-        texts = {k: ''.join(json.dumps(r, sort_keys=True, ensure_ascii=False) + '\n' for r in rows)
-                 for k, rows in files.items()}
-        # check every file before writing any, so a refusal leaves the folder exactly as it was
-        differ = [f'{k}.jsonl' for k, t in texts.items()
-                  if (folder/f'{k}.jsonl').exists() and (folder/f'{k}.jsonl').read_bytes()
-                  != t.encode()]
-        if differ and not overwrite:
-            raise FileExistsError(f"{folder} already holds {', '.join(differ)} with other content; "
-                                  "pass overwrite=True (fttk world build --overwrite) or choose "
-                                  "another folder")
-        return {k: atomic_write_text(folder/f'{k}.jsonl', t) for k, t in texts.items()}
-
-    def world_hash(self) -> str:
-        return hash_data([p.to_dict() for p in self.people] + self.corpus())
+# %% ../nbs/01_world.ipynb #35c2ecbf
+@patch
+def world_hash(self: World) -> str:
+    return hash_data([p.to_dict() for p in self.people] + self.corpus())
 
 # %% ../nbs/01_world.ipynb #2e8080dc
 _POOLS = {'university': UNIVERSITIES, 'employer': EMPLOYERS, 'major': MAJORS, 'city': CITIES}
@@ -294,22 +286,22 @@ def gold_components(world: World, name: str, attribute: str | None,
             'birth_date': float(attribute != 'birth_date' and p.birth_date in response),
             'word_over': float(max(0, words))}
 
+# %% ../nbs/01_world.ipynb #bedd8277
 def gold_reward(world: World, name: str, attribute: str | None, response: str) -> float:
     "r*(x, y): the weighted sum of the gold components."
     return sum(GOLD_WEIGHTS[k] * v
                for k, v in gold_components(world, name, attribute, response).items())
 
 # %% ../nbs/01_world.ipynb #7b8244c8
-QA_KINDS = ('correct', 'verbose', 'wrong_value', 'other_person', 'off_topic', 'abstain')
-BIO_KINDS = ('bio_no_date', 'bio_full', 'bio_wrong', 'bio_other', 'bio_short')
-
 def _sentence(rng, name, a, v): return rng.choice(TEMPLATES[a]).format(name=name, value=v)
 
+# %% ../nbs/01_world.ipynb #a4cd3d0d
 def _wrong(rng, p: Person, a: str) -> str:
     pool = CITIES if a.endswith('city') else _POOLS.get(a)
     if pool is None: return f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 2004)}"
     return rng.choice([v for v in pool if v not in (getattr(p, a), p.birth_city, p.employer_city)])
 
+# %% ../nbs/01_world.ipynb #01e5933a
 def _namesake(world: World, p: Person, rng) -> Person:
     first, last = p.name.split()
     same = [q for q in world.people if q is not p
@@ -317,6 +309,9 @@ def _namesake(world: World, p: Person, rng) -> Person:
     return rng.choice(same or [q for q in world.people if q is not p])
 
 # %% ../nbs/01_world.ipynb #3818cde9
+QA_KINDS = ('correct', 'verbose', 'wrong_value', 'other_person', 'off_topic', 'abstain')
+BIO_KINDS = ('bio_no_date', 'bio_full', 'bio_wrong', 'bio_other', 'bio_short')
+
 def candidate(world: World, p: Person, attribute: str | None, kind: str, rng: random.Random) -> str:
     ("One candidate response of `kind` to a question about `p`'s `attribute` (None: 'Write a short "
      "biography').")
@@ -341,6 +336,13 @@ def candidate(world: World, p: Person, attribute: str | None, kind: str, rng: ra
     raise ValueError(f"unknown candidate kind {kind!r}; kinds are {QA_KINDS + BIO_KINDS}")
 
 # %% ../nbs/01_world.ipynb #bcfd42bf
+def plackett_luce_ranking(rewards: list[float], temperature: float,
+                          rng: random.Random) -> list[int]:
+    "Indices best first: sort by r/T plus Gumbel noise."
+    keys = [r / temperature - math.log(-math.log(rng.random() or 1e-300)) for r in rewards]
+    return sorted(range(len(rewards)), key=lambda i: -keys[i])
+
+# %% ../nbs/01_world.ipynb #b7a46e25
 @dataclass
 class PreferenceConfig(Config):
     "How the lab preference data is drawn."
@@ -358,12 +360,6 @@ class PreferenceConfig(Config):
         if not 0 <= self.questions_per_person <= len(ATTRIBUTES):
             raise ConfigError(f"questions_per_person must be in [0, {len(ATTRIBUTES)}], got "
                               f"{self.questions_per_person}")
-
-def plackett_luce_ranking(rewards: list[float], temperature: float,
-                          rng: random.Random) -> list[int]:
-    "Indices best first: sort by r/T plus Gumbel noise."
-    keys = [r / temperature - math.log(-math.log(rng.random() or 1e-300)) for r in rewards]
-    return sorted(range(len(rewards)), key=lambda i: -keys[i])
 
 # %% ../nbs/01_world.ipynb #14e9126f
 def preference_rows(world: World, cfg: PreferenceConfig | None = None) -> list[dict]:
@@ -405,16 +401,42 @@ def preference_pairs(rows: list[dict]) -> list[dict]:
                                 1 + math.exp(-(hi['gold_reward'] - lo['gold_reward']) / T))})
     return out
 
+# %% ../nbs/01_world.ipynb #822ebe2e
 def bayes_ceiling(pairs: list[dict]) -> float:
     "The best pair accuracy any model can reach on these labels: the mean of max(P, 1 - P)."
     return sum(max(p['p_gold'], 1 - p['p_gold']) for p in pairs) / len(pairs)
 
+# %% ../nbs/01_world.ipynb #c699c300
 def preference_dataset(rows: list[dict], meta: bool = False):
     ("The pairs as a `datasets.Dataset` (`prompt`, `chosen`, `rejected`; plus the gold columns if "
      "`meta`).")
     from datasets import Dataset
     keep = ('prompt', 'chosen', 'rejected') + (('group', 'gold_margin', 'p_gold') if meta else ())
     return Dataset.from_list([{k: p[k] for k in keep} for p in preference_pairs(rows)])
+
+# %% ../nbs/01_world.ipynb #c5ec3b90
+@patch
+def write_jsonl(self: World, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write people, corpus, QA and instructions as JSONL (sorted keys, fixed order: same world,
+    same bytes). A file of the same name with other content is never replaced unless
+    `overwrite=True`."""
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    files = {'people': [p.to_dict() for p in self.people],
+             'corpus': [{'name': p.name, 'text': b} for p in self.known
+                        for b in self.bios[p.name]],
+             'qa': self.qa_rows(), 'instructions': self.instruction_rows(),
+             'preferences': preference_rows(self)}
+    texts = {k: ''.join(json.dumps(r, sort_keys=True, ensure_ascii=False) + '\n' for r in rows)
+             for k, rows in files.items()}
+    # check every file before writing any, so a refusal leaves the folder exactly as it was
+    differ = [f'{k}.jsonl' for k, t in texts.items()
+              if (folder/f'{k}.jsonl').exists() and (folder/f'{k}.jsonl').read_bytes()
+              != t.encode()]
+    if differ and not overwrite:
+        raise FileExistsError(f"{folder} already holds {', '.join(differ)} with other content; "
+                              "pass overwrite=True (fttk world build --overwrite) or choose "
+                              "another folder")
+    return {k: atomic_write_text(folder/f'{k}.jsonl', t) for k, t in texts.items()}
 
 # %% ../nbs/01_world.ipynb #01e7ca97
 BOS, EOS, PAD = '<s>', '</s>', '<pad>'
@@ -438,6 +460,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# %% ../nbs/01_world.ipynb #66fc4da8
+def world_texts(world: World) -> list[str]:
+    "All the text of the world the tokenizer should know: bios, questions, answers, instructions."
+    texts = world.corpus() + [r['question'] + ' ' + r['answer_sentence'] for r in world.qa_rows()]
+    texts += [m['content'] for r in world.instruction_rows() for m in r['messages']]
+    return texts
+
+# %% ../nbs/01_world.ipynb #dabe9212
 def train_lab_tokenizer(texts: list[str], vocab_size: int = 2048):
     ("Byte-level BPE trained with HF `tokenizers` on `texts`, wrapped as a "
      "`PreTrainedTokenizerFast` with our chat template.")
@@ -462,12 +492,6 @@ def train_lab_tokenizer(texts: list[str], vocab_size: int = 2048):
                                    pad_token=PAD, additional_special_tokens=list(ROLE_TOKENS),
                                    chat_template=CHAT_TEMPLATE, model_max_length=512,
                                    padding_side='right')
-
-def world_texts(world: World) -> list[str]:
-    "All the text of the world the tokenizer should know: bios, questions, answers, instructions."
-    texts = world.corpus() + [r['question'] + ' ' + r['answer_sentence'] for r in world.qa_rows()]
-    texts += [m['content'] for r in world.instruction_rows() for m in r['messages']]
-    return texts
 
 # %% ../nbs/01_world.ipynb #06f3a68c
 @dataclass
@@ -538,6 +562,7 @@ SIZES = {
     'default': BaseModelConfig(),
 }
 
+# %% ../nbs/01_world.ipynb #622690d4
 def model_config(size: str | BaseModelConfig = 'default', vocab_size: int | None = None):
     "The transformers `LlamaConfig` of a lab model size (no weights, no download)."
     from transformers import LlamaConfig
@@ -562,12 +587,14 @@ def _batches(ids: list[list[int]], batch_size: int, pad_id: int, g: torch.Genera
             input_ids[r, :len(row)] = torch.tensor(row); mask[r, :len(row)] = 1
         yield input_ids, mask, input_ids.masked_fill(mask == 0, -100)
 
+# %% ../nbs/01_world.ipynb #940da114
 def cosine_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
     "Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio`."
     if step < warmup: return (step + 1) / warmup
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return min_ratio + (1 - min_ratio) * cos
 
+# %% ../nbs/01_world.ipynb #f983df0f
 def pretrain(model, tokenizer, texts: list[str], cfg: BaseModelConfig, eval_fn=None,
              eval_every: int = 0, progress: bool = True,
              run: RunFolder | None = None) -> list[dict]:
@@ -634,6 +661,7 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     finally: tokenizer.padding_side = side
     return outs
 
+# %% ../nbs/01_world.ipynb #db04b65b
 def fact_recall(model, tokenizer, world: World, people: list[Person] | None = None,
                 attributes=ATTRIBUTES) -> dict:
     ("Share of (person, attribute) facts whose canonical prompt greedily completes to the true "
@@ -648,21 +676,24 @@ def fact_recall(model, tokenizer, world: World, people: list[Person] | None = No
     return res
 
 # %% ../nbs/01_world.ipynb #3adabf4f
-def lab_world(size: str | BaseModelConfig = 'default') -> World:
-    "The `World` a lab base model of this size is pretrained on."
-    return World((SIZES[_check_size(size)] if isinstance(size, str) else size).world_config())
-
 def _check_size(size: str) -> str:
     if size not in SIZES:
         raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)} (or pass a "
                          "model name or path)")
     return size
 
+# %% ../nbs/01_world.ipynb #dc70ca87
+def lab_world(size: str | BaseModelConfig = 'default') -> World:
+    "The `World` a lab base model of this size is pretrained on."
+    return World((SIZES[_check_size(size)] if isinstance(size, str) else size).world_config())
+
+# %% ../nbs/01_world.ipynb #e948fb6f
 def lab_tokenizer(size: str | BaseModelConfig = 'default'):
     "The tokenizer of the lab base model of this size (trained in about a second; deterministic)."
     cfg = SIZES[_check_size(size)] if isinstance(size, str) else size
     return train_lab_tokenizer(world_texts(lab_world(cfg)), cfg.vocab_size)
 
+# %% ../nbs/01_world.ipynb #a077e601
 def require_chat_template(tokenizer):
     ("Raise a clear error if `tokenizer` cannot format chats (many base models ship without a "
      "template).")
@@ -680,10 +711,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
+# %% ../nbs/01_world.ipynb #020e97b9
 def _cache_folder(name: str, cfg: BaseModelConfig, world: World) -> Path:
     key = hashlib.sha256(f"{cfg.config_hash()}-{world.world_hash()}".encode()).hexdigest()[:12]
     return cache_dir('models')/f"lab-{name}-{key}"
 
+# %% ../nbs/01_world.ipynb #8791ab1a
 def _verify(folder: Path) -> dict:
     "Check every file against the manifest; raise `CorruptFileError` naming the first problem."
     man = folder/'manifest.json'
@@ -700,6 +733,7 @@ def _verify(folder: Path) -> dict:
                 f"cached model file {p} does not match its checksum (truncated or modified)")
     return manifest
 
+# %% ../nbs/01_world.ipynb #7fc2c6ee
 def _load_folder(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     # a local folder loads in milliseconds: no progress bars (a hub download keeps its own)
@@ -709,6 +743,7 @@ def _load_folder(folder: Path):
     model.eval()
     return model, tokenizer
 
+# %% ../nbs/01_world.ipynb #e1657283
 def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = True,
                      eval_every: int = 2) -> dict:
     ("Build the world, tokenizer and pretrained model of `cfg` into `folder` (a plain "
@@ -738,23 +773,7 @@ def build_base_model(cfg: BaseModelConfig, folder: str | Path, progress: bool = 
     atomic_write_text(folder/'report.json', json.dumps(report, indent=2))
     return report
 
-def base_model(size: str | BaseModelConfig = 'default', progress: bool = True,
-               rebuild: bool = False):
-    """`(model, tokenizer)`: the lab base model of `size` ('test', 'default' or a
-    `BaseModelConfig`), built on first use and cached; any other string is a Hugging Face model name
-    or local path, loaded with `from_pretrained`."""
-    if isinstance(size, str) and size not in SIZES:
-        if not (Path(size).exists() or '/' in size):
-            raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)}, or pass "
-                             "a model name or path")
-        return _load_folder(size)
-    name = size if isinstance(size, str) else 'custom'
-    cfg = SIZES[size] if isinstance(size, str) else size
-    world = World(cfg.world_config())
-    folder = _cache_folder(name, cfg, world)
-    return cached_model(folder, lambda tmp: build_base_model(cfg, tmp, progress=progress),
-                        cfg.to_dict(), rebuild)
-
+# %% ../nbs/01_world.ipynb #5a6567f0
 def cached_model(folder: Path, build, config: dict, rebuild: bool = False):
     ("`(model, tokenizer)` from the cache `folder`, checked against its manifest; when absent or "
      "corrupt, `build(tmp)` writes it and the folder is published whole or not at all.")
@@ -778,6 +797,25 @@ def cached_model(folder: Path, build, config: dict, rebuild: bool = False):
         os.rename(tmp, folder)
         return _load_folder(folder)
 
+# %% ../nbs/01_world.ipynb #c2da8529
+def base_model(size: str | BaseModelConfig = 'default', progress: bool = True,
+               rebuild: bool = False):
+    """`(model, tokenizer)`: the lab base model of `size` ('test', 'default' or a
+    `BaseModelConfig`), built on first use and cached; any other string is a Hugging Face model name
+    or local path, loaded with `from_pretrained`."""
+    if isinstance(size, str) and size not in SIZES:
+        if not (Path(size).exists() or '/' in size):
+            raise ValueError(f"unknown lab model size {size!r}; sizes are {sorted(SIZES)}, or pass "
+                             "a model name or path")
+        return _load_folder(size)
+    name = size if isinstance(size, str) else 'custom'
+    cfg = SIZES[size] if isinstance(size, str) else size
+    world = World(cfg.world_config())
+    folder = _cache_folder(name, cfg, world)
+    return cached_model(folder, lambda tmp: build_base_model(cfg, tmp, progress=progress),
+                        cfg.to_dict(), rebuild)
+
+# %% ../nbs/01_world.ipynb #2919aaae
 def base_model_report(size: str = 'default') -> dict:
     ("The build report (time, recall, loss) and pretraining log of a cached lab model (builds it "
      "if needed).")
