@@ -30,12 +30,13 @@ __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLE
            'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows',
            'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
-# %% ../nbs/08_sft.ipynb #197170a2
+# %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
 
 class SFTDataError(ValueError):
     "A training row that cannot be used; the message names the row."
 
+# %% ../nbs/08_sft.ipynb #197170a2
 def check_row(row, i: int = 0) -> list[dict]:
     ("Return `row['messages']` if it is a usable chat, else raise `SFTDataError` naming row `i` "
      "and the problem.")
@@ -120,6 +121,7 @@ def pack_examples(examples: list[dict], max_length: int) -> list[list[dict]]:
     if cur: packs.append(cur)
     return packs
 
+# %% ../nbs/08_sft.ipynb #608c060d
 def collate(batch: list[list[dict]], pad_token_id: int = 0, dtype=torch.float32) -> dict:
     ("Tensors for a batch whose rows are lists of examples: padded ids/labels, restarted position "
      "ids, block-causal mask.")
@@ -156,12 +158,14 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction='none').view(lb.shape)
 
+# %% ../nbs/08_sft.ipynb #71bb0007
 def _mask_dtype(model) -> torch.dtype:
     ("The additive attention mask must have the model's float dtype (float64 in the exactness "
      "checks).")
     return next(model.parameters()).dtype if next(
         model.parameters()).is_floating_point() else torch.float32
 
+# %% ../nbs/08_sft.ipynb #59076618
 def example_losses(model, batch_rows: list[list[dict]], pad_token_id: int = 0) -> list[float]:
     "Mean loss of each example of a (possibly packed) batch, in order."
     b = collate(batch_rows, pad_token_id, _mask_dtype(model))
@@ -245,14 +249,15 @@ class TrainingConfig(Config):
             raise ConfigError("bf16=True on a CPU without AVX512-BF16/AMX: it would run several "
                               "times slower than fp32; set bf16=False")
 
-def use_bf16(cfg: TrainingConfig) -> bool:
-    "`cfg.bf16`, with None resolved to this machine's measured best precision (cached per machine)."
-    return best_precision() == 'bf16' if cfg.bf16 is None else bool(cfg.bf16)
-
 def _cpu_has_bf16() -> bool:
     try: flags = Path('/proc/cpuinfo').read_text()
     except OSError: return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+# %% ../nbs/08_sft.ipynb #1b8dcf3f
+def use_bf16(cfg: TrainingConfig) -> bool:
+    "`cfg.bf16`, with None resolved to this machine's measured best precision (cached per machine)."
+    return best_precision() == 'bf16' if cfg.bf16 is None else bool(cfg.bf16)
 
 # %% ../nbs/08_sft.ipynb #e3e6f0c8
 @dataclass
@@ -288,9 +293,11 @@ def lr_factor(step: int, total: int, warmup: int, kind: str = 'cosine') -> float
 class SFTLossError(FloatingPointError):
     "The training loss became NaN or infinite; raised before the bad update is applied."
 
+# %% ../nbs/08_sft.ipynb #7dedd4eb
 def _units(examples: list[dict], cfg: SFTConfig) -> list[list[dict]]:
     return pack_examples(examples, cfg.max_length) if cfg.packing else [[e] for e in examples]
 
+# %% ../nbs/08_sft.ipynb #97708b1e
 def _micro_batches(units, cfg: TrainingConfig, epoch: int) -> list[list[list[dict]]]:
     order = list(range(len(units)))
     if cfg.shuffle:
@@ -302,6 +309,7 @@ def _micro_batches(units, cfg: TrainingConfig, epoch: int) -> list[list[list[dic
     if getattr(cfg, 'padding_free', False): mbs = [[[e for u in mb for e in u]] for mb in mbs]
     return mbs
 
+# %% ../nbs/08_sft.ipynb #26bff5ed
 def _steps(units, cfg: TrainingConfig):
     "Yield (epoch, list of micro-batches) per optimizer update, for as many epochs as needed."
     epoch = 0
@@ -311,6 +319,7 @@ def _steps(units, cfg: TrainingConfig):
         for i in range(0, len(mbs), ga): yield epoch, mbs[i:i + ga]
         epoch += 1
 
+# %% ../nbs/08_sft.ipynb #3c1e82de
 def total_steps(n_units: int, cfg: TrainingConfig) -> int:
     "Optimizer updates of a run: `max_steps`, or updates per epoch times `num_train_epochs`."
     if cfg.max_steps > 0: return cfg.max_steps
@@ -318,9 +327,22 @@ def total_steps(n_units: int, cfg: TrainingConfig) -> int:
                           / cfg.gradient_accumulation_steps)
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
 
+# %% ../nbs/08_sft.ipynb #60db6b79
+def _optimizer(model, cfg: TrainingConfig):
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter (all frozen): nothing to fine-tune")
+    # weight decay on matrices, not on norms and biases (transformers' rule for Llama)
+    groups = [{'params': [p for n, p in params if p.ndim >= 2], 'weight_decay': cfg.weight_decay},
+              {'params': [p for n, p in params if p.ndim < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+# %% ../nbs/08_sft.ipynb #77cc1cb8
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
+# %% ../nbs/08_sft.ipynb #1fe8cd84
 def _save_checkpoint(run: RunFolder, step: int, model, opt, extra: dict) -> Path:
     d = run.checkpoint_dir(step); d.mkdir(parents=True, exist_ok=True)
     save_tensors(trainable_state(model), d/'model.safetensors')
@@ -331,6 +353,7 @@ def _save_checkpoint(run: RunFolder, step: int, model, opt, extra: dict) -> Path
     run.mark_complete(d)
     return d
 
+# %% ../nbs/08_sft.ipynb #d299759a
 def _load_checkpoint(d: Path, model, opt) -> dict:
     # read and check every file before touching the model: a corrupt checkpoint leaves it as it was
     for f in ('model.safetensors', 'optimizer.pt', 'rng.safetensors', 'trainer_state.json'):
@@ -350,6 +373,7 @@ def _load_checkpoint(d: Path, model, opt) -> dict:
     torch.set_rng_state(rng)
     return state
 
+# %% ../nbs/08_sft.ipynb #4d284a4e
 @torch.no_grad()
 def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: int = 0) -> float:
     "Token-mean assistant loss of `examples` (teacher forcing)."
@@ -363,16 +387,6 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
         n += (b['labels'][:, 1:] != IGNORE_INDEX).sum().item()
     model.train(was)
     return tot / max(n, 1)
-
-def _optimizer(model, cfg: TrainingConfig):
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameter (all frozen): nothing to fine-tune")
-    # weight decay on matrices, not on norms and biases (transformers' rule for Llama)
-    groups = [{'params': [p for n, p in params if p.ndim >= 2], 'weight_decay': cfg.weight_decay},
-              {'params': [p for n, p in params if p.ndim < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 # %% ../nbs/08_sft.ipynb #cff0d812
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
@@ -469,6 +483,7 @@ def trl_field_map(kw: dict, fields: set[str], warmup_ratio: float = 0.0,
         out['warmup_ratio'], out['warmup_steps'] = warmup_ratio, 0
     return out
 
+# %% ../nbs/08_sft.ipynb #5e9cd7c2
 def trl_common_args(cfg: TrainingConfig) -> dict:
     "The `TrainingConfig` fields as keyword arguments of a TRL config (any trainer's)."
     return dict(output_dir=cfg.output_dir, learning_rate=cfg.learning_rate,
@@ -485,6 +500,7 @@ def trl_common_args(cfg: TrainingConfig) -> dict:
               disable_tqdm=True, eval_strategy='steps' if cfg.eval_steps else 'no',
               eval_steps=cfg.eval_steps, dataloader_num_workers=0)
 
+# %% ../nbs/08_sft.ipynb #b92eaabf
 def trl_config(trl_cls, cfg: TrainingConfig, **kw):
     "TRL's config class `trl_cls` made from our `cfg` plus `kw` (the method's own fields)."
     import dataclasses
@@ -492,18 +508,20 @@ def trl_config(trl_cls, cfg: TrainingConfig, **kw):
     return trl_cls(**trl_field_map(kw, {f.name for f in dataclasses.fields(trl_cls)},
                                    cfg.warmup_ratio, trl_cls.__name__))
 
-def _trl_args(cfg: SFTConfig, **over):
-    from trl import SFTConfig as TRLConfig
-    return trl_config(TRLConfig, cfg, **{**dict(
-        max_length=cfg.max_length, packing=cfg.packing, padding_free=cfg.padding_free,
-        assistant_only_loss=False, completion_only_loss=False), **over})
-
+# %% ../nbs/08_sft.ipynb #339680eb
 def _trl_dataset(examples: list[dict]):
     from datasets import Dataset
     # already tokenized, labels included: TRL skips its own chat formatting and its collator pads
     # our labels with -100
     return Dataset.from_list(
         [{'input_ids': e['input_ids'], 'labels': e['labels']} for e in examples])
+
+# %% ../nbs/08_sft.ipynb #894e456a
+def _trl_args(cfg: SFTConfig, **over):
+    from trl import SFTConfig as TRLConfig
+    return trl_config(TRLConfig, cfg, **{**dict(
+        max_length=cfg.max_length, packing=cfg.packing, padding_free=cfg.padding_free,
+        assistant_only_loss=False, completion_only_loss=False), **over})
 
 def trl_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, peft_config=None,
               **trl_overrides) -> dict:
@@ -542,6 +560,7 @@ def first_sentence(text: str) -> str:
     i = text.find('. ')
     return text if i < 0 else text[:i + 1]
 
+# %% ../nbs/08_sft.ipynb #db7ef7a7
 def names_other_person(reply: str, person: str, names) -> str | None:
     ("The other person of `names` that `reply` is about instead of `person`, or None (no other "
      "person named).")
@@ -556,6 +575,7 @@ def names_other_person(reply: str, person: str, names) -> str | None:
         if n.split()[-1] == surname and n.split()[0] in words and first not in words: return n
     return None
 
+# %% ../nbs/08_sft.ipynb #5c55ff09
 def grade_reply(reply: str, answer: str, person: str | None = None, names=()) -> bool:
     ("First sentence contains the answer ('contains' exact match) and names no other person than "
      "`person`.")
@@ -564,6 +584,7 @@ def grade_reply(reply: str, answer: str, person: str | None = None, names=()) ->
     if person is not None and names and names_other_person(s, person, names): return False
     return bool(exact_match_scores([s], [answer], mode='contains')[0])
 
+# %% ../nbs/08_sft.ipynb #8a3e3bbd
 @torch.no_grad()
 def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
                   batch_size: int = 64, seed: int = 0, **gen_kwargs) -> list[str]:
@@ -592,6 +613,7 @@ def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tok
         tokenizer.padding_side = side; model.train(was)
     return outs
 
+# %% ../nbs/08_sft.ipynb #4a9ef8a3
 def qa_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict] | None = None, names=(),
                 **gen_kwargs) -> float:
     ("Share of QA rows whose reply's first sentence holds the short answer and is about the person "
@@ -604,7 +626,6 @@ def qa_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[dict] | None 
     replies = chat_generate(model, tokenizer, convs, **gen_kwargs)
     return sum(grade_reply(o, a, r.get('name'), names)
                for o, a, r in zip(replies, answers, qa_rows)) / len(qa_rows)
-
 
 # %% ../nbs/08_sft.ipynb #cfa9eeeb
 def evaluate_sft(model, tokenizer, world, people, qa_rows: list[dict] | None = None,
@@ -626,6 +647,7 @@ def evaluate_sft(model, tokenizer, world, people, qa_rows: list[dict] | None = N
     out['fact_recall'] = fact_recall(model, tokenizer, world, people)['all']
     return out
 
+# %% ../nbs/08_sft.ipynb #4fc77283
 def sft_rows(world, names: set[str]) -> list[dict]:
     "All instruction rows (qa, bio, list) about the people in `names`."
     return [r for r in world.instruction_rows() if r['name'] in names]
@@ -670,6 +692,7 @@ def text_few_shot_accuracy(model, tokenizer, qa_rows: list[dict], shots: list[di
     return sum(grade_reply(o, r['answer'], r.get('name'), names)
                for o, r in zip(outs, qa_rows)) / len(qa_rows)
 
+# %% ../nbs/08_sft.ipynb #39caabb0
 def few_shot_curve(model, tokenizer, qa_rows: list[dict], shot_pool: list[dict], ks=(0, 1, 2, 4, 6),
                    fmt: str = 'chat', seed: int = 0, names=()) -> dict[int, float]:
     ("QA exact match with k example QA pairs (drawn once, fixed order, from `shot_pool`) before "
@@ -717,6 +740,7 @@ def split_people(world, train_fraction: float = 0.6) -> tuple[list, list]:
     k = int(train_fraction * len(known))
     return known[:k], known[k:]
 
+# %% ../nbs/08_sft.ipynb #269705a7
 def sft_recipe(size: str, output_dir, max_steps: int | None = None):
     ("`(LoRAConfig, SFTConfig)` of the lab SFT recipe (`fttk demo`, `sft_model`): LoRA r=16 on "
      "every linear layer, 120 steps of 16 packed rows (20 steps at size 'test').")
@@ -727,6 +751,7 @@ def sft_recipe(size: str, output_dir, max_steps: int | None = None):
                       per_device_train_batch_size=16, warmup_ratio=0.05, max_length=192,
                       packing=True, seed=0, save_steps=steps))
 
+# %% ../nbs/08_sft.ipynb #c49825ef
 def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> list[str]:
     ("Short LoRA SFT of the lab base model; writes `out/sft` (run folder) and "
      "`out/plots/sft_loss.png`, returns markdown lines.")
