@@ -246,7 +246,7 @@ CASES = [
     Case('prepare_reward_data', 'NaN margin', lambda tmp: _reward_rows([{'chosen': 'A', 'rejected': 'B', 'margin': math.nan}]),
          Exception, r"row 0: 'margin' must be a finite number, got nan"),
     Case('prepare_reward_data', 'a pair over max_length',
-         lambda tmp: _reward_rows([{'prompt': 'Q ' * 300, 'chosen': 'A', 'rejected': 'B'}]),
+         lambda tmp: _reward_rows([{'prompt': 'Q ' * 150, 'chosen': 'A', 'rejected': 'B'}]),
          Exception, r"row 0: \d+ tokens, over max_length=256; raise max_length or set truncation_mode='drop'"),
     Case('reward_train', 'output_dir holds the user\'s files', lambda tmp: _with_notes(tmp) and _reward_run(tmp/'results'),
          FileExistsError, r'run folder .*results is not empty', _notes_intact),

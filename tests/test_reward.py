@@ -218,7 +218,7 @@ def test_spearman_matches_pearson_of_ranks():
     ([{'chosen': 'A', 'rejected': 'B', 'margin': 'big'}], r"row 0: 'margin' must be a finite number, got 'big'"),
     (['chosen'], r'row 0: expected a dict'),
     ({'chosen': 'A', 'rejected': 'B'}, r'expected a list of preference rows, got dict'),
-    ([{'prompt': 'Q ' * 300, 'chosen': 'A', 'rejected': 'B'}], r'row 0: \d+ tokens, over max_length=256'),
+    ([{'prompt': 'Q ' * 150, 'chosen': 'A', 'rejected': 'B'}], r'row 0: \d+ tokens, over max_length=256'),
 ])
 def test_bad_rows_name_the_row(lab, rows, msg):
     rm, tok, _ = lab
@@ -228,7 +228,7 @@ def test_bad_rows_name_the_row(lab, rows, msg):
 
 def test_over_long_rows_dropped_when_asked(lab):
     rm, tok, pairs = lab
-    rows = [{'prompt': 'Q ' * 300, 'chosen': 'A', 'rejected': 'B'}] + [pairs[0]]
+    rows = [{'prompt': 'Q ' * 150, 'chosen': 'A', 'rejected': 'B'}] + [pairs[0]]
     ex, rep = prepare_reward_data(rows, tok, max_length=256, truncation_mode='drop')
     assert rep == {'rows': 2, 'kept': 1, 'dropped_long': 1} and ex[0]['row'] == 1
     with pytest.raises(RewardDataError, match=r'no usable preference pair in 1 rows \(1 over max_length=256\)'):
