@@ -14,14 +14,12 @@ import argparse, json, os, resource, subprocess, sys, tempfile, warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _sides import rss_mb, run_sides   # noqa: E402
+
 STEPS = {'test': 8, 'default': 30}
 BATCH_PAIRS = 12          # pairs per optimizer step; ranking side: 2 rankings of K=4 (6 pairs each)
 
-
-def _rss_mb() -> float:
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
-    return float('nan')
 
 
 def side(kind: str, size: str, steps: int, threads: int) -> dict:
@@ -37,7 +35,7 @@ def side(kind: str, size: str, steps: int, threads: int) -> dict:
     cfg = RewardConfig(output_dir=tempfile.mkdtemp(), learning_rate=1e-3, max_steps=steps,
                        per_device_train_batch_size=per_step, max_length=256, seed=0, shuffle=False,
                        batch_by='ranking' if kind == 'ranking' else 'pair')
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     if kind == 'trl':
         res = trl_reward_train(rm, tok, pairs, cfg)
         seconds = next(r['train_runtime'] for r in res['trainer'].state.log_history if 'train_runtime' in r)
@@ -63,17 +61,7 @@ def main():
         print('RESULT ' + json.dumps(side(a.side, a.size, steps, a.threads))); return
     env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads)}
     kinds = ('pair', 'ranking', 'trl')
-    res, speeds = {}, {k: [] for k in kinds}
-    for rep in range(a.repeats):          # sides alternate; best pairs/s of each: a shared machine only slows a run
-        for kind in kinds:
-            p = subprocess.run([sys.executable, __file__, '--size', a.size, '--steps', str(steps), '--threads',
-                                str(a.threads), '--side', kind], env=env, capture_output=True, text=True)
-            line = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
-            if p.returncode or not line: sys.exit(f"{kind} side failed:\n{p.stderr[-3000:]}")
-            r = json.loads(line[0][7:]); speeds[kind].append(r['pairs_per_s'])
-            res.setdefault(kind, r)
-            res[kind]['pairs_per_s'] = max(speeds[kind])
-            res[kind]['peak_rss_mb'] = min(res[kind]['peak_rss_mb'], r['peak_rss_mb'])
+    res, speeds = run_sides(__file__, kinds, ['--size', a.size, '--steps', str(steps), '--threads', str(a.threads)], a.repeats, env, 'pairs_per_s')
     t = res['trl']
     print(f"Reward model, lab SFT model '{a.size}' + scalar head ({t['n_params']/1e6:.2f}M params), {steps} steps x "
           f"{BATCH_PAIRS} pairs, {a.threads} thread(s)")

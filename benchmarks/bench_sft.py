@@ -15,13 +15,11 @@ import argparse, json, math, os, resource, subprocess, sys, tempfile, time, warn
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _sides import rss_mb, run_sides   # noqa: E402
+
 STEPS = {'test': 8, 'default': 30}
 
-
-def _rss_mb() -> float:
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
-    return float('nan')
 
 
 def _canonical(name: str) -> str:
@@ -54,7 +52,7 @@ def side(kind: str, size: str, steps: int, threads: int) -> dict:
                     max_length=192, seed=0, shuffle=False, use_fast_lora=(kind == 'fttk'))
     examples, _ = prepare_sft_data(rows, tok, cfg.max_length)
     n_tok = sum(len(e['input_ids']) for e in examples[:steps * cfg.per_device_train_batch_size])
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     if kind == 'fttk':
         inject_lora(model, lcfg); _init_adapters(model)
         res = sft_train(model, tok, rows, cfg, progress=False)
@@ -112,17 +110,7 @@ def main():
     if a.side:
         print('RESULT ' + json.dumps(side(a.side, a.size, steps, a.threads))); return
     env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads)}
-    res, speeds = {}, {'fttk': [], 'trl': []}
-    for rep in range(a.repeats):          # sides alternate; best tokens/s of each: a shared machine only ever slows a run down
-        for kind in ('fttk', 'trl'):
-            p = subprocess.run([sys.executable, __file__, '--size', a.size, '--steps', str(steps), '--threads', str(a.threads), '--side', kind],
-                               env=env, capture_output=True, text=True)
-            line = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
-            if p.returncode or not line: sys.exit(f"{kind} side failed:\n{p.stderr[-3000:]}")
-            r = json.loads(line[0][7:]); speeds[kind].append(r['tokens_per_s'])
-            res.setdefault(kind, r)
-            res[kind]['tokens_per_s'] = max(speeds[kind])
-            res[kind]['peak_rss_mb'] = min(res[kind]['peak_rss_mb'], r['peak_rss_mb'])
+    res, speeds = run_sides(__file__, ('fttk', 'trl'), ['--size', a.size, '--steps', str(steps), '--threads', str(a.threads)], a.repeats, env, 'tokens_per_s')
     f, t = res['fttk'], res['trl']
     dl = max(abs(x - y) for x, y in zip(f['losses'], t['losses']))
     print(f"SFT LoRA r=16 all-linear, lab model '{a.size}' ({f['n_params']/1e6:.2f}M params), {steps} steps x 16 chats, "
