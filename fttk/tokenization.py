@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import regex
+from fastcore.basics import patch
 
 from .core import (Config, ConfigError, CorruptFileError, atomic_write_text, hash_data, in_test,
                        progress_bar)
@@ -370,7 +371,7 @@ def _check_bpe_dict(d):
     if pattern is not None and not isinstance(pattern, str):
         raise ValueError("pattern must be a string or null")
 
-# %% ../nbs/02_tokenization.ipynb #be80b5bc
+# %% ../nbs/02_tokenization.ipynb #f4073ef0
 _HEAP_FROM = 16   # chunk length (bytes) from which the heap merge beats the simple loop in CPython
 
 class BPETokenizer:
@@ -424,79 +425,91 @@ class BPETokenizer:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={list(self.special_tokens)})")
 
-    def _encode_chunk(self, b: bytes) -> list[int]:
-        ids = self._cache.get(b)
-        if ids is not None: return ids
-        merge = bpe_merge_simple if len(b) < _HEAP_FROM else bpe_merge_heap
-        ids = merge(list(b), self._ranks, self._merge_ids)
-        if len(self._cache) > 200_000: self._cache.clear()
-        self._cache[b] = ids
-        return ids
+# %% ../nbs/02_tokenization.ipynb #64226b24
+@patch
+def _encode_chunk(self: BPETokenizer, b: bytes) -> list[int]:
+    ids = self._cache.get(b)
+    if ids is not None: return ids
+    merge = bpe_merge_simple if len(b) < _HEAP_FROM else bpe_merge_heap
+    ids = merge(list(b), self._ranks, self._merge_ids)
+    if len(self._cache) > 200_000: self._cache.clear()
+    self._cache[b] = ids
+    return ids
 
-    def encode_ordinary(self, text: str) -> list[int]:
-        "Token ids of `text`, treating special-token strings as ordinary text."
-        _check_encodable(text)
-        out = []
-        for ch in pre_split(text, self.pattern): out.extend(self._encode_chunk(ch.encode('utf-8')))
-        return out
+@patch
+def encode_ordinary(self: BPETokenizer, text: str) -> list[int]:
+    "Token ids of `text`, treating special-token strings as ordinary text."
+    _check_encodable(text)
+    out = []
+    for ch in pre_split(text, self.pattern): out.extend(self._encode_chunk(ch.encode('utf-8')))
+    return out
 
-    def encode(self, text: str, allowed_special: Literal['all', 'none'] = 'all') -> list[int]:
-        ("Token ids of `text`; special tokens in the text become their single id (unless "
-         "`allowed_special='none'`).")
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        if allowed_special not in ('all', 'none'):
-            raise ValueError(f"allowed_special must be 'all' or 'none', got {allowed_special!r}")
-        if self._special_re is None or allowed_special == 'none': return self.encode_ordinary(text)
-        out = []
-        for part in self._special_re.split(text):
-            if part in self.special_tokens: out.append(self.special_tokens[part])
-            elif part: out.extend(self.encode_ordinary(part))
-        return out
+# %% ../nbs/02_tokenization.ipynb #067d6b63
+@patch
+def encode(self: BPETokenizer, text: str,
+           allowed_special: Literal['all', 'none'] = 'all') -> list[int]:
+    ("Token ids of `text`; special tokens in the text become their single id (unless "
+     "`allowed_special='none'`).")
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    if allowed_special not in ('all', 'none'):
+        raise ValueError(f"allowed_special must be 'all' or 'none', got {allowed_special!r}")
+    if self._special_re is None or allowed_special == 'none': return self.encode_ordinary(text)
+    out = []
+    for part in self._special_re.split(text):
+        if part in self.special_tokens: out.append(self.special_tokens[part])
+        elif part: out.extend(self.encode_ordinary(part))
+    return out
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        parts, n = [], len(self.vocab)
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int):
-                j = i.item() if hasattr(i, 'item') else i          # numpy and torch scalars
-                if isinstance(j, bool) or not isinstance(j, int):
-                    raise TypeError(f"token ids must be ints, got {type(i).__name__} {i!r}")
-                i = j
-            if 0 <= i < n: parts.append(self.vocab[i])
-            elif i in self._id_to_special: parts.append(self._id_to_special[i])
-            else:
-                raise ValueError(f"token id {i} is out of range: this tokenizer has ids "
-                                 f"0..{self.vocab_size - 1}")
-        return b''.join(parts)
+# %% ../nbs/02_tokenization.ipynb #43835f3d
+@patch
+def decode_bytes(self: BPETokenizer, ids: Iterable[int]) -> bytes:
+    parts, n = [], len(self.vocab)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            j = i.item() if hasattr(i, 'item') else i          # numpy and torch scalars
+            if isinstance(j, bool) or not isinstance(j, int):
+                raise TypeError(f"token ids must be ints, got {type(i).__name__} {i!r}")
+            i = j
+        if 0 <= i < n: parts.append(self.vocab[i])
+        elif i in self._id_to_special: parts.append(self._id_to_special[i])
+        else:
+            raise ValueError(f"token id {i} is out of range: this tokenizer has ids "
+                             f"0..{self.vocab_size - 1}")
+    return b''.join(parts)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        "Text of `ids`; bytes that are not valid UTF-8 (a cut multi-byte character) become U+FFFD."
-        return self.decode_bytes(ids).decode('utf-8', errors='replace')
+@patch
+def decode(self: BPETokenizer, ids: Iterable[int]) -> str:
+    "Text of `ids`; bytes that are not valid UTF-8 (a cut multi-byte character) become U+FFFD."
+    return self.decode_bytes(ids).decode('utf-8', errors='replace')
 
-    def token_bytes(self, i: int) -> bytes: return self.decode_bytes([i])
+@patch
+def token_bytes(self: BPETokenizer, i: int) -> bytes: return self.decode_bytes([i])
 
-    def save(self, path: str | Path) -> Path:
-        ("Write merges, pattern and special tokens as JSON (plain data: loading it can never run "
-         "code).")
-        d = {'format': 'fttk-bpe', 'version': 1, 'pattern': self.pattern,
-             'merges': [list(m) for m in self.merges],
-             'special_tokens': list(self.special_tokens)}
-        return atomic_write_text(path, json.dumps(d))
+# %% ../nbs/02_tokenization.ipynb #3d71cb53
+@patch
+def save(self: BPETokenizer, path: str | Path) -> Path:
+    ("Write merges, pattern and special tokens as JSON (plain data: loading it can never run "
+     "code).")
+    d = {'format': 'fttk-bpe', 'version': 1, 'pattern': self.pattern,
+         'merges': [list(m) for m in self.merges],
+         'special_tokens': list(self.special_tokens)}
+    return atomic_write_text(path, json.dumps(d))
 
-    @classmethod
-    def load(cls, path: str | Path) -> 'BPETokenizer':
-        "Read a file written by `save`; a damaged or foreign file raises `CorruptFileError`."
-        path = Path(path)
-        if not path.exists(): raise FileNotFoundError(f"no tokenizer file at {path}")
-        if path.is_dir(): raise IsADirectoryError(f"{path} is a directory, not a tokenizer file")
-        try: return cls._from_dict(_read_json(path))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptFileError(f"cannot read tokenizer from {path}: {e}") from e
+@patch(cls_method=True)
+def load(cls: BPETokenizer, path: str | Path) -> 'BPETokenizer':
+    "Read a file written by `save`; a damaged or foreign file raises `CorruptFileError`."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"no tokenizer file at {path}")
+    if path.is_dir(): raise IsADirectoryError(f"{path} is a directory, not a tokenizer file")
+    try: return cls._from_dict(_read_json(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptFileError(f"cannot read tokenizer from {path}: {e}") from e
 
-    @classmethod
-    def _from_dict(cls, d) -> 'BPETokenizer':
-        _check_bpe_dict(d)
-        return cls(d['merges'], d['pattern'], d['special_tokens'])
+@patch(cls_method=True)
+def _from_dict(cls: BPETokenizer, d) -> 'BPETokenizer':
+    _check_bpe_dict(d)
+    return cls(d['merges'], d['pattern'], d['special_tokens'])
 
 # %% ../nbs/02_tokenization.ipynb #43ccb404
 def _stdlib_docstrings(path: Path) -> list[str]:

@@ -254,7 +254,10 @@ def test_assistant_mask_equals_transformers(tok, turns):
     ref = _HF['hf'].apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert ids == ref['input_ids'] and mask == ref['assistant_masks']
     want = ''.join(c + '<|end|>' for r, c in turns if r == 'assistant')
-    assert chat.decode([i for i, m in zip(ids, mask) if m]) == want
+    # content that starts with whitespace merges with the template's newline before it into one token, which the
+    # mask (HF's too, asserted above) gives to the assistant: the decoded text then starts with that newline
+    if all(not c[:1].isspace() for r, c in turns if r == 'assistant'):
+        assert chat.decode([i for i, m in zip(ids, mask) if m]) == want
 
 
 def test_add_special_tokens_keeps_old_ids(tok):
