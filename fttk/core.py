@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
 import yaml
+from fastcore.basics import patch
 
 # datasets and transformers import tqdm.auto, which warns in every notebook without ipywidgets (and
 # prints the path of the install); the plain text bars it falls back to are what fttk wants anyway.
@@ -410,7 +411,7 @@ def fingerprint(seed: int | None = None, config: Config | dict | None = None, da
     return {'seed': seed, 'config_hash': chash, 'data_hash': hash_data(data),
             'versions': lib_versions(), 'hardware': hardware()}
 
-# %% ../nbs/00_core.ipynb #888905b7
+# %% ../nbs/00_core.ipynb #f9fea1d2
 class RunFolder:
     "The on-disk record of one training run: config, fingerprint, metrics, checkpoints, plots."
     MARKER = '.fttk-run'
@@ -458,54 +459,67 @@ class RunFolder:
             p = self.path/name
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
-    @classmethod
-    def open(cls, path: str | Path) -> 'RunFolder':
-        ("An existing run folder, for reading its metrics and checkpoints; never creates or clears "
-         "anything.")
-        if not Path(path).is_dir(): raise FileNotFoundError(f"no run folder at {path}")
-        run = cls.__new__(cls)
-        run.path = Path(path)
-        run.metrics_file, run.plots, run.checkpoints = (run.path/'metrics.jsonl', run.path/'plots',
-                                                        run.path/'checkpoints')
-        return run
-
-    def write_config(self, cfg: Config): cfg.to_yaml(self.path/'config.yaml')
-    def write_fingerprint(self, seed=None, config=None, data=None) -> dict:
-        fp = fingerprint(seed, config, data)
-        atomic_write_text(self.path/'fingerprint.json', json.dumps(fp, indent=2))
-        return fp
-
-    def log(self, step: int, **metrics):
-        ("Append one line of metrics; NaN and inf are written as strings so the file stays valid "
-         "JSON.")
-        row = {'step': step, **{k: (v.item() if hasattr(v, 'item') else v)
-                                for k, v in metrics.items()}}
-        row = {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)
-               for k, v in row.items()}
-        with open(self.metrics_file, 'a') as f: f.write(json.dumps(row) + '\n')
-
-    def read_metrics(self) -> list[dict]:
-        if not self.metrics_file.exists(): return []
-        return [json.loads(l) for l in self.metrics_file.read_text().splitlines() if l.strip()]
-
-    def truncate_metrics(self, after_step: int):
-        ("Drop metric rows past `after_step`: used on resume, so a resumed run's log equals an "
-         "uninterrupted one's.")
-        rows = [r for r in self.read_metrics() if r['step'] <= after_step]
-        atomic_write_text(self.metrics_file, ''.join(json.dumps(r) + '\n' for r in rows))
-
-    def checkpoint_dir(self, step: int) -> Path: return self.checkpoints/f'step_{step:06d}'
-
-    def list_checkpoints(self) -> list[Path]:
-        ("Complete checkpoints, oldest first: a folder counts only once its `COMPLETE` marker is "
-         "written.")
-        if not self.checkpoints.exists(): return []
-        return sorted(p for p in self.checkpoints.iterdir() if (p/'COMPLETE').exists())
-
-    def latest_checkpoint(self) -> Path | None:
-        cks = self.list_checkpoints()
-        return cks[-1] if cks else None
-
-    def mark_complete(self, ckpt: Path): atomic_write_text(Path(ckpt)/'COMPLETE', 'ok\n')
-
     def __repr__(self): return f"RunFolder({str(self.path)!r})"
+
+# %% ../nbs/00_core.ipynb #4a7bce28
+@patch(cls_method=True)
+def open(cls: RunFolder, path: str | Path) -> 'RunFolder':
+    ("An existing run folder, for reading its metrics and checkpoints; never creates or clears "
+     "anything.")
+    if not Path(path).is_dir(): raise FileNotFoundError(f"no run folder at {path}")
+    run = cls.__new__(cls)
+    run.path = Path(path)
+    run.metrics_file, run.plots, run.checkpoints = (run.path/'metrics.jsonl', run.path/'plots',
+                                                    run.path/'checkpoints')
+    return run
+
+# %% ../nbs/00_core.ipynb #53556852
+@patch
+def write_config(self: RunFolder, cfg: Config): cfg.to_yaml(self.path/'config.yaml')
+@patch
+def write_fingerprint(self: RunFolder, seed=None, config=None, data=None) -> dict:
+    fp = fingerprint(seed, config, data)
+    atomic_write_text(self.path/'fingerprint.json', json.dumps(fp, indent=2))
+    return fp
+
+# %% ../nbs/00_core.ipynb #03cf1c8a
+@patch
+def log(self: RunFolder, step: int, **metrics):
+    ("Append one line of metrics; NaN and inf are written as strings so the file stays valid "
+     "JSON.")
+    row = {'step': step, **{k: (v.item() if hasattr(v, 'item') else v)
+                            for k, v in metrics.items()}}
+    row = {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v)
+           for k, v in row.items()}
+    with open(self.metrics_file, 'a') as f: f.write(json.dumps(row) + '\n')
+
+@patch
+def read_metrics(self: RunFolder) -> list[dict]:
+    if not self.metrics_file.exists(): return []
+    return [json.loads(l) for l in self.metrics_file.read_text().splitlines() if l.strip()]
+
+@patch
+def truncate_metrics(self: RunFolder, after_step: int):
+    ("Drop metric rows past `after_step`: used on resume, so a resumed run's log equals an "
+     "uninterrupted one's.")
+    rows = [r for r in self.read_metrics() if r['step'] <= after_step]
+    atomic_write_text(self.metrics_file, ''.join(json.dumps(r) + '\n' for r in rows))
+
+# %% ../nbs/00_core.ipynb #f75a8454
+@patch
+def checkpoint_dir(self: RunFolder, step: int) -> Path: return self.checkpoints/f'step_{step:06d}'
+
+@patch
+def list_checkpoints(self: RunFolder) -> list[Path]:
+    ("Complete checkpoints, oldest first: a folder counts only once its `COMPLETE` marker is "
+     "written.")
+    if not self.checkpoints.exists(): return []
+    return sorted(p for p in self.checkpoints.iterdir() if (p/'COMPLETE').exists())
+
+@patch
+def latest_checkpoint(self: RunFolder) -> Path | None:
+    cks = self.list_checkpoints()
+    return cks[-1] if cks else None
+
+@patch
+def mark_complete(self: RunFolder, ckpt: Path): atomic_write_text(Path(ckpt)/'COMPLETE', 'ok\n')
