@@ -15,7 +15,7 @@ import argparse, json, os, resource, subprocess, sys, tempfile, warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _sides import rss_mb, run_sides   # noqa: E402
+from _sides import bench_args, rss_mb, run_sides   # noqa: E402
 
 STEPS = {'test': 8, 'default': 30}
 BATCH_PAIRS = 12          # pairs per optimizer step; ranking side: 2 rankings of K=4 (6 pairs each)
@@ -49,17 +49,7 @@ def side(kind: str, size: str, steps: int, threads: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--size', default='default', choices=['test', 'default'])
-    ap.add_argument('--steps', type=int, default=None)
-    ap.add_argument('--threads', type=int, default=1)
-    ap.add_argument('--repeats', type=int, default=2)
-    ap.add_argument('--side', default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    steps = a.steps or STEPS[a.size]
-    if a.side:
-        print('RESULT ' + json.dumps(side(a.side, a.size, steps, a.threads))); return
-    env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads)}
+    a, steps, env = bench_args(STEPS, side)
     kinds = ('pair', 'ranking', 'trl')
     res, speeds = run_sides(__file__, kinds, ['--size', a.size, '--steps', str(steps), '--threads', str(a.threads)], a.repeats, env, 'pairs_per_s')
     t = res['trl']

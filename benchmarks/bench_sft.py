@@ -16,7 +16,7 @@ import argparse, json, math, os, resource, subprocess, sys, tempfile, time, warn
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _sides import rss_mb, run_sides   # noqa: E402
+from _sides import bench_args, rss_mb, run_sides   # noqa: E402
 
 STEPS = {'test': 8, 'default': 30}
 
@@ -99,17 +99,7 @@ def precision_notes(fp32: float, bf16: float, cached: str) -> list[str]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--size', default='default', choices=['test', 'default'])
-    ap.add_argument('--steps', type=int, default=None)
-    ap.add_argument('--threads', type=int, default=1)
-    ap.add_argument('--repeats', type=int, default=2)
-    ap.add_argument('--side', default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    steps = a.steps or STEPS[a.size]
-    if a.side:
-        print('RESULT ' + json.dumps(side(a.side, a.size, steps, a.threads))); return
-    env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads)}
+    a, steps, env = bench_args(STEPS, side)
     res, speeds = run_sides(__file__, ('fttk', 'trl'), ['--size', a.size, '--steps', str(steps), '--threads', str(a.threads)], a.repeats, env, 'tokens_per_s')
     f, t = res['fttk'], res['trl']
     dl = max(abs(x - y) for x, y in zip(f['losses'], t['losses']))
