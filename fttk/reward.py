@@ -100,11 +100,12 @@ def prepare_reward_data(rows, tokenizer, max_length: int | None = 1024,
 def reward_model(lm, tokenizer=None, seed: int = 0):
     ("`(model, tokenizer)`: the causal LM `lm` (a model, or a folder or hub name) with a scalar "
      "head: `AutoModelForSequenceClassification`, `num_labels=1`, head initialized under `seed`.")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
     if isinstance(lm, (str, Path)):
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(lm)
         with quiet_progress():
-            lm = __import__('transformers').AutoModelForCausalLM.from_pretrained(lm)
+            lm = AutoModelForCausalLM.from_pretrained(lm)
     if tokenizer is None: raise ValueError("reward_model(model) needs its tokenizer as well")
     cfg = copy.deepcopy(lm.config); cfg.num_labels = 1
     # the head reads the last token that is not padding: the model must know the pad id
@@ -280,7 +281,7 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 64
     return torch.cat(out)
 
 # %% ../nbs/09_reward.ipynb #362aabca
-def evaluate_reward(model, tokenizer, rows, max_length: int | None = None) -> dict:
+def evaluate_reward(model, tokenizer, rows) -> dict:
     "Pair accuracy, mean margin and mean loss of the reward model on preference `rows`."
     rows = [check_pair(r, i) for i, r in enumerate(rows)]
     rc = score(model, tokenizer, [r.get('prompt') for r in rows], [r['chosen'] for r in rows])
