@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .core import ConfigError, RunFolder, set_seed
-from .sft import (TrainingConfig, _load_checkpoint, _optimizer, _save_checkpoint, lr_factor,
+from .sft import (TrainingConfig, _load_checkpoint, _optimizer, lr_factor, record_step,
                       use_bf16)
 from .world import require_chat_template
 
@@ -390,10 +390,8 @@ def ppo_train(policy, ref, reward_model, tokenizer, prompts, cfg: PPOConfig,
         row.update(lr=opt.param_groups[0]['lr'], update_tok_s=ntok / (time.time() - t0))
         ctl.update(row['kl_per_token'], B)
         done = step + 1; row = {'step': done, **row}
-        if done % cfg.logging_steps == 0 or done == T: log.append(row); run.log(**row)
-        if cfg.save_steps and (done % cfg.save_steps == 0 or done == T):
-            last_good = _save_checkpoint(run, done, pv, opt,
-                                         {'kl_coef': ctl.value, 'reward_norm': norm})
+        last_good = record_step(run, log, row, cfg, T, pv, opt,
+                                {'kl_coef': ctl.value, 'reward_norm': norm}) or last_good
         bar.update(1)
     bar.close(); policy.eval()
     return {'log': log, 'steps': T, 'seconds': time.time() - t_start, 'run': run.path,

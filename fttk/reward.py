@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .core import ConfigError, RunFolder, set_seed, quiet_progress
-from .sft import (TrainingConfig, _load_checkpoint, _optimizer, _save_checkpoint, _steps,
-                      lr_factor, total_steps, trl_config, use_bf16)
+from .sft import (TrainingConfig, _load_checkpoint, _optimizer, _steps, lr_factor,
+                      record_step, total_steps, trl_config, use_bf16)
 
 # %% auto #0
 __all__ = ['RewardDataError', 'check_pair', 'prepare_reward_data', 'reward_model', 'reward_loss', 'rank_units', 'collate_units',
@@ -258,9 +258,8 @@ def reward_train(model, tokenizer, train_rows, cfg: RewardConfig, resume: bool =
         opt.step(); opt.zero_grad(set_to_none=True)
         done = step + 1
         row = {'step': done, 'epoch': epoch, **stats, 'grad_norm': gnorm.item(), 'lr': lr}
-        if done % cfg.logging_steps == 0 or done == T: log.append(row); run.log(**row)
-        if cfg.save_steps and (done % cfg.save_steps == 0 or done == T):
-            last_good = _save_checkpoint(run, done, model, opt, {'loss': row['loss']})
+        last_good = (record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']})
+                     or last_good)
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     bar.close(); model.eval()
     return {'log': log, 'data': report, 'steps': T, 'seconds': time.time() - t0,

@@ -25,10 +25,11 @@ from .world import require_chat_template
 __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
            'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
            'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
-           'trainable_state', 'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train',
-           'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft',
-           'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows',
-           'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
+           'trainable_state', 'record_step', 'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config',
+           'trl_train', 'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy',
+           'evaluate_sft', 'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve',
+           'completion_rows', 'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo',
+           'sft_model']
 
 # %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
@@ -373,6 +374,16 @@ def _load_checkpoint(d: Path, model, opt) -> dict:
     torch.set_rng_state(rng)
     return state
 
+# %% ../nbs/08_sft.ipynb #e31b5ac1
+def record_step(run: RunFolder, log: list, row: dict, cfg: TrainingConfig, total: int, model, opt,
+                extra: dict, force_log: bool = False) -> Path | None:
+    ("Log `row` (its `step` is the updates done) when due or `force_log`, checkpoint when due; "
+     "returns the new checkpoint's folder, or None.")
+    done = row['step']
+    if done % cfg.logging_steps == 0 or done == total or force_log: log.append(row); run.log(**row)
+    if cfg.save_steps and (done % cfg.save_steps == 0 or done == total):
+        return _save_checkpoint(run, done, model, opt, extra)
+
 # %% ../nbs/08_sft.ipynb #4d284a4e
 @torch.no_grad()
 def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: int = 0) -> float:
@@ -452,10 +463,8 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
                'lr': lr}
         if eval_ex and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == T):
             row['eval_loss'] = eval_loss(model, eval_ex, pad_token_id=pad)
-        if done % cfg.logging_steps == 0 or done == T or 'eval_loss' in row:
-            log.append(row); run.log(**row)
-        if cfg.save_steps and (done % cfg.save_steps == 0 or done == T):
-            last_good = _save_checkpoint(run, done, model, opt, {'loss': row['loss']})
+        last_good = record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']},
+                                force_log='eval_loss' in row) or last_good
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     bar.close(); model.eval()
     return {'log': log, 'data': data_report, 'steps': T, 'seconds': time.time() - t0,
