@@ -28,7 +28,7 @@ __all__ = ['LOSSES', 'F_DIVERGENCE_LOSSES', 'optimal_policy', 'implicit_reward',
            'sppo_hard_loss', 'bco_pair_loss', 'nca_pair_loss', 'apo_zero_loss', 'apo_down_loss', 'exo_pair_loss',
            'discopop_loss', 'aot_loss', 'aot_unpaired_loss', 'sft_loss', 'dpo_loss', 'DPOConfig',
            'precompute_ref_logps', 'dpo_batch', 'DPOLossError', 'dpo_train', 'trl_dpo_train', 'policy_point',
-           'win_rate']
+           'win_rate', 'evaluate_dpo']
 
 # %% ../nbs/11_dpo.ipynb #96691991
 def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
@@ -462,11 +462,19 @@ def _cached_ref(run: RunFolder, model, examples, cfg, ref_model, pad) -> list[di
                                            dtype=torch.float64)}, f)
     return out
 
-# %% ../nbs/11_dpo.ipynb #3e4c50a8
+# %% ../nbs/11_dpo.ipynb #580e3bb9
+def _evaluate(eval_fn: Callable, model) -> dict:
+    "`eval_fn(model)` in eval mode, with the RNG state put back: evaluating never changes training."
+    rng = torch.get_rng_state(); model.eval()
+    try: return {f'eval_{k}': v for k, v in eval_fn(model).items()}
+    finally: model.train(); torch.set_rng_state(rng)
+
+# %% ../nbs/11_dpo.ipynb #5eebe4df
 def dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, resume: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, eval_fn: Callable | None = None) -> dict:
     ("DPO of causal LM `model` on preference `train_rows` (reference: `ref_model`, or `model` with "
-     "its LoRA adapters off); writes a RunFolder at `cfg.output_dir`. Returns the log.")
+     "its LoRA adapters off); writes a RunFolder at `cfg.output_dir`. Every `cfg.eval_steps` the "
+     "dict `eval_fn(model)` joins the log row. Returns the log.")
     run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
     examples, report = prepare_dpo_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -519,14 +527,17 @@ def dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, resu
         lr = opt.param_groups[0]['lr']
         opt.step(); opt.zero_grad(set_to_none=True)
         row = {'step': step + 1, 'epoch': epoch, **stats, 'grad_norm': gnorm.item(), 'lr': lr}
-        last_good = (record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']})
+        if eval_fn and cfg.eval_steps and ((step + 1) % cfg.eval_steps == 0 or step + 1 == T):
+            row.update(_evaluate(eval_fn, model))
+        last_good = (record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']},
+                                 force_log=any(k.startswith('eval_') for k in row))
                      or last_good)
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     bar.close(); model.eval()
     return {'log': log, 'data': report, 'steps': T, 'seconds': time.time() - t0,
             'pairs': n_pairs, 'run': run.path}
 
-# %% ../nbs/11_dpo.ipynb #a026e640
+# %% ../nbs/11_dpo.ipynb #9846ec4d
 def trl_dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, peft_config=None,
                   **trl_overrides) -> dict:
     "Run the same training through `trl.DPOTrainer`; returns its per-step log and the trainer."
@@ -567,7 +578,7 @@ def trl_dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, 
     trainer.train()
     return {'log': log, 'data': report, 'seconds': time.time() - t0, 'trainer': trainer}
 
-# %% ../nbs/11_dpo.ipynb #f4e56441
+# %% ../nbs/11_dpo.ipynb #635940de
 @torch.no_grad()
 def policy_point(policy, tokenizer, prompt_rows: list[dict], gold: Callable, ref_model=None,
                  temperature: float = 0.7, response_length: int = 32, seed: int = 0,
@@ -596,3 +607,20 @@ def policy_point(policy, tokenizer, prompt_rows: list[dict], gold: Callable, ref
 def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
     "Share of prompts where policy a's gold reward beats b's (ties count one half)."
     return sum((a > b) + 0.5 * (a == b) for a, b in zip(gold_a, gold_b)) / len(gold_a)
+
+# %% ../nbs/11_dpo.ipynb #4372f601
+@torch.no_grad()
+def evaluate_dpo(model, tokenizer, rows, cfg: DPOConfig, ref_model=None,
+                 batch_size: int = 32) -> dict:
+    "TRL's DPO metrics on preference `rows` (pair-weighted means), without gradients."
+    examples, _ = prepare_dpo_data(rows, tokenizer, cfg.max_length, cfg.truncation_mode)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was = model.training; model.eval()
+    tot = {}
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            _, m = dpo_batch(model, collate_pairs(chunk, pad), cfg, ref_model)
+            for k, v in m.items(): tot[k] = tot.get(k, 0.0) + v * len(chunk)
+    finally: model.train(was)
+    return {k: v / len(examples) for k, v in tot.items()} | {'pairs': len(examples)}
