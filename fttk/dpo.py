@@ -37,7 +37,8 @@ def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) 
 
 # %% ../nbs/11_dpo.ipynb #da8b245e
 def implicit_reward(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    "beta log pi(y|x) / pi_ref(y|x): the reward for which the policy is optimal (up to beta log Z(x))."
+    ("beta log pi(y|x) / pi_ref(y|x): the reward for which the policy is optimal (up to beta log "
+     "Z(x)).")
     return beta * (logps - ref_logps)
 
 # %% ../nbs/11_dpo.ipynb #35537f6e
@@ -45,7 +46,8 @@ class DPODataError(RewardDataError):
     "A preference row DPO cannot use; the message names the row and the problem."
 
 def extract_prompt(row: dict) -> dict:
-    "TRL's implicit prompt: the longest common start of `chosen` and `rejected` becomes the `prompt`."
+    ("TRL's implicit prompt: the longest common start of `chosen` and `rejected` becomes the "
+     "`prompt`.")
     c, r = row['chosen'], row['rejected']
     for idx in range(min(len(c), len(r))):
         if c[idx] != r[idx]:
@@ -60,7 +62,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 def tokenize_pair(tokenizer, row: dict) -> dict:
-    "`prompt_ids`, `chosen_ids`, `rejected_ids` of a preference row, as TRL's `DPOTrainer` makes them."
+    ("`prompt_ids`, `chosen_ids`, `rejected_ids` of a preference row, as TRL's `DPOTrainer` makes "
+     "them.")
     p = row['prompt']
     if isinstance(p, list):
         enc = lambda msgs, gen=False: tokenizer.apply_chat_template(
@@ -80,7 +83,8 @@ def _check_dpo_row(row, i: int) -> dict:
     if 'prompt' not in row:
         row = extract_prompt(row)
         if not row['prompt']:
-            raise DPODataError(f"row {i}: no 'prompt' and 'chosen'/'rejected' share no start to take "
+            raise DPODataError(f"row {i}: no 'prompt' and 'chosen'/'rejected' share no start to "
+                               "take "
                                "it from; give the prompt")
     for k in ('chosen', 'rejected'):
         if not row[k]: raise DPODataError(f"row {i}: {k!r} is empty after the prompt")
@@ -90,7 +94,8 @@ def _check_dpo_row(row, i: int) -> dict:
 def prepare_dpo_data(rows, tokenizer, max_length: int | None = 1024,
                      truncation_mode: Literal['error', 'drop', 'keep_start'] = 'error'
                      ) -> tuple[list[dict], dict]:
-    ("Check and tokenize preference `rows`: `([{'prompt_ids', 'chosen_ids', 'rejected_ids', 'row'}], "
+    ("Check and tokenize preference `rows`: `([{'prompt_ids', 'chosen_ids', 'rejected_ids', "
+     "'row'}], "
      "report)`. Over-long pairs: an error naming the row, dropped and counted, or cut as TRL does.")
     if isinstance(rows, dict) or not hasattr(rows, '__iter__'):
         raise DPODataError(f"expected a list of preference rows, got {type(rows).__name__}")
@@ -116,7 +121,8 @@ def prepare_dpo_data(rows, tokenizer, max_length: int | None = 1024,
 
 # %% ../nbs/11_dpo.ipynb #6db95b69
 def collate_pairs(examples: list[dict], pad_token_id: int = 0) -> dict:
-    ("`input_ids`, `attention_mask`, `completion_mask` of `[chosen..., rejected...]`, right-padded; and "
+    ("`input_ids`, `attention_mask`, `completion_mask` of `[chosen..., rejected...]`, "
+     "right-padded; and "
      "the cached reference log-probs when the examples carry them.")
     seqs = [e['prompt_ids'] + e[k] for k in ('chosen_ids', 'rejected_ids') for e in examples]
     comp = [len(e['prompt_ids']) for k in ('chosen_ids', 'rejected_ids') for e in examples]
@@ -134,7 +140,8 @@ def collate_pairs(examples: list[dict], pad_token_id: int = 0) -> dict:
 
 # %% ../nbs/11_dpo.ipynb #60fb0df8
 def completion_logps(model, b: dict) -> dict:
-    ("Per-token log-probs `logps` of the next tokens of batch `b`, their completion `mask`, and the "
+    ("Per-token log-probs `logps` of the next tokens of batch `b`, their completion `mask`, and "
+     "the "
      "diagnostics `entropy`, `mean_logits`, `is_top1` (no gradient) at the same positions.")
     logits = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'],
                    use_cache=False).logits[:, :-1]
@@ -152,7 +159,8 @@ def completion_logps(model, b: dict) -> dict:
 # %% ../nbs/11_dpo.ipynb #402df001
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor,
                    ld_alpha: float | None = None) -> torch.Tensor:
-    "Summed completion log-probs of each row of `[chosen..., rejected...]`, LD-DPO-weighted if `ld_alpha`."
+    ("Summed completion log-probs of each row of `[chosen..., rejected...]`, LD-DPO-weighted if "
+     "`ld_alpha`.")
     if ld_alpha is None: return (logps * mask).sum(1)
     pos = mask.cumsum(1)                             # 1, 2, ... along each completion
     n_c, n_r = mask.sum(1).chunk(2)
@@ -264,7 +272,8 @@ def apo_down_loss(t: PairTerms, beta: float, **_) -> torch.Tensor:
 
 # %% ../nbs/11_dpo.ipynb #e4e787a4
 def exo_pair_loss(t: PairTerms, beta: float, label_smoothing: float = 1e-3, **_) -> torch.Tensor:
-    "EXO: KL(q || p) between the policy's two-way choice q = sigmoid(+-beta Delta) and p = (1-eps, eps)."
+    ("EXO: KL(q || p) between the policy's two-way choice q = sigmoid(+-beta Delta) and p = "
+     "(1-eps, eps).")
     z, eps = beta * t.delta, label_smoothing
     return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
             + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
@@ -345,7 +354,8 @@ def validate(self):
     if isinstance(self.loss_type, str): self.loss_type = [self.loss_type]
     unknown = [k for k in self.loss_type if k not in LOSSES]
     if unknown or not self.loss_type:
-        raise ConfigError(f"loss_type {unknown or self.loss_type} unknown; choose from {sorted(LOSSES)}")
+        raise ConfigError(
+            f"loss_type {unknown or self.loss_type} unknown; choose from {sorted(LOSSES)}")
     if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
         raise ConfigError(f"loss_weights has {len(self.loss_weights)} weights for "
                           f"{len(self.loss_type)} loss types {self.loss_type}")
@@ -363,7 +373,8 @@ def validate(self):
                                   f"loss_type {bad}; it works with {list(F_DIVERGENCE_LOSSES)}")
     if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
         raise ConfigError(f"ld_alpha must be None or in [0, 1], got {self.ld_alpha}")
-    if self.discopop_tau <= 0: raise ConfigError(f"discopop_tau must be > 0, got {self.discopop_tau}")
+    if self.discopop_tau <= 0:
+        raise ConfigError(f"discopop_tau must be > 0, got {self.discopop_tau}")
     if self.max_length is not None and self.max_length < 2:
         raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
     for k in ('use_weighting', 'sync_ref_model'):
@@ -396,7 +407,8 @@ def precompute_ref_logps(model, examples: list[dict], cfg: DPOConfig, ref_model=
     try:
         for i in range(0, len(examples), bs):
             chunk = examples[i:i + bs]
-            rc, rr = _ref_forward(model, ref_model, collate_pairs(chunk, pad_token_id), cfg.ld_alpha)
+            rc, rr = _ref_forward(model, ref_model, collate_pairs(chunk, pad_token_id),
+                                  cfg.ld_alpha)
             out += [{**e, 'ref_chosen_logps': c, 'ref_rejected_logps': r}
                     for e, c, r in zip(chunk, rc.tolist(), rr.tolist())]
     finally: model.train(was)
@@ -432,7 +444,8 @@ def _metrics(t: PairTerms, out: dict, beta: float) -> dict:
 
 # %% ../nbs/11_dpo.ipynb #b56816b0
 def dpo_batch(model, b: dict, cfg: DPOConfig, ref_model=None) -> tuple[torch.Tensor, dict]:
-    "(loss, metrics) of the policy `model` on collated pairs `b`; reference cached in `b` or computed."
+    ("(loss, metrics) of the policy `model` on collated pairs `b`; reference cached in `b` or "
+     "computed.")
     out = completion_logps(model, b)
     if 'ref_chosen_logps' in b: ref_c, ref_r = b['ref_chosen_logps'], b['ref_rejected_logps']
     else: ref_c, ref_r = _ref_forward(model, ref_model, b, cfg.ld_alpha)
