@@ -249,3 +249,65 @@ def test_lora_reference_equals_trl_peft(lab, tmp_path):
     S, n_tok = _batch_sizes(ours, tok, rows)
     print(' '.join(f'{k}={v:.1e}' for k, v in _check_equal(o, t, _tolerance(torch.float64, S), n_tok).items()))
     assert abs(o[1]['rewards/margins']) > 1e-3      # the adapters really moved the policy off the reference
+
+
+# ---- 3. training curves: our loop and TRL's, same seed, same order ----
+
+CURVE_KEYS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'logps/chosen', 'logps/rejected',
+              'grad_norm')
+
+
+def _curves(lab, tmp_path, setup: str, precompute: bool):
+    "Our dpo_train and trl_dpo_train from the same model, seed and data order: (our log, TRL's log, our model, TRL's)."
+    lm, tok, pairs = lab
+    cfg = DPOConfig(output_dir=str(tmp_path/'ours'), learning_rate=1e-3, max_steps=6, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=2, warmup_ratio=0.2, weight_decay=0.01, max_length=MAXLEN, seed=0,
+                    shuffle=False, beta=0.1, precompute_ref_log_probs=precompute)
+    tcfg = DPOConfig.from_dict({**cfg.to_dict(), 'output_dir': str(tmp_path/'trl')})
+    rows = pairs[:48]
+    ref = lambda: copy.deepcopy(lm) if setup == 'full' else None     # 'full-noref': the policy before training
+    if setup.startswith('full'):
+        a, b, peft_config = copy.deepcopy(lm), copy.deepcopy(lm), None
+    else:
+        pytest.importorskip('peft')
+        lcfg = LoRAConfig(target_modules='all-linear', r=4, lora_alpha=8)
+        # DPOTrainer calls set_seed(args.seed) and then peft's get_peft_model: the same seed before inject_lora
+        # draws the same A (B starts at zero on both sides)
+        set_seed(cfg.seed); a = inject_lora(copy.deepcopy(lm), lcfg)
+        b, peft_config = copy.deepcopy(lm), peft_lora_config(lcfg)
+    ours = dpo_train(a, tok, rows, cfg, ref_model=ref(), progress=False)
+    set_seed(cfg.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        theirs = trl_dpo_train(b, tok, rows, tcfg, ref_model=ref(), peft_config=peft_config)
+    return ours['log'], theirs['log'], a, theirs['trainer'].model
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize('setup,precompute', [('full', False), ('full-noref', True), ('lora', False),
+                                              ('lora', True)])
+def test_ours_equals_trl_curves(lab, tmp_path, setup, precompute):
+    lm, tok, pairs = lab
+    ours, theirs, a, b = _curves(lab, tmp_path, setup, precompute)
+    assert [r['step'] for r in ours] == [r['step'] for r in theirs] == list(range(1, 7))
+    # float32, the same arithmetic in another order: each step's values are off by the one-batch bound
+    # (eps32 x MAXLEN x S x their size), and the rounding of every earlier update adds at most as much again
+    S, _ = _batch_sizes(lm, tok, pairs[:48])
+    tol = len(ours) * EPS32 * MAXLEN * S
+    diffs = {}
+    for k in CURVE_KEYS:
+        diffs[k] = max(abs(x[k] - y[k]) for x, y in zip(ours, theirs))
+        assert all(abs(x[k] - y[k]) <= tol * max(1.0, abs(y[k])) for x, y in zip(ours, theirs)), (k, diffs[k])
+    # accuracies are multiples of 1/8 per update: a pair whose two rewards tie to rounding may flip
+    diffs['rewards/accuracies'] = max(abs(x['rewards/accuracies'] - y['rewards/accuracies'])
+                                      for x, y in zip(ours, theirs))
+    assert diffs['rewards/accuracies'] <= 1 / 8
+    assert all(abs(x['lr'] - y['learning_rate']) <= EPS32 * y['learning_rate'] for x, y in zip(ours, theirs))
+    # the weights: AdamW moves each weight by about lr per step whatever its gradient's scale, so rounding can
+    # at most flip the updates of weights whose gradient is ~0: 2 lr per step
+    pa = {n: p for n, p in a.named_parameters() if p.requires_grad}
+    pb = {from_peft_name(n): p for n, p in b.named_parameters() if p.requires_grad}
+    assert pa.keys() == pb.keys()
+    diffs['weights'] = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert diffs['weights'] < 2 * len(ours) * 1e-3
+    print(setup, precompute, ' '.join(f'{k}={v:.1e}' for k, v in diffs.items()))
