@@ -405,8 +405,6 @@ def precompute_ref_logps(model, examples: list[dict], cfg: DPOConfig, ref_model=
     # full fine-tuning without ref_model: before training the policy is its own reference (TRL too)
     if ref_model is None and not lora_layers(model): ref_model = model
     bs = cfg.precompute_ref_batch_size or cfg.per_device_train_batch_size
-    if ref_model is None and not lora_layers(model):
-        ref_model = model          # not trained yet: the policy is the reference, as in TRL
     was = model.training; model.eval()
     out = []
     try:
