@@ -486,7 +486,7 @@ def gold_grader(world) -> Callable[[dict, str], float]:
 
 # %% ../nbs/10_ppo.ipynb #6082b7a8
 def frontier_path() -> Path:
-    "Where the PPO notebook's full-size run writes its reward-vs-KL frontier: data/frontiers/ppo.json."
+    "Where the PPO notebook's full-size run writes its frontier: data/frontiers/ppo.json."
     import fttk
     return Path(fttk.__file__).resolve().parent.parent/'data'/'frontiers'/'ppo.json'
 
