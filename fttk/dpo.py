@@ -81,7 +81,7 @@ def tokenize_pair(tokenizer, row: dict) -> dict:
 def _check_dpo_row(row, i: int) -> dict:
     try: row = check_pair(row, i)
     except DPODataError: raise
-    except RewardDataError as e: raise DPODataError(str(e)) from None   # one error type for DPO rows
+    except RewardDataError as e: raise DPODataError(str(e)) from None    # one type for DPO rows
     if 'prompt' not in row:
         row = extract_prompt(row)
         if not row['prompt']:
