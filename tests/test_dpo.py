@@ -158,12 +158,13 @@ def _fused_head() -> bool:
     return 'fused_lm_head' in inspect.getsource(DPOTrainer._compute_loss)
 
 
-def _tolerance(dtype, S: float) -> float:
+def _tolerance(dtype, S: float, float32_parts: bool = False) -> float:
     """Rounding bound of every compared quantity, per unit of its size. Each per-token log-prob carries a relative
     rounding of eps (eps32 when TRL's kernel computes it, whatever the model's dtype); a sequence log-prob sums up to
     MAXLEN of them, so it is off by at most eps x MAXLEN x S, S the largest |sequence log-prob|; rewards, margins,
-    losses and gradients are functions of these with slopes of the size of the value itself."""
-    eps = EPS32 if _fused_head() else torch.finfo(dtype).eps
+    losses and gradients are functions of these with slopes of the size of the value itself. `float32_parts`: TRL
+    computes part of the loss in float32 whatever the dtype (exo_pair's log(eps) and log1p(-eps))."""
+    eps = EPS32 if _fused_head() or float32_parts else torch.finfo(dtype).eps
     return eps * MAXLEN * S
 
 
@@ -215,7 +216,7 @@ def test_loss_gradients_metrics_equal_trl(batch_setup, cfg, tmp_path):
     ours = _ours_one_batch(copy.deepcopy(p), r, tok, rows, **cfg)
     theirs = _trl_one_batch(copy.deepcopy(p), copy.deepcopy(r), tok, rows, tmp_path, **cfg)
     S, n_tok = _batch_sizes(policy, tok, rows)
-    diffs = _check_equal(ours, theirs, _tolerance(dtype, S), n_tok)
+    diffs = _check_equal(ours, theirs, _tolerance(dtype, S, 'exo_pair' in cfg['loss_type']), n_tok)
     print(' '.join(f'{k}={v:.1e}' for k, v in diffs.items()))
 
 
