@@ -79,7 +79,9 @@ def tokenize_pair(tokenizer, row: dict) -> dict:
 
 # %% ../nbs/11_dpo.ipynb #927fad1b
 def _check_dpo_row(row, i: int) -> dict:
-    row = check_pair(row, i)
+    try: row = check_pair(row, i)
+    except DPODataError: raise
+    except RewardDataError as e: raise DPODataError(str(e)) from None    # one type for DPO rows
     if 'prompt' not in row:
         row = extract_prompt(row)
         if not row['prompt']:

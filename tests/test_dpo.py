@@ -158,17 +158,19 @@ def _fused_head() -> bool:
     return 'fused_lm_head' in inspect.getsource(DPOTrainer._compute_loss)
 
 
-def _tolerance(dtype, S: float) -> float:
+def _tolerance(dtype, S: float, float32_parts: bool = False) -> float:
     """Rounding bound of every compared quantity, per unit of its size. Each per-token log-prob carries a relative
     rounding of eps (eps32 when TRL's kernel computes it, whatever the model's dtype); a sequence log-prob sums up to
     MAXLEN of them, so it is off by at most eps x MAXLEN x S, S the largest |sequence log-prob|; rewards, margins,
-    losses and gradients are functions of these with slopes of the size of the value itself."""
-    eps = EPS32 if _fused_head() else torch.finfo(dtype).eps
+    losses and gradients are functions of these with slopes of the size of the value itself. `float32_parts`: TRL
+    computes part of the loss in float32 whatever the dtype (exo_pair's log(eps) and log1p(-eps))."""
+    eps = EPS32 if _fused_head() or float32_parts else torch.finfo(dtype).eps
     return eps * MAXLEN * S
 
 
-def _check_equal(ours, theirs, tol: float, n_chosen_tokens: int) -> dict:
-    "Loss, every gradient and every logged metric equal within tol x their size; returns the differences."
+def _check_equal(ours, theirs, tol: float, n_chosen_tokens: int, n_pairs: int = 8) -> dict:
+    """Loss and every logged metric equal within tol x their size; every gradient within tol x its size x the
+    2 x n_pairs sequences whose positions it sums over. Returns the differences."""
     (l_o, m_o, g_o), (l_t, m_t, g_t) = ours, theirs
     diffs = {'loss': abs(l_o.item() - l_t.item())}
     assert diffs['loss'] <= tol * max(abs(l_t.item()), 1.0)
@@ -177,7 +179,7 @@ def _check_equal(ours, theirs, tol: float, n_chosen_tokens: int) -> dict:
     for k in g_o:
         scale = g_t[k].abs().max().item()
         d = (g_o[k] - g_t[k]).abs().max().item()
-        assert d <= tol * scale, (k, d, scale)
+        assert d <= 2 * n_pairs * tol * scale, (k, d, scale)
         diffs['grad (rel.)'] = max(diffs['grad (rel.)'], d / max(scale, 1e-300))
     for k in METRICS:
         if k not in m_t: continue            # an older TRL that does not log it
@@ -215,7 +217,8 @@ def test_loss_gradients_metrics_equal_trl(batch_setup, cfg, tmp_path):
     ours = _ours_one_batch(copy.deepcopy(p), r, tok, rows, **cfg)
     theirs = _trl_one_batch(copy.deepcopy(p), copy.deepcopy(r), tok, rows, tmp_path, **cfg)
     S, n_tok = _batch_sizes(policy, tok, rows)
-    diffs = _check_equal(ours, theirs, _tolerance(dtype, S), n_tok)
+    diffs = _check_equal(ours, theirs, _tolerance(dtype, S, 'exo_pair' in cfg['loss_type']), n_tok,
+                         len(rows))
     print(' '.join(f'{k}={v:.1e}' for k, v in diffs.items()))
 
 
@@ -247,7 +250,8 @@ def test_lora_reference_equals_trl_peft(lab, tmp_path):
     t = (loss.detach(), {k: v[-1] for k, v in trainer._metrics['train'].items()},
          {from_peft_name(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     S, n_tok = _batch_sizes(ours, tok, rows)
-    print(' '.join(f'{k}={v:.1e}' for k, v in _check_equal(o, t, _tolerance(torch.float64, S), n_tok).items()))
+    diffs = _check_equal(o, t, _tolerance(torch.float64, S), n_tok, len(rows))
+    print(" ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
     assert abs(o[1]['rewards/margins']) > 1e-3      # the adapters really moved the policy off the reference
 
 
@@ -311,3 +315,183 @@ def test_ours_equals_trl_curves(lab, tmp_path, setup, precompute):
     diffs['weights'] = max((pa[k] - pb[k]).abs().max().item() for k in pa)
     assert diffs['weights'] < 2 * len(ours) * 1e-3
     print(setup, precompute, ' '.join(f'{k}={v:.1e}' for k, v in diffs.items()))
+
+
+# ---- 4. our own behaviour ----
+
+@pytest.mark.parametrize('reference', ['ref_model', 'lora'])
+def test_precomputed_reference_equals_on_the_fly(batch_setup, lab, tmp_path, reference):
+    policy, ref, tok, rows = batch_setup
+    if reference == 'lora':            # reference: the adapters off; move them so policy != reference
+        policy, ref = inject_lora(copy.deepcopy(ref), LoRAConfig(target_modules='all-linear', r=4, lora_alpha=8)), None
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            for n, p in policy.named_parameters():
+                if p.requires_grad: p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    ex, _ = prepare_dpo_data(rows, tok, max_length=MAXLEN)
+    # batches of 3 for the cache, 8 for training: other padding, the same values
+    cfg = DPOConfig(per_device_train_batch_size=8, precompute_ref_batch_size=3, beta=0.5)
+    policy.train()
+    cached = precompute_ref_logps(policy, ex, cfg, ref, tok.pad_token_id)
+    assert policy.training                       # put back in train mode
+    assert all(e['ref_chosen_logps'] != e['ref_rejected_logps'] for e in cached)
+    l_c, m_c = dpo_batch(policy, collate_pairs(cached, tok.pad_token_id), cfg)
+    l_f, m_f = dpo_batch(policy, collate_pairs(ex, tok.pad_token_id), cfg, ref)
+    S, _ = _batch_sizes(policy, tok, rows)
+    tol = EPS64 * MAXLEN * S
+    assert abs(l_c.item() - l_f.item()) <= tol and abs(m_c['rewards/margins']) > 1e-3
+    assert all(abs(m_c[k] - m_f[k]) <= tol * max(1.0, abs(m_f[k])) for k in m_f), (m_c, m_f)
+    if reference == 'ref_model':                 # and TRL's precomputed column holds the same numbers
+        trainer = _trl_trainer(copy.deepcopy(policy), tok, rows, tmp_path, ref_model=copy.deepcopy(ref),
+                               precompute_ref_log_probs=True, precompute_ref_batch_size=3)
+        for k in ('ref_chosen_logps', 'ref_rejected_logps'):
+            d = max(abs(x - e[k]) for x, e in zip(trainer.train_dataset[k], cached))
+            assert d <= _tolerance(torch.float64, S) * S, (k, d)
+
+
+def _run_cfg(tmp_path, name, **kw):
+    return DPOConfig(**{**dict(output_dir=str(tmp_path/name), learning_rate=1e-3, max_steps=6,
+                               per_device_train_batch_size=4, max_length=MAXLEN, seed=0, save_steps=3), **kw})
+
+
+@pytest.mark.parametrize('setup', ['full', 'lora-precompute'])
+def test_resume_is_bit_exact(lab, tmp_path, setup, monkeypatch):
+    import fttk.dpo
+    lm, tok, pairs = lab
+    rows, pre = pairs[:40], setup != 'full'
+    def fresh():
+        if setup == 'full': return copy.deepcopy(lm), copy.deepcopy(lm)
+        set_seed(0); return inject_lora(copy.deepcopy(lm), LoRAConfig(target_modules='all-linear', r=4)), None
+    full, ref = fresh()
+    r_full = dpo_train(full, tok, rows, _run_cfg(tmp_path, 'full', precompute_ref_log_probs=pre), ref_model=ref,
+                       progress=False)
+    half, ref = fresh()
+    dpo_train(half, tok, rows, _run_cfg(tmp_path, 'half', precompute_ref_log_probs=pre), ref_model=ref,
+              progress=False)
+    # interrupted after step 3: drop the later checkpoint and resume from step 3 in a fresh model
+    run = RunFolder.open(tmp_path/'half')
+    shutil.rmtree(run.checkpoints/'step_000006')
+    if pre:       # the reference log-probs are read back from the run folder, never recomputed
+        assert (run.path/'ref_logps.safetensors').exists()
+        def no_recompute(*a, **k): raise AssertionError('precompute_ref_logps called on resume')
+        monkeypatch.setattr(fttk.dpo, 'precompute_ref_logps', no_recompute)
+    resumed, ref = fresh()
+    r_res = dpo_train(resumed, tok, rows, _run_cfg(tmp_path, 'half', precompute_ref_log_probs=pre), ref_model=ref,
+                      resume=True, progress=False)
+    assert len(r_res['log']) == len(r_full['log']) == 6
+    for k in ('loss', 'rewards/margins', 'rewards/accuracies', 'logps/chosen', 'grad_norm', 'lr'):
+        assert [r[k] for r in r_res['log']] == [r[k] for r in r_full['log']], k
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+
+
+def test_resume_refuses_a_bad_reference_cache(lab, tmp_path):
+    from fttk.core import save_tensors
+    lm, tok, pairs = lab
+    cfg = _run_cfg(tmp_path, 'pre', precompute_ref_log_probs=True)
+    dpo_train(copy.deepcopy(lm), tok, pairs[:24], cfg, progress=False)     # full FT: the policy is its own ref
+    f = RunFolder.open(cfg.output_dir).path/'ref_logps.safetensors'
+    t = load_tensors(f)
+    assert len(t['chosen']) == 24 and t['chosen'].dtype == torch.float64
+    save_tensors({k: v[:3] for k, v in t.items()}, f)
+    with pytest.raises(CorruptFileError, match=r"ref_logps\.safetensors holds 3 pairs, the data has 24: delete it "
+                                               r"or train into a new output_dir"):
+        dpo_train(copy.deepcopy(lm), tok, pairs[:24], cfg, resume=True, progress=False)
+    f.unlink()     # without it, the fully fine-tuned policy can no longer give the reference
+    with pytest.raises(CorruptFileError, match=r"cannot resume .*: its reference log-probs are missing and the "
+                                               r"model has already moved from the reference"):
+        dpo_train(copy.deepcopy(lm), tok, pairs[:24], cfg, resume=True, progress=False)
+
+
+def test_nan_loss_stops_before_the_update(lab, tmp_path):
+    lm, tok, pairs = lab
+    m = copy.deepcopy(lm)
+    calls = {'n': 0}
+    orig = m.forward
+    def forward(*a, **k):
+        out = orig(*a, **k); calls['n'] += 1
+        if calls['n'] > 2: out.logits = out.logits * float('nan')
+        return out
+    m.forward = forward
+    cfg = _run_cfg(tmp_path, 'nan', max_steps=5, per_device_train_batch_size=2, save_steps=2)
+    with pytest.raises(DPOLossError, match=r"loss became nan at step 3 \(rows \[\d+, \d+\]\); the update was not "
+                                           r"applied\. Last good checkpoint: .*step_000002"):
+        dpo_train(m, tok, pairs[:40], cfg, ref_model=copy.deepcopy(lm), progress=False)
+    w = load_tensors(RunFolder.open(cfg.output_dir).latest_checkpoint()/'model.safetensors')
+    assert all(torch.equal(w[n], t) for n, t in trainable_state(m).items())   # the bad update never happened
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_lora_freezes_the_base_and_learns(lab, tmp_path):
+    lm, tok, pairs = lab
+    m = inject_lora(copy.deepcopy(lm), LoRAConfig(target_modules='all-linear', r=4, lora_alpha=8))
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    res = dpo_train(m, tok, pairs[:96], _run_cfg(tmp_path, 'lora', learning_rate=5e-3, max_steps=12,
+                                                 per_device_train_batch_size=8, precompute_ref_log_probs=True),
+                    progress=False)
+    L = [r['loss'] for r in res['log']]
+    assert L[0] == pytest.approx(math.log(2), abs=1e-6)       # B = 0: the policy starts at the reference
+    assert sum(L[-3:]) / 3 < sum(L[:3]) / 3
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, trained[n]) for n, p in m.named_parameters() if n in trained)
+
+
+@pytest.mark.parametrize('kw,msg', [
+    (dict(loss_type='dpo'), r"loss_type \['dpo'\] unknown; choose from \['aot', "),
+    (dict(loss_type=[]), r"loss_type \[\] unknown"),
+    (dict(loss_type=['sigmoid', 'sft'], loss_weights=[1.0]),
+     r"loss_weights has 1 weights for 2 loss types \['sigmoid', 'sft'\]"),
+    (dict(beta=0.0), r"beta must be > 0, got 0\.0"),
+    (dict(beta=float('nan')), r"config field 'beta' must be a finite number, got nan"),
+    (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0\.5\), got 0\.5"),
+    (dict(loss_type='exo_pair'), r"exo_pair needs label_smoothing > 0"),
+    (dict(loss_type='bco_pair', f_divergence_type='forward_kl'),
+     r"f_divergence_type='forward_kl' has no form for loss_type \['bco_pair'\]"),
+    (dict(ld_alpha=1.5), r"ld_alpha must be None or in \[0, 1\], got 1\.5"),
+    (dict(discopop_tau=0.0), r"discopop_tau must be > 0, got 0\.0"),
+    (dict(max_length=1), r"max_length must be >= 2, got 1"),
+    (dict(use_weighting=True), r"use_weighting=True is not implemented in fttk's DPO loop; use trl_dpo_train"),
+    (dict(sync_ref_model=True), r"sync_ref_model=True is not implemented in fttk's DPO loop"),
+])
+def test_bad_config_is_refused(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        DPOConfig(**kw)
+
+
+def test_bad_setups_are_refused(lab, tmp_path):
+    lm, tok, pairs = lab
+    ex, _ = prepare_dpo_data(pairs[:2], tok, max_length=MAXLEN)
+    with pytest.raises(ValueError, match=r"ref_model=None takes the policy with its LoRA adapters disabled as the "
+                                         r"reference, but the policy has no LoRA layer"):
+        dpo_batch(lm, collate_pairs(ex, tok.pad_token_id), DPOConfig())
+    with pytest.raises(ConfigError, match=r"loss_type 'cdpo' is fttk's own \(TRL 1\.16's 'sigmoid' ignores "
+                                          r"label_smoothing\): use dpo_train"):
+        trl_dpo_train(lm, tok, pairs[:2], DPOConfig(output_dir=str(tmp_path), loss_type='cdpo'))
+
+
+@pytest.mark.parametrize('rows,msg', [
+    ({'chosen': 'A', 'rejected': 'B'}, r"expected a list of preference rows, got dict"),
+    ([{'prompt': 'Q', 'chosen': 'A'}], r"row 0: missing 'rejected'"),
+    ([{'chosen': 'Yes.', 'rejected': 'No.'}], r"row 0: no 'prompt' and 'chosen'/'rejected' share no start to take "
+                                              r"it from; give the prompt"),
+    ([{'prompt': 'Q', 'chosen': 'A', 'rejected': 'B'}, {'prompt': 'Q', 'chosen': '', 'rejected': 'B'}],
+     r"row 1: 'chosen' is empty after the prompt"),
+    ([{'chosen': 'Q: A', 'rejected': 'Q: A'}], r"row 0: 'chosen' and 'rejected' are identical"),
+    ([{'prompt': 'Q ' * 300, 'chosen': 'A', 'rejected': 'B'}], r"row 0: \d+ tokens, over max_length=256; raise "
+                                                              r"max_length, or set truncation_mode='drop' or "
+                                                              r"'keep_start'"),
+])
+def test_bad_rows_name_the_row(lab, rows, msg):
+    lm, tok, _ = lab
+    with pytest.raises(DPODataError, match=msg):
+        prepare_dpo_data(rows, tok, max_length=MAXLEN)
+
+
+def test_over_long_rows_dropped_when_asked(lab):
+    lm, tok, pairs = lab
+    rows = [{'prompt': 'Q ' * 300, 'chosen': 'A', 'rejected': 'B'}, pairs[0]]
+    for mode in ('drop', 'keep_start'):        # a prompt that fills max_length alone is dropped in both modes
+        ex, rep = prepare_dpo_data(rows, tok, max_length=MAXLEN, truncation_mode=mode)
+        assert rep == {'rows': 2, 'kept': 1, 'dropped_long': 1, 'truncated': 0} and ex[0]['row'] == 1
+    with pytest.raises(DPODataError, match=r"no usable preference pair in 1 rows \(1 over max_length=256\)"):
+        prepare_dpo_data(rows[:1], tok, max_length=MAXLEN, truncation_mode='drop')
