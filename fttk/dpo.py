@@ -81,6 +81,8 @@ def tokenize_pair(tokenizer, row: dict) -> dict:
 def _check_dpo_row(row, i: int) -> dict:
     row = check_pair(row, i)
     if 'prompt' not in row:
+        for k in ('chosen', 'rejected'):     # nothing to take a prompt from
+            if not row[k]: raise DPODataError(f"row {i}: {k!r} is empty")
         row = extract_prompt(row)
         if not row['prompt']:
             raise DPODataError(f"row {i}: no 'prompt' and 'chosen'/'rejected' share no start to "
@@ -467,6 +469,11 @@ def _cached_ref(run: RunFolder, model, examples, cfg, ref_model, pad) -> list[di
     f = run.path/'ref_logps.safetensors'
     if f.exists():
         t = load_tensors(f)
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        if sorted(t) != ['chosen', 'rejected'] or any(v.dim() != 1 for v in t.values()) \
+                or len({len(v) for v in t.values()}) != 1:
+            raise CorruptFileError(f"{f} is not a reference log-prob cache (1-d 'chosen' and "
+                                   f"'rejected' of one length), it holds {shapes}: delete it")
         if len(t['chosen']) != len(examples):
             raise CorruptFileError(f"{f} holds {len(t['chosen'])} pairs, the data has "
                                    f"{len(examples)}: delete it or train into a new output_dir")
