@@ -79,7 +79,9 @@ def tokenize_pair(tokenizer, row: dict) -> dict:
 
 # %% ../nbs/11_dpo.ipynb #927fad1b
 def _check_dpo_row(row, i: int) -> dict:
-    row = check_pair(row, i)
+    try: row = check_pair(row, i)
+    except RewardDataError as e:     # one class for every bad DPO row
+        raise DPODataError(*e.args) from None
     if 'prompt' not in row:
         for k in ('chosen', 'rejected'):     # nothing to take a prompt from
             if not row[k]: raise DPODataError(f"row {i}: {k!r} is empty")
