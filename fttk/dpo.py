@@ -406,9 +406,9 @@ def precompute_ref_logps(model, examples: list[dict], cfg: DPOConfig, ref_model=
     ("`examples` with `ref_chosen_logps`/`ref_rejected_logps` added, in batches of "
      "`precompute_ref_batch_size` (else the training batch size), in eval mode.")
     from fttk.lora import lora_layers
+    # full fine-tuning without ref_model: before training the policy is its own reference (TRL too)
+    if ref_model is None and not lora_layers(model): ref_model = model
     bs = cfg.precompute_ref_batch_size or cfg.per_device_train_batch_size
-    if ref_model is None and not lora_layers(model):
-        ref_model = model          # not trained yet: the policy is the reference, as in TRL
     was = model.training; model.eval()
     out = []
     try:
