@@ -80,9 +80,11 @@ def tokenize_pair(tokenizer, row: dict) -> dict:
 # %% ../nbs/11_dpo.ipynb #927fad1b
 def _check_dpo_row(row, i: int) -> dict:
     try: row = check_pair(row, i)
-    except DPODataError: raise
-    except RewardDataError as e: raise DPODataError(str(e)) from None    # one type for DPO rows
+    except RewardDataError as e:     # one class for every bad DPO row
+        raise DPODataError(*e.args) from None
     if 'prompt' not in row:
+        for k in ('chosen', 'rejected'):     # nothing to take a prompt from
+            if not row[k]: raise DPODataError(f"row {i}: {k!r} is empty")
         row = extract_prompt(row)
         if not row['prompt']:
             raise DPODataError(f"row {i}: no 'prompt' and 'chosen'/'rejected' share no start to "
@@ -469,6 +471,11 @@ def _cached_ref(run: RunFolder, model, examples, cfg, ref_model, pad) -> list[di
     f = run.path/'ref_logps.safetensors'
     if f.exists():
         t = load_tensors(f)
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        if sorted(t) != ['chosen', 'rejected'] or any(v.dim() != 1 for v in t.values()) \
+                or len({len(v) for v in t.values()}) != 1:
+            raise CorruptFileError(f"{f} is not a reference log-prob cache (1-d 'chosen' and "
+                                   f"'rejected' of one length), it holds {shapes}: delete it")
         if len(t['chosen']) != len(examples):
             raise CorruptFileError(f"{f} holds {len(t['chosen'])} pairs, the data has "
                                    f"{len(examples)}: delete it or train into a new output_dir")
