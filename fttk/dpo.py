@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/dpo.html.md"""
 
 # %% ../nbs/11_dpo.ipynb #cdd9fb99
 from __future__ import annotations
-import math, time
+import math, os, time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -592,15 +592,21 @@ def trl_dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, 
                   disable_dropout=cfg.disable_dropout, pad_to_multiple_of=None)
     args = trl_config(TRLDPOConfig, cfg, **{**fields, **trl_overrides})
     t0 = time.time()
-    disable_progress_bars()      # else one bar per dataset map in a published notebook
+    # TRL's reference pass (precompute_ref_log_probs) draws its own bar unless TQDM_DISABLE is set
+    tqdm_was = os.environ.get('TQDM_DISABLE'); os.environ['TQDM_DISABLE'] = '1'
     try:
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds,
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[_Log()])
+        disable_progress_bars()      # else one bar per dataset map in a published notebook
+        try:
+            trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds,
+                                 processing_class=tokenizer, peft_config=peft_config,
+                                 callbacks=[_Log()])
+        finally:
+            if not bars_were_off: enable_progress_bars()
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
     finally:
-        if not bars_were_off: enable_progress_bars()
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
+        if tqdm_was is None: os.environ.pop('TQDM_DISABLE', None)
+        else: os.environ['TQDM_DISABLE'] = tqdm_was
     return {'log': log, 'data': report, 'seconds': time.time() - t0, 'trainer': trainer}
 
 # %% ../nbs/11_dpo.ipynb #635940de
