@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .core import ConfigError, CorruptFileError, RunFolder, load_tensors, save_tensors, set_seed
 from .reward import RewardDataError, check_pair, disable_dropout
-from .sft import (TrainingConfig, _load_checkpoint, _optimizer, _steps, lr_factor, record_step,
+from .sft import (TrainingConfig, _optimizer, _steps, begin_run, lr_factor, record_step,
                       total_steps, trl_config, use_bf16)
 from .world import require_chat_template
 
@@ -518,14 +518,8 @@ def dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, resu
     T = total_steps(len(examples), cfg)
     warmup, bf16 = math.ceil(cfg.warmup_ratio * T), use_bf16(cfg)
     opt = _optimizer(model, cfg)
-    set_seed(cfg.seed)
-    start, ckpt = 0, run.latest_checkpoint() if resume else None
-    if ckpt is not None:
-        start = _load_checkpoint(ckpt, model, opt)['step']; run.truncate_metrics(start)
-    else:
-        if run.metrics_file.exists(): run.metrics_file.unlink()
-        run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, train_rows)
-    log, last_good, t0, n_pairs = run.read_metrics(), ckpt, time.time(), 0
+    state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
+    start, last_good, t0, n_pairs = state.get('step', 0), ckpt, time.time(), 0
     model.train()
     bar = tqdm(total=T, initial=start, desc='dpo', disable=not progress, mininterval=2)
     for step, (epoch, mbs) in enumerate(_steps([[e] for e in examples], cfg)):
