@@ -402,16 +402,9 @@ def test_resume_refuses_a_bad_reference_cache(lab, tmp_path):
         dpo_train(copy.deepcopy(lm), tok, pairs[:24], cfg, resume=True, progress=False)
 
 
-def test_nan_loss_stops_before_the_update(lab, tmp_path):
+def test_nan_loss_stops_before_the_update(lab, tmp_path, nan_logits_after):
     lm, tok, pairs = lab
-    m = copy.deepcopy(lm)
-    calls = {'n': 0}
-    orig = m.forward
-    def forward(*a, **k):
-        out = orig(*a, **k); calls['n'] += 1
-        if calls['n'] > 2: out.logits = out.logits * float('nan')
-        return out
-    m.forward = forward
+    m = nan_logits_after(copy.deepcopy(lm), 2)
     cfg = _run_cfg(tmp_path, 'nan', max_steps=5, per_device_train_batch_size=2, save_steps=2)
     with pytest.raises(DPOLossError, match=r"loss became nan at step 3 \(rows \[\d+, \d+\]\); the update was not "
                                            r"applied\. Last good checkpoint: .*step_000002"):
