@@ -569,6 +569,13 @@ def trl_dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, 
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig as TRLDPOConfig, DPOTrainer
+    from trl.trainer import utils as trl_utils
+    # trl 1.12-1.15 without Triton
+    if getattr(trl_utils, '_ChunkedLogProbFunction', True) is None:
+        import trl
+        raise RuntimeError(f"trl {trl.__version__}'s DPOTrainer computes log-probs only through a "
+                           "Triton kernel, and Triton is not installed (CPU builds of torch lack "
+                           "it): install triton or trl>=1.16, or use dpo_train")
     _, report = prepare_dpo_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode)
     ds = Dataset.from_list([{k: r[k] for k in ('prompt', 'chosen', 'rejected') if k in r}
                             for r in train_rows])

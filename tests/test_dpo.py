@@ -14,6 +14,16 @@ from fttk.sft import sft_model, trainable_state
 from fttk.world import lab_world, preference_pairs, preference_rows
 
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+
+
+def _trl_dpo_runs() -> bool:
+    "trl 1.12-1.15 compute DPO log-probs only through a Triton kernel; CPU builds of torch have no Triton."
+    from trl.trainer import utils as tu
+    return getattr(tu, '_ChunkedLogProbFunction', True) is not None
+
+
+needs_trl_dpo = pytest.mark.skipif(not _trl_dpo_runs(),
+                                   reason="this trl's DPOTrainer needs Triton for its log-probs (not installed)")
 MAXLEN = 256
 KEEP = ('prompt', 'chosen', 'rejected')
 
@@ -203,6 +213,7 @@ def _batch_sizes(model, tok, rows):
 
 @pytest.mark.reference
 @pytest.mark.parametrize('cfg', CASES)
+@needs_trl_dpo
 def test_loss_gradients_metrics_equal_trl(batch_setup, cfg, tmp_path):
     missing = [k for k in cfg['loss_type'] if not _has_loss(k)]
     if missing: pytest.skip(f"the installed TRL has no loss_type {missing}")
@@ -223,6 +234,7 @@ def test_loss_gradients_metrics_equal_trl(batch_setup, cfg, tmp_path):
 
 
 @pytest.mark.reference
+@needs_trl_dpo
 def test_lora_reference_equals_trl_peft(lab, tmp_path):
     "LoRA policy, reference = the adapters disabled (ref_model=None), on both sides; B made nonzero identically."
     pytest.importorskip('peft')
@@ -290,6 +302,7 @@ def _curves(lab, tmp_path, setup: str, precompute: bool):
 @pytest.mark.reference
 @pytest.mark.parametrize('setup,precompute', [('full', False), ('full-noref', True), ('lora', False),
                                               ('lora', True)])
+@needs_trl_dpo
 def test_ours_equals_trl_curves(lab, tmp_path, setup, precompute):
     lm, tok, pairs = lab
     ours, theirs, a, b = _curves(lab, tmp_path, setup, precompute)
@@ -488,3 +501,12 @@ def test_over_long_rows_dropped_when_asked(lab):
         assert rep == {'rows': 2, 'kept': 1, 'dropped_long': 1, 'truncated': 0} and ex[0]['row'] == 1
     with pytest.raises(DPODataError, match=r"no usable preference pair in 1 rows \(1 over max_length=256\)"):
         prepare_dpo_data(rows[:1], tok, max_length=MAXLEN, truncation_mode='drop')
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(_trl_dpo_runs(), reason="this trl's DPOTrainer runs here")
+def test_trl_path_says_when_this_trl_cannot_run(lab, tmp_path):
+    lm, tok, pairs = lab
+    with pytest.raises(RuntimeError, match=r"DPOTrainer computes log-probs only through a Triton kernel, and "
+                                           r"Triton is not installed .*: install triton or trl>=1.16, or use dpo_train"):
+        trl_dpo_train(copy.deepcopy(lm), tok, pairs[:4], DPOConfig(output_dir=str(tmp_path), max_length=256))
