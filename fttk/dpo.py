@@ -618,8 +618,7 @@ def policy_point(policy, tokenizer, prompt_rows: list[dict], gold: Callable, ref
     ("Mean gold reward and KL to the reference (k1, nats per response) of `policy`'s samples on "
      "`prompt_rows` (`fttk.ppo.ppo_prompts` rows); reference: `ref_model` or LoRA off.")
     from types import SimpleNamespace
-    from fttk.ppo import forward_batch, rollout
-    from fttk.lora import lora_disabled
+    from fttk.ppo import forward_batch, reference_logprobs, rollout
     opts = SimpleNamespace(temperature=temperature, response_length=response_length)
     golds, kls, texts = [], [], []
     set_seed(seed)
@@ -628,9 +627,7 @@ def policy_point(policy, tokenizer, prompt_rows: list[dict], gold: Callable, ref
         b = rollout(SimpleNamespace(policy=policy), tokenizer, [r['prompt'] for r in rows], opts)
         mask = b['response_mask'].float()
         lp = forward_batch(policy, b, temperature)[1]
-        if ref_model is not None: ref_lp = forward_batch(ref_model, b, temperature)[1]
-        else:
-            with lora_disabled(policy): ref_lp = forward_batch(policy, b, temperature)[1]
+        ref_lp = reference_logprobs(policy, ref_model, b, temperature)
         kls += ((lp - ref_lp) * mask).sum(1).tolist()
         golds += [gold(r, t) for r, t in zip(rows, b['texts'])]; texts += b['texts']
     return {'kl': sum(kls) / len(kls), 'gold': sum(golds) / len(golds), 'golds': golds,

@@ -271,11 +271,11 @@ def forward_batch(model, b: dict, temperature: float, rows=slice(None)) -> tuple
 # %% ../nbs/10_ppo.ipynb #a0736523
 @torch.no_grad()
 def reference_logprobs(pv: PolicyAndValue, ref, b: dict, temperature: float) -> torch.Tensor:
-    ("Log-probs of the response tokens under the reference: `ref`, or the policy with its LoRA "
-     "adapters disabled (`ref=None`).")
+    ("Log-probs of the response tokens under the reference: `ref`, or the policy (`pv`: a "
+     "`PolicyAndValue` or a plain causal LM) with its LoRA adapters disabled (`ref=None`).")
     if ref is not None: return forward_batch(ref, b, temperature)[1]
     from fttk.lora import lora_disabled
-    with lora_disabled(pv.policy): return forward_batch(pv, b, temperature)[1]
+    with lora_disabled(getattr(pv, 'policy', pv)): return forward_batch(pv, b, temperature)[1]
 
 # %% ../nbs/10_ppo.ipynb #3a6819fd
 def rollout_scores(reward_model, reward_tokenizer, prompts: list, texts: list[str]) -> torch.Tensor:
