@@ -682,8 +682,10 @@ def _cast_lora(model: nn.Module, dtype: torch.dtype):
         if 'lora_' in n and p.dtype != dtype: p.data = p.data.to(dtype)
 
 def _checkpointing(model, mode):
-    if mode is True:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    kw = {'use_reentrant': False}
+    if mode is True and hasattr(model, 'activation_checkpointing_enable'):   # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    elif mode is True: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     elif mode == 'offload': enable_offloaded_checkpointing(model)
     if mode and getattr(model, 'config', None) is not None: model.config.use_cache = False
 
