@@ -495,14 +495,14 @@ def lora_matmul(X, W, XA, B, s: float):
 
 # %% ../nbs/14_accel.ipynb #bb0bf967
 class LoRAProjFunction(torch.autograd.Function):
-    ("y = x W0^T + b0 + s (x A^T) B^T with the fused kernel forward and backward; keeps x and the "
-     "thin x A^T. Adapters in another dtype than x take the plain matmuls.")
+    ("y = x W0^T + b0 + s (x A^T) B^T, the fused kernel forward and backward where `use_triton`; "
+     "keeps x and the thin x A^T. Adapters in another dtype than x: plain matmuls, same savings.")
     @staticmethod
     def forward(ctx, x, W, b, A, B, s):
         shape = x.shape
         X = x.reshape(-1, shape[-1])
         XA = X.to(A.dtype) @ A.t()
-        if A.dtype == X.dtype == B.dtype: Y = lora_matmul(X, W, XA, B, s)
+        if use_triton(X) and A.dtype == X.dtype == B.dtype: Y = lora_matmul(X, W, XA, B, s)
         else: Y = (X @ W.t()).add_((s * (XA @ B.t())).to(X.dtype))
         if b is not None: Y += b
         ctx.save_for_backward(X, XA, W, A, B)
@@ -518,7 +518,7 @@ class LoRAProjFunction(torch.autograd.Function):
         dB = (G.to(B.dtype).t() @ XA).mul_(s) if ctx.needs_input_grad[4] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            if A.dtype == G.dtype: dx = lora_matmul(G, W.t(), GB, A.t(), s)
+            if use_triton(G) and A.dtype == G.dtype: dx = lora_matmul(G, W.t(), GB, A.t(), s)
             else: dx = (G @ W).add_((s * (GB @ A)).to(G.dtype))
             dx = dx.view(ctx.shape)
         return dx, None, None, dA, dB, None
@@ -598,18 +598,38 @@ def _fused_loss_forward(model):
         return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, model.lm_head, labels, n_items))
     return forward
 
-# %% ../nbs/14_accel.ipynb #93782be0
+# %% ../nbs/14_accel.ipynb #c19dbc88
+def _lora_proj_forward(m):
+    "A LoRA layer's forward through LoRAProjFunction, where its state allows (else as before)."
+    from fttk.lora import LoRALinear
+    def forward(x):
+        if m.merged or m.disabled or m._pre_norm:
+            return LoRALinear.forward(m, x)
+        b = m.base_layer
+        return LoRAProjFunction.apply(x, b.weight, b.bias, m.lora_A.weight, m.lora_B.weight,
+                                      m.scaling)
+    return forward
+
+def _proj_ok(m) -> bool:
+    "An fttk LoRA layer that LoRAProjFunction can run: plain frozen nn.Linear base, no dropout, DoRA."
+    from fttk.lora import LoRALinear
+    return (isinstance(m, LoRALinear) and type(m.base_layer) is nn.Linear and not m.use_dora
+            and isinstance(m.lora_dropout, nn.Identity) and not m.base_layer.weight.requires_grad)
+
 def _is_swiglu_mlp(m) -> bool:
     return (type(m).__name__.endswith('MLP') and 'forward' not in m.__dict__
             and all(hasattr(m, k) for k in ('gate_proj', 'up_proj', 'down_proj'))
             and type(getattr(m, 'act_fn', None)).__name__ in ('SiLU', 'SiLUActivation'))
 
 def patch_kernels(model: nn.Module, loss: bool = True) -> dict[str, int]:
-    ("Route a Llama-style model's RMSNorms, RoPE, SwiGLU MLPs and (`loss`) its labels loss through "
-     "fttk's kernels; returns what was patched.")
-    n = {'rms_norm': 0, 'swiglu': 0, 'rope': 0, 'loss': 0}
+    ("Route a Llama-style model's RMSNorms, RoPE, SwiGLU MLPs, LoRA layers and (`loss`) its labels "
+     "loss through fttk's kernels; returns what was patched.")
+    n = {'rms_norm': 0, 'swiglu': 0, 'rope': 0, 'lora': 0, 'loss': 0}
     for m in model.modules():
         name, mod = type(m).__name__, sys.modules.get(type(m).__module__)
+        # layers that the fused q/k/v and MLP functions do not take (adapters in another dtype)
+        if _proj_ok(m) and not (m.fast and m.base_layer.weight.dtype == m.lora_A.weight.dtype):
+            m.forward = _lora_proj_forward(m); n['lora'] += 1
         if name.endswith('RMSNorm') and hasattr(m, 'variance_epsilon') \
            and '_fttk_folded' not in m.__dict__:
             m.forward = _rms_forward(m); n['rms_norm'] += 1

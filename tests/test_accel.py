@@ -310,3 +310,28 @@ def test_lora_dtype_default_is_peft_default():
             assert {p.dtype for n, p in m.named_parameters() if 'lora_' in n} == {torch.float32}, backend
             m, _ = A.load_model('test', backend, lora_config=CFG, dtype=torch.bfloat16, lora_dtype=torch.bfloat16)
             assert {p.dtype for n, p in m.named_parameters() if 'lora_' in n} == {torch.bfloat16}, backend
+
+
+@pytest.mark.parametrize('triton_on', [False, pytest.param(True, marks=needs_triton)])
+def test_lora_projection_adapters_in_another_dtype(triton_on):
+    "float32 x with float64 adapters (the bf16-model / float32-adapter case, one step up): plain matmuls."
+    x, W = rand(2, 10, 24, seed=40, dtype=torch.float32), rand(40, 24, seed=41, dtype=torch.float32)
+    Aw, Bw, dy = rand(5, 24, seed=42), rand(40, 5, seed=43), rand(2, 10, 40, seed=44, dtype=torch.float32)
+    with A.triton_interpreter(triton_on):
+        ours = grads_of(lambda x, a, bb: A.LoRAProjFunction.apply(x, W, None, a, bb, 0.5), (x, Aw, Bw), dy)
+    ref = grads_of(lambda x, a, bb: x @ W.t() + (0.5 * (x.double() @ a.t()) @ bb.t()).float(), (x, Aw, Bw), dy)
+    assert [t.dtype for t in ours] == [torch.float32, torch.float32, torch.float64, torch.float64]   # y, dx, dA, dB
+    assert max_err(ours, ref) < 45 * EPS32 * 200
+
+
+@needs_triton
+def test_fttk_kernels_with_adapters_in_another_dtype_equal_hf():
+    "float64 adapters on the float32 model: the layers go through LoRAProjFunction, as peft casts x."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        ref = _loss_grads(_fill(A.load_model('test', 'hf', lora_config=CFG, lora_dtype=torch.float64)[0]))
+    m, _ = A.load_model('test', 'fttk', lora_config=CFG, lora_dtype=torch.float64, kernels=True)
+    assert sum(getattr(l, 'forward', None) is not None and 'forward' in l.__dict__
+               for l in m.modules() if type(l).__name__ == 'LoRALinear') == 14
+    with A.triton_interpreter(): run = _loss_grads(_fill(m))
+    _assert_same(run, ref)
