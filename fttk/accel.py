@@ -34,7 +34,7 @@ def triton_interpret() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 def use_triton(t: torch.Tensor) -> bool:
-    "fttk runs its Triton kernel on `t`: on CUDA with Triton installed; on CPU under TRITON_INTERPRET=1."
+    "Run fttk's kernel on `t`: on CUDA where Triton is installed; on CPU under TRITON_INTERPRET=1."
     return HAS_TRITON and (t.is_cuda or (t.device.type == 'cpu' and triton_interpret()))
 
 # %% ../nbs/14_accel.ipynb #9bd9f932
@@ -50,7 +50,7 @@ def triton_interpreter(on: bool = True):
 
 # %% ../nbs/14_accel.ipynb #b69bfd20
 def _jit(fn):
-    "triton.jit where Triton is installed; else the plain function, which `use_triton` never launches."
+    "triton.jit where Triton is installed; else the plain function (`use_triton` never runs it)."
     return triton.jit(fn) if HAS_TRITON else fn
 
 _interpreted = {}
@@ -611,7 +611,7 @@ def _lora_proj_forward(m):
     return forward
 
 def _proj_ok(m) -> bool:
-    "An fttk LoRA layer that LoRAProjFunction can run: plain frozen nn.Linear base, no dropout, DoRA."
+    "A LoRA layer LoRAProjFunction can run: frozen plain nn.Linear base, no dropout, no DoRA."
     from fttk.lora import LoRALinear
     return (isinstance(m, LoRALinear) and type(m.base_layer) is nn.Linear and not m.use_dora
             and isinstance(m.lora_dropout, nn.Identity) and not m.base_layer.weight.requires_grad)
@@ -750,8 +750,8 @@ def _load_unsloth(name, cfg, qlora, lora_dtype, dtype, gc, max_seq_length):
     if name in SIZES:                                # a lab model: its cached folder
         base_model(name, progress=False)
         name = cache_dir('models')/base_model_recipe(name)
-    model, tok = FastLanguageModel.from_pretrained(model_name=str(name), dtype=dtype,
-                                                   max_seq_length=max_seq_length, load_in_4bit=qlora)
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=str(name), dtype=dtype, max_seq_length=max_seq_length, load_in_4bit=qlora)
     targets = _ALL_LINEAR if cfg.target_modules == 'all-linear' else cfg.target_modules
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

@@ -335,3 +335,16 @@ def test_fttk_kernels_with_adapters_in_another_dtype_equal_hf():
                for l in m.modules() if type(l).__name__ == 'LoRALinear') == 14
     with A.triton_interpreter(): run = _loss_grads(_fill(m))
     _assert_same(run, ref)
+
+
+def test_fttk_qlora_equals_lora_on_the_dequantized_model():
+    "QLoRA = LoRA on the NF4-rounded weights (fttk.quant is bit-exact with bitsandbytes: tests/test_quant.py)."
+    from fttk.quant import NF4Linear
+    q, _ = A.load_model('test', 'fttk', 'qlora', CFG)
+    quantized = {n: m for n, m in q.named_modules() if isinstance(m, NF4Linear)}
+    assert len(quantized) == 14                        # all seven projections of both layers
+    m, _ = A.load_model('test', 'fttk', lora_config=CFG)
+    with torch.no_grad():
+        for n, layer in quantized.items():
+            m.get_submodule(n.replace('.base_layer', '') + '.base_layer').weight.copy_(layer.dequantize_weight())
+    _assert_same(_loss_grads(_fill(q)), _loss_grads(_fill(m)))
