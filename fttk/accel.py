@@ -513,15 +513,27 @@ class LoRAProjFunction(torch.autograd.Function):
     def backward(ctx, dY):
         X, XA, W, A, B = ctx.saved_tensors
         s, G = ctx.s, dY.reshape(-1, dY.shape[-1])
-        GB = G.to(B.dtype) @ B                     # N x r, shared by dA and dx
+        Gl = G.to(B.dtype)                         # G itself where the dtypes agree
+        GB = Gl @ B                                # N x r, shared by dA and dx
         dA = (GB.t() @ X.to(A.dtype)).mul_(s) if ctx.needs_input_grad[3] else None
-        dB = (G.to(B.dtype).t() @ XA).mul_(s) if ctx.needs_input_grad[4] else None
+        dB = (Gl.t() @ XA).mul_(s) if ctx.needs_input_grad[4] else None
         dx = None
         if ctx.needs_input_grad[0]:
             if use_triton(G) and A.dtype == G.dtype: dx = lora_matmul(G, W.t(), GB, A.t(), s)
             else: dx = (G @ W).add_((s * (GB @ A)).to(G.dtype))
             dx = dx.view(ctx.shape)
         return dx, None, None, dA, dB, None
+
+# %% ../nbs/14_accel.ipynb #252c3b0c
+_host_pool: dict = {}
+
+def _host_buffer(x: torch.Tensor) -> torch.Tensor:
+    "A host buffer for x: pinned, from the pool, when x is on CUDA; a fresh tensor otherwise."
+    free = _host_pool.setdefault((tuple(x.shape), x.dtype), []) if x.is_cuda else []
+    return free.pop() if free else torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+
+def _release(buf: torch.Tensor):
+    if buf.is_pinned(): _host_pool.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
 
 # %% ../nbs/14_accel.ipynb #aa10ab29
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -531,13 +543,13 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.fn, ctx.device, ctx.params = fn, x.device, params
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-        ctx.x_host.copy_(x, non_blocking=x.is_cuda)
+        ctx.x_host = _host_buffer(x).copy_(x, non_blocking=x.is_cuda)
         with torch.no_grad(): return fn(x)
 
     @staticmethod
     def backward(ctx, g):
         x = ctx.x_host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        _release(ctx.x_host)
         with torch.random.fork_rng(devices=[ctx.device] if ctx.cuda_rng is not None else []):
             torch.set_rng_state(ctx.rng)
             if ctx.cuda_rng is not None: torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
@@ -718,7 +730,9 @@ def _load_fttk(model, cfg, qlora, quant_config, lora_dtype, kernels, gc):
             bnb_4bit_compute_dtype=_dtype_name(model)))
     else: inject_lora(model, cfg)
     _cast_lora(model, lora_dtype)
-    if not qlora: enable_fast_lora(model)   # where adapter and base dtypes agree
+    # the fused q/k/v and MLP functions need adapters in the base dtype; otherwise the layers stay
+    # whole, for patch_kernels' LoRAProjFunction and SwiGLU kernel
+    if not qlora and lora_dtype == next(model.parameters()).dtype: enable_fast_lora(model)
     if kernels is None: kernels = next(model.parameters()).is_cuda
     if kernels: patch_kernels(model)
     _checkpointing(model, gc)
