@@ -734,7 +734,7 @@ def _load_fttk(model, cfg, qlora, quant_config, lora_dtype, kernels, gc):
     # whole, for patch_kernels' LoRAProjFunction and SwiGLU kernel
     if not qlora and lora_dtype == next(model.parameters()).dtype: enable_fast_lora(model)
     if kernels is None: kernels = next(model.parameters()).is_cuda
-    if kernels: patch_kernels(model)
+    model.fttk_kernels = patch_kernels(model) if kernels else {}
     _checkpointing(model, gc)
     return model
 

@@ -277,14 +277,28 @@ def test_fttk_backend_equals_hf(hf_reference, kw):
     _assert_same(_loss_grads(_fill(m)), hf_reference)
 
 
+@pytest.fixture
+def launched(monkeypatch):
+    "The names of the kernels launched in the test."
+    names, launch = [], A._launch
+    def spy(kernel, *a, **k):
+        names.append(getattr(kernel, 'fn', kernel).__name__); return launch(kernel, *a, **k)
+    monkeypatch.setattr(A, '_launch', spy)
+    return names
+
+
 @needs_triton
-def test_fttk_backend_with_kernels_equals_hf(hf_reference):
+def test_fttk_backend_with_kernels_equals_hf(hf_reference, launched):
     m, _ = A.load_model('test', 'fttk', lora_config=CFG, kernels=True)
+    # float32 adapters on the float32 model: the fused q/k/v and MLP functions take the norms they
+    # fold and the MLPs; the final norm, RoPE and the loss go to the kernels
+    assert m.fttk_kernels == {'rms_norm': 1, 'swiglu': 0, 'rope': 2, 'lora': 0, 'loss': 1}
     with A.triton_interpreter():
         out = m(input_ids=IDS, labels=IDS)
         assert out.logits is None                     # the fused loss never made them
         run = _loss_grads(_fill(m))
     _assert_same(run, hf_reference)
+    assert {'_rms_norm_fwd', '_rms_norm_bwd', '_rope_kernel', '_ce_kernel'} <= set(launched)
 
 
 def test_offloaded_checkpointing_same_gradients_with_dropout():
@@ -325,7 +339,7 @@ def test_lora_projection_adapters_in_another_dtype(triton_on):
 
 
 @needs_triton
-def test_fttk_kernels_with_adapters_in_another_dtype_equal_hf():
+def test_fttk_kernels_with_adapters_in_another_dtype_equal_hf(launched):
     "float64 adapters on the float32 model: the layers go through LoRAProjFunction, as peft casts x."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)
@@ -333,8 +347,10 @@ def test_fttk_kernels_with_adapters_in_another_dtype_equal_hf():
     m, _ = A.load_model('test', 'fttk', lora_config=CFG, lora_dtype=torch.float64, kernels=True)
     assert sum(getattr(l, 'forward', None) is not None and 'forward' in l.__dict__
                for l in m.modules() if type(l).__name__ == 'LoRALinear') == 14
+    assert m.fttk_kernels == {'rms_norm': 5, 'swiglu': 2, 'rope': 2, 'lora': 14, 'loss': 1}
     with A.triton_interpreter(): run = _loss_grads(_fill(m))
     _assert_same(run, ref)
+    assert {'_rms_norm_fwd', '_swiglu_fwd', '_swiglu_bwd', '_rope_kernel', '_ce_kernel'} <= set(launched)
 
 
 def test_fttk_qlora_equals_lora_on_the_dequantized_model():
