@@ -364,3 +364,21 @@ def test_fttk_qlora_equals_lora_on_the_dequantized_model():
         for n, layer in quantized.items():
             m.get_submodule(n.replace('.base_layer', '') + '.base_layer').weight.copy_(layer.dequantize_weight())
     _assert_same(_loss_grads(_fill(q)), _loss_grads(_fill(m)))
+
+
+def test_unsloth_not_installed_names_the_package(monkeypatch):
+    "A CUDA machine without unsloth: the error names the package and the extra that brings it."
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'unsloth' else find_spec(name, *a))
+    with pytest.raises(RuntimeError, match=r"backend='unsloth' needs the unsloth package \(pip install 'fttk\[gpu\]'\); "
+                                           r"use backend='fttk' or 'hf' here"):
+        A.resolve_backend('unsloth')
+    assert A.resolve_backend('auto') == 'fttk'
+
+
+def test_unsloth_refuses_a_loaded_model(monkeypatch):
+    monkeypatch.setattr(A, 'unsloth_available', lambda: None)      # as on a CUDA machine with unsloth
+    with pytest.raises(ValueError, match="backend='unsloth' loads by name .*: pass a model name or folder, not a loaded model"):
+        A.load_model(torch.nn.Linear(2, 2), 'unsloth')
