@@ -722,7 +722,7 @@ def _checkpointing(model, mode):
     if mode and getattr(model, 'config', None) is not None: model.config.use_cache = False
 
 # %% ../nbs/14_accel.ipynb #d8066262
-def _load_fttk(model, cfg, qlora, quant_config, lora_dtype, kernels, gc):
+def _load_fttk(model, cfg, qlora, quant_config, lora_dtype, kernels, gc, fast_lora=None):
     from fttk.lora import inject_lora, enable_fast_lora
     from fttk.quant import QuantConfig, prepare_qlora_model
     if qlora:
@@ -732,7 +732,8 @@ def _load_fttk(model, cfg, qlora, quant_config, lora_dtype, kernels, gc):
     _cast_lora(model, lora_dtype)
     # the fused q/k/v and MLP functions need adapters in the base dtype; otherwise the layers stay
     # whole, for patch_kernels' LoRAProjFunction and SwiGLU kernel
-    if not qlora and lora_dtype == next(model.parameters()).dtype: enable_fast_lora(model)
+    if fast_lora is None: fast_lora = not qlora and lora_dtype == next(model.parameters()).dtype
+    if fast_lora: enable_fast_lora(model)
     if kernels is None: kernels = next(model.parameters()).is_cuda
     model.fttk_kernels = patch_kernels(model) if kernels else {}
     _checkpointing(model, gc)
@@ -779,10 +780,13 @@ def _load_unsloth(name, cfg, qlora, lora_dtype, dtype, gc, max_seq_length):
 def load_model(name_or_model, backend: str = 'auto', finetuning_type: str = 'lora',
                lora_config=None, *, tokenizer=None, lora_dtype: torch.dtype = torch.float32,
                dtype: torch.dtype | None = None, device=None, gradient_checkpointing=False,
-               quant_config=None, kernels: bool | None = None, max_seq_length: int = 2048):
+               quant_config=None, kernels: bool | None = None, max_seq_length: int = 2048,
+               fast_lora: bool | None = None):
     ("`(model, tokenizer)` ready for LoRA or QLoRA training through one `backend`: 'hf' "
      "(transformers + peft), 'fttk', 'unsloth' or 'auto'.")
     _check_load_args(finetuning_type, lora_dtype, gradient_checkpointing)
+    # Unsloth loads by name: for a model already loaded, the best available is fttk's
+    if backend == 'auto' and isinstance(name_or_model, nn.Module): backend = 'fttk'
     backend = resolve_backend(backend)
     cfg, qlora = _lora_config(lora_config), finetuning_type == 'qlora'
     if backend == 'unsloth':
@@ -796,6 +800,6 @@ def load_model(name_or_model, backend: str = 'auto', finetuning_type: str = 'lor
     if backend == 'hf': model = _load_hf(model, cfg, qlora, quant_config, lora_dtype,
                                          gradient_checkpointing)
     else: model = _load_fttk(model, cfg, qlora, quant_config, lora_dtype, kernels,
-                             gradient_checkpointing)
+                             gradient_checkpointing, fast_lora)
     model.fttk_backend = backend
     return model, tokenizer

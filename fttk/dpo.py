@@ -385,6 +385,11 @@ def validate(self):
         if getattr(self, k):
             raise ConfigError(f"{k}=True is not implemented in fttk's DPO loop; use "
                               "trl_dpo_train with the same config, or turn it off")
+    if self.backend in ('hf', 'unsloth'):
+        raise ConfigError(
+            f"backend={self.backend!r} is not supported by {type(self).__name__}: its "
+            "reference is the policy with adapters off (fttk.lora.lora_disabled), which "
+            "knows fttk's LoRA layers only, not peft's; use backend='fttk' or 'auto'")
 
 # %% ../nbs/11_dpo.ipynb #1a035a00
 @torch.no_grad()

@@ -75,6 +75,11 @@ class PPOConfig(TrainingConfig):
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
             raise ConfigError(f"clip_ratio_c must be None or > 1 (a bound on the ratio of "
                               f"negative-advantage tokens), got {self.clip_ratio_c}")
+        if self.backend in ('hf', 'unsloth'):
+            raise ConfigError(
+                f"backend={self.backend!r} is not supported by {type(self).__name__}: its "
+                "reference is the policy with adapters off (fttk.lora.lora_disabled), which "
+                "knows fttk's LoRA layers only, not peft's; use backend='fttk' or 'auto'")
 
 # %% ../nbs/10_ppo.ipynb #6f3040b5
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -219,6 +219,8 @@ class TrainingConfig(Config):
     seed: int = 42
     bf16: bool | None = False   # None: what this machine measurably does best (core.best_precision)
     shuffle: bool = True
+    # where LoRA models come from (fttk.accel.load_model): 'auto' = unsloth on CUDA, else fttk
+    backend: Literal['auto', 'fttk', 'hf', 'unsloth'] = 'auto'
 
     def validate(self):
         for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1',
@@ -772,7 +774,8 @@ def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> 
      "`out/plots/sft_loss.png`, returns markdown lines.")
     from matplotlib.figure import Figure       # no pyplot: leaves the caller's backend alone
     from fttk.world import base_model, lab_world
-    from fttk.lora import inject_lora, trainable_parameters
+    from fttk.lora import trainable_parameters
+    from fttk.accel import load_model
     out = Path(out); t0 = time.time()
     model, tok = base_model(size, progress=False)
     world = lab_world(size)
@@ -780,7 +783,8 @@ def sft_demo(out: Path, size: str = 'default', max_steps: int | None = None) -> 
     eval_p = held_p[:20] if size == 'test' else held_p[:60]
     before = evaluate_sft(model, tok, world, eval_p, bio=False)
     lora_cfg, cfg = sft_recipe(size, out/'sft', max_steps)
-    inject_lora(model, lora_cfg)
+    model, tok = load_model(model, cfg.backend, 'lora', lora_cfg, tokenizer=tok,
+                            fast_lora=cfg.use_fast_lora)
     res = sft_train(model, tok, sft_rows(world, {p.name for p in train_p}), cfg, progress=False)
     after = evaluate_sft(model, tok, world, eval_p, bio=False)
     (out/'plots').mkdir(parents=True, exist_ok=True)
@@ -815,7 +819,10 @@ def sft_model(size: str = 'default', rebuild: bool = False):
     from fttk.world import base_model, base_model_recipe, cached_model, lab_world
     from fttk.lora import inject_lora, unload_lora
     lora_cfg, cfg = sft_recipe(size, 'sft')
-    recipe = {'base': base_model_recipe(size), 'lora': lora_cfg.to_dict(), 'sft': cfg.to_dict()}
+    # built on fttk's path whatever cfg.backend says: the key leaves it out (and stays the key of
+    # models cached before the field existed)
+    sft = {k: v for k, v in cfg.to_dict().items() if k != 'backend'}
+    recipe = {'base': base_model_recipe(size), 'lora': lora_cfg.to_dict(), 'sft': sft}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     def build(tmp: Path):
         model, tok = base_model(size, progress=False)

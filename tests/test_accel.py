@@ -5,7 +5,7 @@ load_model's backends equal to transformers + peft; the errors.
 Tolerances come from the arithmetic: float64 comparisons bound rounding by (reduction length) x eps64
 times the size of the values; float32 by (reduction length) x eps32; bf16 outputs by one bf16 rounding.
 Kernel tests need Triton (`pip install triton`, in the dev extra) and skip, named, without it."""
-import math, warnings
+import copy, math, warnings
 
 import pytest
 import torch
@@ -382,3 +382,92 @@ def test_unsloth_refuses_a_loaded_model(monkeypatch):
     monkeypatch.setattr(A, 'unsloth_available', lambda: None)      # as on a CUDA machine with unsloth
     with pytest.raises(ValueError, match="backend='unsloth' loads by name .*: pass a model name or folder, not a loaded model"):
         A.load_model(torch.nn.Linear(2, 2), 'unsloth')
+
+
+# The trainers take their backend from one place, TrainingConfig.backend, and their LoRA model from
+# load_model(model, cfg.backend, 'lora', lora_cfg, fast_lora=...). On a CPU 'auto' must be the computation
+# the trainers ran before (inject_lora; SFT's loop then enable_fast_lora), bit for bit.
+
+def test_training_config_backend_field():
+    import typing
+    from fttk.core import ConfigError
+    from fttk.sft import TrainingConfig, SFTConfig
+    from fttk.reward import RewardConfig
+    assert typing.get_args(typing.get_type_hints(TrainingConfig)['backend']) == A.BACKENDS    # one list
+    assert {c().backend for c in (TrainingConfig, SFTConfig, RewardConfig)} == {'auto'}
+    assert RewardConfig(backend='hf').backend == 'hf'
+    with pytest.raises(ConfigError, match=r"config field 'backend' must be one of \['auto', 'fttk', 'hf', 'unsloth'\], "
+                                          r"got 'cuda'"):
+        SFTConfig(backend='cuda')
+
+
+@pytest.mark.parametrize('backend', ['hf', 'unsloth'])
+@pytest.mark.parametrize('cls', ['PPOConfig', 'DPOConfig'])
+def test_reference_trainers_refuse_peft_backends(cls, backend):
+    "PPO and DPO take the policy with adapters off as the reference (lora_disabled: fttk's LoRA layers only)."
+    from fttk.core import ConfigError
+    import fttk.ppo, fttk.dpo
+    C = getattr(fttk.ppo, cls, None) or getattr(fttk.dpo, cls)
+    with pytest.raises(ConfigError, match=rf"backend='{backend}' is not supported by {cls}: its reference is the policy "
+                                          r"with adapters off \(fttk.lora.lora_disabled\), which knows fttk's LoRA "
+                                          r"layers only, not peft's; use backend='fttk' or 'auto'"):
+        C(backend=backend)
+    assert C(backend='fttk').backend == 'fttk' and C().backend == 'auto'
+
+
+def test_auto_on_a_loaded_model_is_fttk(monkeypatch):
+    "Unsloth loads by name: given a loaded model (the trainers' case), 'auto' is fttk even where unsloth runs."
+    monkeypatch.setattr(A, 'unsloth_available', lambda: None)      # as on a CUDA machine with unsloth
+    assert A.resolve_backend('auto') == 'unsloth'
+    m, _ = A.load_model(_tiny_lm(), 'auto', lora_config=CFG, kernels=False)
+    assert m.fttk_backend == 'fttk'
+
+
+def _tiny_lm():
+    from fttk.world import base_model
+    return copy.deepcopy(base_model('test', progress=False)[0])
+
+
+def _adamw_steps(model, n=3):
+    "Losses of n AdamW steps on a fixed batch, and the trainable weights after them."
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(n):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(); opt.step(); opt.zero_grad(); losses.append(loss.item())
+    return losses, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_auto_on_cpu_equals_inject_lora_bit_for_bit():
+    "Reward, PPO and DPO: load_model(model, 'auto', 'lora', cfg, fast_lora=False) is inject_lora(model, cfg)."
+    from fttk.lora import inject_lora, lora_disabled, lora_layers
+    a, b = _tiny_lm(), _tiny_lm()
+    set_seed(0); inject_lora(a, CFG)
+    set_seed(0); b, _ = A.load_model(b, 'auto', 'lora', CFG, fast_lora=False)
+    assert b.fttk_backend == 'fttk' and b.fttk_kernels == {} and len(lora_layers(b)) == 14
+    (la, wa), (lb, wb) = _adamw_steps(a), _adamw_steps(b)
+    assert la == lb and la[-1] < la[0]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad(), lora_disabled(b):      # the PPO/DPO reference still works: adapters off = base
+        assert torch.equal(b(input_ids=ids).logits, _tiny_lm()(input_ids=ids).logits)
+
+
+def test_sft_with_load_model_equals_inject_lora_bit_for_bit(tmp_path):
+    "SFT: load_model(..., fast_lora=cfg.use_fast_lora) then sft_train is inject_lora then sft_train."
+    from fttk.lora import inject_lora
+    from fttk.sft import SFTConfig, sft_train, trainable_state
+    from fttk.world import base_model, lab_world
+    tok = base_model('test', progress=False)[1]
+    rows = [r for r in lab_world('test').instruction_rows() if r['task'] == 'qa'][:24]
+    kw = dict(learning_rate=1e-3, max_steps=3, per_device_train_batch_size=8, max_length=128, seed=0)
+    a, b = _tiny_lm(), _tiny_lm()
+    set_seed(0); inject_lora(a, CFG)
+    cfg = SFTConfig(output_dir=str(tmp_path/'b'), **kw)
+    set_seed(0); b, _ = A.load_model(b, cfg.backend, 'lora', CFG, tokenizer=tok, fast_lora=cfg.use_fast_lora)
+    ra = sft_train(a, tok, rows, SFTConfig(output_dir=str(tmp_path/'a'), **kw), progress=False)
+    rb = sft_train(b, tok, rows, cfg, progress=False)
+    assert [r['loss'] for r in ra['log']] == [r['loss'] for r in rb['log']] and len(ra['log']) == 3
+    sa, sb = trainable_state(a), trainable_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
