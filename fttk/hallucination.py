@@ -39,8 +39,10 @@ def exposure_world(cfg: WorldConfig | None = None, exposures=EXPOSURES) -> World
     cfg = cfg or WorldConfig()
     ex = tuple(exposures)
     if not ex or any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in ex):
-        raise ValueError(f"exposures must be positive whole numbers of biographies, got {exposures!r}")
-    # draw max(ex) bios per person, then keep the first e: person i's bios never depend on the others
+        raise ValueError(
+            f"exposures must be positive whole numbers of biographies, got {exposures!r}")
+    # draw max(ex) bios per person, then keep the first e: person i's bios never depend on the
+    # others
     w = World(WorldConfig(cfg.n_people, cfg.known_fraction, max(ex), cfg.seed))
     w.exposure = {p.name: 0 for p in w.unknown}
     for i, p in enumerate(w.known):
@@ -89,7 +91,8 @@ def slick_category(greedy_hits: int, n_prompts: int, sample_hits: int) -> str:
     ("SliCK's category from `greedy_hits` right greedy answers out of `n_prompts` prompts and "
      "`sample_hits` right samples at T > 0.")
     if not 0 <= greedy_hits <= n_prompts or n_prompts < 1 or sample_hits < 0:
-        raise ValueError(f"need 0 <= greedy_hits <= n_prompts, n_prompts >= 1 and sample_hits >= 0; "
+        raise ValueError("need 0 <= greedy_hits <= n_prompts, n_prompts >= 1 and sample_hits >= "
+                         "0; "
                          f"got greedy_hits={greedy_hits}, n_prompts={n_prompts}, "
                          f"sample_hits={sample_hits}")
     if greedy_hits == n_prompts: return 'HighlyKnown'
@@ -105,16 +108,19 @@ def slick_prompts(row: dict) -> list[str]:
 
 # %% ../nbs/13_hallucination.ipynb #a6db277a
 def check_qa_rows(qa_rows, need=('name', 'attribute', 'answer')) -> list[dict]:
-    "`qa_rows` as a list, or a `ValueError` naming the first row that lacks a field or has a bad one."
+    ("`qa_rows` as a list, or a `ValueError` naming the first row that lacks a field or has a bad "
+     "one.")
     rows = list(qa_rows)
     if not rows: raise ValueError("qa_rows is empty: there is nothing to categorise or train on")
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise ValueError(f"qa row {i}: expected a dict, got {type(r).__name__}")
         miss = [k for k in need if k not in r]
-        if miss: raise ValueError(f"qa row {i}: lacks {', '.join(map(repr, miss))} (has {sorted(r)})")
+        if miss:
+            raise ValueError(f"qa row {i}: lacks {', '.join(map(repr, miss))} (has {sorted(r)})")
         if 'attribute' in need and r['attribute'] not in TEMPLATES:
-            raise ValueError(f"qa row {i}: attribute {r['attribute']!r} is not one of {list(TEMPLATES)}")
+            raise ValueError(
+                f"qa row {i}: attribute {r['attribute']!r} is not one of {list(TEMPLATES)}")
         if not isinstance(r['answer'], str) or not r['answer'].strip():
             raise ValueError(f"qa row {i}: answer must be a non-empty string, got {r['answer']!r}")
         if 'category' in need and r['category'] not in CATEGORIES:
@@ -126,7 +132,8 @@ def check_qa_rows(qa_rows, need=('name', 'attribute', 'answer')) -> list[dict]:
 def answer_scores(model, tokenizer, prompts: list[str], answers: list[str],
                   temperature: float = 0.5, top_k: int = 40,
                   batch_size: int = 256) -> list[tuple[bool, float]]:
-    ("Per (prompt, answer): does greedy decoding produce the answer (every answer token the argmax), "
+    ("Per (prompt, answer): does greedy decoding produce the answer (every answer token the "
+     "argmax), "
      "and the exact probability that one sample at `temperature`, `top_k` produces it.")
     seqs = [(tokenizer(p)['input_ids'], tokenizer(' ' + a, add_special_tokens=False)['input_ids'])
             for p, a in zip(prompts, answers)]
@@ -156,7 +163,8 @@ def answer_scores(model, tokenizer, prompts: list[str], answers: list[str],
 def slick_categories(model, tokenizer, qa_rows, n_samples: int = 16, temperature: float = 0.5,
                      top_k: int = 40, seed: int = 0, batch_size: int = 256) -> list[dict]:
     ("Each QA row with its SliCK measurements: `greedy_hits` over the `slick_prompts`, `p_sample` "
-     "(mean exact P(sample right)), `sample_hits` (right answers among `n_samples` samples per prompt) "
+     "(mean exact P(sample right)), `sample_hits` (right answers among `n_samples` samples per "
+     "prompt) "
      "and `category`.")
     rows = check_qa_rows(qa_rows)
     if n_samples < 0: raise ValueError(f"n_samples must be >= 0, got {n_samples}")
@@ -203,7 +211,8 @@ def split_facts(rows, ood_attributes=('university', 'employer_city'), dev_fracti
      "trained on: 'ood' holds them for the test people.")
     rows = check_qa_rows(rows)
     bad = [a for a in ood_attributes if a not in TEMPLATES]
-    if bad: raise ValueError(f"ood_attributes {bad} are not attributes of the world {list(TEMPLATES)}")
+    if bad:
+        raise ValueError(f"ood_attributes {bad} are not attributes of the world {list(TEMPLATES)}")
     if not (0 < dev_fraction and 0 < test_fraction and dev_fraction + test_fraction < 1):
         raise ValueError(f"dev_fraction and test_fraction must be > 0 with sum < 1, got "
                          f"{dev_fraction} and {test_fraction}")
@@ -249,17 +258,20 @@ def category_set(pool: list[dict], category: str, size: int, seed: int = 0) -> l
 
 # %% ../nbs/13_hallucination.ipynb #bfe7f99c
 def qa_examples(tokenizer, rows: list[dict], idk=False) -> list[dict]:
-    ("Tokenized `qa_chat`s of `rows`, each with `n_check`: the labelled tokens of its answer value, "
+    ("Tokenized `qa_chat`s of `rows`, each with `n_check`: the labelled tokens of its answer "
+     "value, "
      "'.' and `<|end|>` (or of the whole `IDK_ANSWER`). `idk`: a bool, or one bool per row.")
     flags = [idk] * len(rows) if isinstance(idk, bool) else list(idk)
     exs = prepare_sft_data([qa_chat(r, f) for r, f in zip(rows, flags)], tokenizer,
                            max_length=None)[0]
     for e, r, f in zip(exs, rows, flags):
         labels = [t for t in e['labels'] if t != IGNORE_INDEX]
-        tail = [] if f else tokenizer(' ' + r['answer'] + '.', add_special_tokens=False)['input_ids']
+        tail = [] if f else tokenizer(' ' + r['answer'] + '.',
+                                      add_special_tokens=False)['input_ids']
         # the name the reply opens with is copied from the question: a format skill, not knowledge
         if tail and labels[-len(tail) - 1:-1] != tail:
-            raise ValueError(f"the answer {r['answer']!r} does not tokenize the same inside its reply")
+            raise ValueError(
+                f"the answer {r['answer']!r} does not tokenize the same inside its reply")
         e['n_check'] = len(tail) + 1 if tail else len(labels)
     return exs
 
@@ -369,7 +381,8 @@ def finetune_run(model, tokenizer, train_rows, eval_sets: dict[str, list[dict]],
     state, _, log = begin_run(run, model, opt, cfg, chats, resume)
     def measure(row):
         row.update(_train_metrics(greedy_exact(model, examples, pad_token_id=pad), rows))
-        for k, (rs, ex) in evals.items(): row.update(evaluate_qa(model, tokenizer, rs, k, cfg.idk, ex))
+        for k, (rs, ex) in evals.items():
+            row.update(evaluate_qa(model, tokenizer, rs, k, cfg.idk, ex))
         return row
     # seconds: wall time of the run so far, summed over its resumed pieces
     t0 = time.time() - (log[-1].get('seconds', 0.0) if log else 0.0)
@@ -451,7 +464,8 @@ def stop_points(log: list[dict], dev: str = 'dev_acc') -> dict[str, dict]:
         raise ValueError(f"the log has no {dev!r} column; it has {sorted(rows[0])}")
     best = max(rows, key=lambda r: (r[dev], -r['epoch']))
     conv = next((r for r in rows if r['train_acc'] == 1.0), None)
-    return {'EARLY_STOP': best, 'CONVERGENCE': {**(conv or rows[-1]), 'converged': conv is not None}}
+    return {
+        'EARLY_STOP': best, 'CONVERGENCE': {**(conv or rows[-1]), 'converged': conv is not None}}
 
 # %% ../nbs/13_hallucination.ipynb #504b359d
 def linear_fit(points: list[dict], y: str = 'test_acc') -> dict:
