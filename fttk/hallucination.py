@@ -304,8 +304,8 @@ class FinetuneConfig(TrainingConfig):
     ("One fine-tuning run of the unknown-ratio study: `fttk.sft.TrainingConfig` fields, whole "
      "epochs, a constant rate, a checkpoint and an evaluation after every epoch.")
     output_dir: str = 'runs/hallucination'
-    learning_rate: float = 1e-3
-    num_train_epochs: float = 30
+    learning_rate: float = 6e-4
+    num_train_epochs: float = 14
     per_device_train_batch_size: int = 16
     lr_scheduler_type: str = 'constant'
     seed: int = 0
