@@ -22,7 +22,7 @@ from .world import SIZES, base_model, cached_model, greedy_complete, pretrain
 # %% auto #0
 __all__ = ['FEATURES', 'SCALES', 'RATES', 'UNITS', 'PROMPT', 'PatientConfig', 'risk_score', 'calibrate_intercept',
            'risk_intercept', 'patients', 'feature_matrix', 'render_record', 'beliefs', 'prob_to_digit', 'digit_to_prob',
-           'domain_texts', 'belief_auc']
+           'domain_texts', 'belief_auc', 'ClinicConfig', 'clinic_model', 'digit_ids', 'digit_probs', 'llm_annotate']
 
 # %% ../nbs/12_serval.ipynb #1767724c
 FEATURES = ('age', 'sbp', 'chol', 'bmi', 'glucose', 'smoker', 'active')
@@ -190,3 +190,88 @@ def belief_auc(rows: list[dict], cfg: PatientConfig, quality: float, biased=('ch
     bel = beliefs(cfg, quality, biased)
     s = risk_score({k: [r[k] for r in rows] for k in FEATURES}, bel)
     return roc_auc(s.tolist(), [r['y'] for r in rows])
+
+# %% ../nbs/12_serval.ipynb #f8abab14
+@dataclass
+class ClinicConfig(Config):
+    "How the clinic LLM is made: base size, what its corpus knows, and the continued pretraining."
+    size: str = 'test'
+    quality: float = 0.6
+    biased: list[str] = field(default_factory=lambda: ['chol'])
+    n_records: int = 400
+    num_train_epochs: int = 6
+    learning_rate: float = 1e-3
+    per_device_train_batch_size: int = 16
+    seed: int = 0
+
+    def validate(self):
+        if self.size not in SIZES:
+            raise ConfigError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if not 0 <= self.quality <= 1:
+            raise ConfigError(f"quality must be in [0, 1], got {self.quality}")
+        bad = [b for b in self.biased if b not in FEATURES]
+        if bad: raise ConfigError(f"biased factors {bad} are not features {list(FEATURES)}")
+        for k in ('n_records', 'num_train_epochs', 'per_device_train_batch_size'):
+            if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+
+# %% ../nbs/12_serval.ipynb #ade2b8b3
+def clinic_model(pcfg: PatientConfig, ccfg: ClinicConfig | None = None, progress: bool = False):
+    "`(model, tokenizer)`: the lab base model continued-pretrained on `domain_texts`; cached."
+    ccfg = ccfg or ClinicConfig()
+    config = {'patients': pcfg.to_dict(), 'clinic': ccfg.to_dict()}
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    def build(tmp):
+        model, tok = base_model(ccfg.size, progress=False)
+        texts = domain_texts(pcfg, ccfg.quality, tuple(ccfg.biased), ccfg.n_records, ccfg.seed + 1)
+        recipe = dataclasses.replace(
+            SIZES[ccfg.size], num_train_epochs=ccfg.num_train_epochs, seed=ccfg.seed,
+            learning_rate=ccfg.learning_rate, warmup_ratio=0.05, min_lr_ratio=0.1,
+            per_device_train_batch_size=ccfg.per_device_train_batch_size)
+        pretrain(model, tok, texts, recipe, progress=progress)
+        with quiet_progress():
+            model.save_pretrained(tmp); tok.save_pretrained(tmp)
+    return cached_model(cache_dir('models')/f"clinic-{ccfg.size}-{key}", build, config)
+
+# %% ../nbs/12_serval.ipynb #2be0aefd
+def digit_ids(tokenizer, prompt: str = PROMPT) -> list[int]:
+    "Token ids of '0'..'9' as the next token after `prompt`; a clear error if a digit is not one token."
+    base = tokenizer(prompt)['input_ids']
+    ids = []
+    for d in '0123456789':
+        t = tokenizer(prompt + d)['input_ids']
+        if t[:len(base)] != base or len(t) != len(base) + 1:
+            raise ValueError(f"tokenizer does not encode the answer digit {d!r} as one token after the "
+                             "prompt; use read='text'")
+        ids.append(t[-1])
+    return ids
+
+# %% ../nbs/12_serval.ipynb #a6d54d9b
+@torch.no_grad()
+def digit_probs(model, tokenizer, prompts: list[str], batch_size: int = 64) -> np.ndarray:
+    "(n, 10): each prompt's next-token distribution renormalised over the ten digits."
+    ids = torch.tensor(digit_ids(tokenizer))
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [tokenizer(p)['input_ids'] for p in prompts[i:i + batch_size]]
+        L = max(map(len, enc))      # right padding: positions stay those of an unpadded prompt
+        x = torch.full((len(enc), L), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for r, e in enumerate(enc): x[r, :len(e)] = torch.tensor(e); mask[r, :len(e)] = 1
+        logits = model(input_ids=x.to(model.device), attention_mask=mask.to(model.device)).logits
+        last = logits[torch.arange(len(enc)), mask.sum(1).to(model.device) - 1].float().cpu()
+        out.append(torch.softmax(last[:, ids], -1))
+    return torch.cat(out).numpy()
+
+# %% ../nbs/12_serval.ipynb #36ca3e4a
+def llm_annotate(model, tokenizer, rows: list[dict], read: str = 'expected', render=render_record,
+                 batch_size: int = 64) -> np.ndarray:
+    "Soft labels in [0, 1] for `rows`: the LLM's answer to the probability prompt, read as `read`."
+    prompts = [render(r) + PROMPT for r in rows]
+    if read == 'expected':
+        return digit_probs(model, tokenizer, prompts, batch_size) @ digit_to_prob(np.arange(10))
+    if read == 'text':
+        outs = greedy_complete(model, tokenizer, prompts, max_new_tokens=2, batch_size=batch_size)
+        # an answer that is not a digit reads as 0.5: no information
+        return np.array([digit_to_prob(int(o.strip()[0])) if o.strip()[:1].isdigit() else 0.5
+                         for o in outs])
+    raise ValueError(f"read must be 'expected' or 'text', got {read!r}")
