@@ -22,7 +22,9 @@ from .world import SIZES, base_model, cached_model, greedy_complete, pretrain
 # %% auto #0
 __all__ = ['FEATURES', 'SCALES', 'RATES', 'UNITS', 'PROMPT', 'PatientConfig', 'risk_score', 'calibrate_intercept',
            'risk_intercept', 'patients', 'feature_matrix', 'render_record', 'beliefs', 'prob_to_digit', 'digit_to_prob',
-           'domain_texts', 'belief_auc', 'ClinicConfig', 'clinic_model', 'digit_ids', 'digit_probs', 'llm_annotate']
+           'domain_texts', 'belief_auc', 'ClinicConfig', 'clinic_model', 'digit_ids', 'digit_probs', 'llm_annotate',
+           'FTTransformer', 'gmm_clean_prob', 'VerticalConfig', 'sharpen', 'predict', 'train_vertical',
+           'vertical_predict']
 
 # %% ../nbs/12_serval.ipynb #1767724c
 FEATURES = ('age', 'sbp', 'chol', 'bmi', 'glucose', 'smoker', 'active')
@@ -275,3 +277,155 @@ def llm_annotate(model, tokenizer, rows: list[dict], read: str = 'expected', ren
         return np.array([digit_to_prob(int(o.strip()[0])) if o.strip()[:1].isdigit() else 0.5
                          for o in outs])
     raise ValueError(f"read must be 'expected' or 'text', got {read!r}")
+
+# %% ../nbs/12_serval.ipynb #70bf32af
+class FTTransformer(nn.Module):
+    "Feature tokenizer + transformer + [CLS] head; returns one logit per row."
+    def __init__(self, n_features: int, d: int = 32, n_layers: int = 2, n_heads: int = 4,
+                 d_ffn: int = 64, dropout: float = 0.1):
+        super().__init__()
+        if n_features <= 0: raise ValueError(f"n_features must be positive, got {n_features}")
+        s = d ** -0.5        # rtdl's init: uniform(-1/sqrt(d), 1/sqrt(d))
+        self.W = nn.Parameter(torch.empty(n_features, d).uniform_(-s, s))
+        self.b = nn.Parameter(torch.empty(n_features, d).uniform_(-s, s))
+        self.cls = nn.Parameter(torch.empty(1, 1, d).uniform_(-s, s))
+        layer = nn.TransformerEncoderLayer(d, n_heads, d_ffn, dropout, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.ReLU(), nn.Linear(d, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.W.shape[0]:
+            raise ValueError(f"FTTransformer expects (batch, {self.W.shape[0]}) features, "
+                             f"got {tuple(x.shape)}")
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), x[..., None] * self.W + self.b], 1)
+        return self.head(self.blocks(tokens)[:, 0]).squeeze(-1)
+
+# %% ../nbs/12_serval.ipynb #0c029bbd
+def gmm_clean_prob(losses, n_iter: int = 50, reg: float = 5e-4) -> np.ndarray:
+    "Posterior of the low-mean component of a 2-component 1-D Gaussian mixture fitted by EM."
+    x = np.asarray(losses, np.float64)
+    if x.ndim != 1 or len(x) < 2 or not np.isfinite(x).all():
+        raise ValueError(f"gmm_clean_prob needs a 1-D array of >= 2 finite losses, got shape {x.shape}")
+    x = (x - x.min()) / (x.max() - x.min() + 1e-12)
+    mu, var, pi = np.quantile(x, [0.25, 0.75]), np.full(2, x.var() + reg), np.full(2, 0.5)
+    for _ in range(n_iter):
+        logp = -0.5 * (x[:, None] - mu) ** 2 / var - 0.5 * np.log(2 * np.pi * var) + np.log(pi)
+        r = np.exp(logp - logp.max(1, keepdims=True)); r /= r.sum(1, keepdims=True)   # E step
+        nk = r.sum(0) + 1e-12                                                          # M step
+        pi, mu = nk / len(x), (r * x[:, None]).sum(0) / nk
+        var = (r * (x[:, None] - mu) ** 2).sum(0) / nk + reg
+    return r[:, np.argmin(mu)]
+
+# %% ../nbs/12_serval.ipynb #efbce5e1
+@dataclass
+class VerticalConfig(Config):
+    "The FT-Transformer and its noisy-label training (DivideMix-style selection, confidence stopping)."
+    d_token: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ffn: int = 64
+    dropout: float = 0.1
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 128
+    max_epochs: int = 40
+    warmup_epochs: int = 5
+    p_clean: float = 0.5
+    temperature: float = 0.5
+    lambda_u: float = 1.0
+    confidence: float = 0.9
+    stop_delta: float = 0.01
+    patience: int = 3
+    seed: int = 0
+
+    def validate(self):
+        for k in ('d_token', 'n_layers', 'n_heads', 'd_ffn', 'batch_size', 'max_epochs', 'patience'):
+            if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.d_token % self.n_heads:
+            raise ConfigError(f"d_token {self.d_token} is not divisible by n_heads {self.n_heads}")
+        for k in ('p_clean', 'confidence'):
+            if not 0 < getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be in (0, 1), got {getattr(self, k)}")
+        if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+# %% ../nbs/12_serval.ipynb #fd73d7cd
+def _bce(logits, s):
+    return F.binary_cross_entropy_with_logits(logits, s, reduction='none')
+
+def _entropy(s): return -(s * torch.log(s.clamp_min(1e-12)) + (1 - s) * torch.log((1 - s).clamp_min(1e-12)))
+
+def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
+    "DivideMix's temperature sharpening of a Bernoulli probability."
+    a, b = p ** (1 / T), (1 - p) ** (1 / T)
+    return a / (a + b)
+
+# %% ../nbs/12_serval.ipynb #d28b282a
+@torch.no_grad()
+def predict(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    "Probabilities of the positive class (eval mode)."
+    model.eval(); p = torch.sigmoid(model(X)); model.train()
+    return p
+
+# %% ../nbs/12_serval.ipynb #77a8a253
+def _check_labels(X, s, name):
+    X, s = np.asarray(X, np.float32), np.asarray(s, np.float32)
+    if X.ndim != 2 or s.shape != (len(X),):
+        raise ValueError(f"{name}: need X of shape (n, features) and one label per row; got "
+                         f"{X.shape} and {s.shape}")
+    if not np.isfinite(X).all(): raise ValueError(f"{name}: X holds NaN or infinite values")
+    if not ((s >= 0) & (s <= 1)).all(): raise ValueError(f"{name}: labels must lie in [0, 1]")
+    return X, s
+
+# %% ../nbs/12_serval.ipynb #363821fd
+def train_vertical(X, soft, cfg: VerticalConfig | None = None, X_val=None, y_val=None,
+                   noisy: bool = True) -> tuple[nn.Module, dict]:
+    ("Train an FT-Transformer on labels `soft` in [0, 1]: with `noisy`, DivideMix-style selection and "
+     "confidence-share stopping; without, plain BCE for `max_epochs`. `X_val, y_val` pick the epoch.")
+    cfg = cfg or VerticalConfig()
+    X, s = _check_labels(X, soft, 'train_vertical')
+    g = set_seed(cfg.seed)
+    mu, sd = X.mean(0), X.std(0) + 1e-6          # standardise with the (unlabelled) pool's statistics
+    norm = lambda A: torch.tensor((np.asarray(A, np.float32) - mu) / sd)
+    Xt, st = norm(X), torch.tensor(s)
+    model = FTTransformer(X.shape[1], cfg.d_token, cfg.n_layers, cfg.n_heads, cfg.d_ffn, cfg.dropout)
+    model.mu, model.sd = mu, sd
+    opt = torch.optim.AdamW(model.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay)
+    log = {'conf_share': [], 'val_auc': [], 'clean_share': []}
+    best, best_auc, calm, epoch = None, -1.0, 0, 0
+    for epoch in range(cfg.max_epochs):
+        target, weight_u = st, torch.zeros(len(s))
+        if noisy and epoch >= cfg.warmup_epochs:
+            p = predict(model, Xt)
+            kl = (_bce(torch.logit(p.clamp(1e-6, 1 - 1e-6)), st) - _entropy(st)).clamp_min(0)
+            w = torch.tensor(gmm_clean_prob(kl.numpy()), dtype=torch.float32)
+            clean = w > cfg.p_clean
+            target = torch.where(clean, w * st + (1 - w) * p, sharpen(p, cfg.temperature))
+            weight_u = (~clean).float()
+            log['clean_share'].append(float(clean.float().mean()))
+        for idx in torch.randperm(len(s), generator=g).split(cfg.batch_size):
+            logits = model(Xt[idx])
+            lab = 1 - weight_u[idx]
+            loss = (lab * _bce(logits, target[idx])).sum() / len(idx) + cfg.lambda_u * (
+                weight_u[idx] * (torch.sigmoid(logits) - target[idx]) ** 2).sum() / len(idx)
+            opt.zero_grad(); loss.backward(); opt.step()
+        p = predict(model, Xt)
+        log['conf_share'].append(float((torch.maximum(p, 1 - p) > cfg.confidence).float().mean()))
+        if X_val is not None:
+            auc = roc_auc(predict(model, norm(X_val)).tolist(), list(y_val))
+            log['val_auc'].append(auc)
+            if auc > best_auc:
+                best_auc, best = auc, {k: v.clone() for k, v in model.state_dict().items()}
+        if noisy and epoch >= cfg.warmup_epochs and len(log['conf_share']) > 1:
+            calm = calm + 1 if abs(log['conf_share'][-1] - log['conf_share'][-2]) < cfg.stop_delta else 0
+            if calm >= cfg.patience: break
+    if best is not None: model.load_state_dict(best)
+    log['epochs'] = epoch + 1
+    model.eval()
+    return model, log
+
+# %% ../nbs/12_serval.ipynb #5a4e5c43
+def vertical_predict(model: nn.Module, X) -> np.ndarray:
+    "Probabilities of a model from `train_vertical` on raw (unstandardised) features."
+    X = np.asarray(X, np.float32)
+    return predict(model, torch.tensor((X - model.mu) / model.sd)).numpy()
