@@ -24,7 +24,7 @@ __all__ = ['FEATURES', 'SCALES', 'RATES', 'UNITS', 'PROMPT', 'PatientConfig', 'r
            'risk_intercept', 'patients', 'feature_matrix', 'render_record', 'beliefs', 'prob_to_digit', 'digit_to_prob',
            'domain_texts', 'belief_auc', 'ClinicConfig', 'clinic_model', 'digit_ids', 'digit_probs', 'llm_annotate',
            'FTTransformer', 'gmm_clean_prob', 'VerticalConfig', 'sharpen', 'predict', 'train_vertical',
-           'vertical_predict']
+           'vertical_predict', 'back_tune', 'serval_loop']
 
 # %% ../nbs/12_serval.ipynb #1767724c
 FEATURES = ('age', 'sbp', 'chol', 'bmi', 'glucose', 'smoker', 'active')
@@ -349,16 +349,16 @@ class VerticalConfig(Config):
                 raise ConfigError(f"{k} must be in (0, 1), got {getattr(self, k)}")
         if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
-# %% ../nbs/12_serval.ipynb #fd73d7cd
+# %% ../nbs/12_serval.ipynb #c28a88ce
 def _bce(logits, s):
     return F.binary_cross_entropy_with_logits(logits, s, reduction='none')
 
 def _entropy(s): return -(s * torch.log(s.clamp_min(1e-12)) + (1 - s) * torch.log((1 - s).clamp_min(1e-12)))
 
-def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
-    "DivideMix's temperature sharpening of a Bernoulli probability."
-    a, b = p ** (1 / T), (1 - p) ** (1 / T)
-    return a / (a + b)
+def sharpen(p: torch.Tensor, T: float, prior: float = 0.5) -> torch.Tensor:
+    "Temperature sharpening of Bernoulli probabilities away from `prior` (0.5: DivideMix's)."
+    lp = math.log(prior / (1 - prior))
+    return torch.sigmoid((torch.logit(p.clamp(1e-6, 1 - 1e-6)) - lp) / T + lp)
 
 # %% ../nbs/12_serval.ipynb #d28b282a
 @torch.no_grad()
@@ -377,7 +377,7 @@ def _check_labels(X, s, name):
     if not ((s >= 0) & (s <= 1)).all(): raise ValueError(f"{name}: labels must lie in [0, 1]")
     return X, s
 
-# %% ../nbs/12_serval.ipynb #363821fd
+# %% ../nbs/12_serval.ipynb #4e17d2cc
 def train_vertical(X, soft, cfg: VerticalConfig | None = None, X_val=None, y_val=None,
                    noisy: bool = True) -> tuple[nn.Module, dict]:
     ("Train an FT-Transformer on labels `soft` in [0, 1]: with `noisy`, DivideMix-style selection and "
@@ -393,6 +393,7 @@ def train_vertical(X, soft, cfg: VerticalConfig | None = None, X_val=None, y_val
     opt = torch.optim.AdamW(model.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay)
     log = {'conf_share': [], 'val_auc': [], 'clean_share': []}
     best, best_auc, calm, epoch = None, -1.0, 0, 0
+    prior = float(np.clip(s.mean(), 0.01, 0.99))    # the labels' base rate
     for epoch in range(cfg.max_epochs):
         target, weight_u = st, torch.zeros(len(s))
         if noisy and epoch >= cfg.warmup_epochs:
@@ -400,7 +401,7 @@ def train_vertical(X, soft, cfg: VerticalConfig | None = None, X_val=None, y_val
             kl = (_bce(torch.logit(p.clamp(1e-6, 1 - 1e-6)), st) - _entropy(st)).clamp_min(0)
             w = torch.tensor(gmm_clean_prob(kl.numpy()), dtype=torch.float32)
             clean = w > cfg.p_clean
-            target = torch.where(clean, w * st + (1 - w) * p, sharpen(p, cfg.temperature))
+            target = torch.where(clean, w * st + (1 - w) * p, sharpen(p, cfg.temperature, prior))
             weight_u = (~clean).float()
             log['clean_share'].append(float(clean.float().mean()))
         for idx in torch.randperm(len(s), generator=g).split(cfg.batch_size):
@@ -417,7 +418,10 @@ def train_vertical(X, soft, cfg: VerticalConfig | None = None, X_val=None, y_val
             if auc > best_auc:
                 best_auc, best = auc, {k: v.clone() for k, v in model.state_dict().items()}
         if noisy and epoch >= cfg.warmup_epochs and len(log['conf_share']) > 1:
-            calm = calm + 1 if abs(log['conf_share'][-1] - log['conf_share'][-2]) < cfg.stop_delta else 0
+            # a model that commits to no sample yet has not started: only a nonzero share counts
+            steady = 0 < log['conf_share'][-1] and abs(
+                log['conf_share'][-1] - log['conf_share'][-2]) < cfg.stop_delta
+            calm = calm + 1 if steady else 0
             if calm >= cfg.patience: break
     if best is not None: model.load_state_dict(best)
     log['epochs'] = epoch + 1
@@ -429,3 +433,57 @@ def vertical_predict(model: nn.Module, X) -> np.ndarray:
     "Probabilities of a model from `train_vertical` on raw (unstandardised) features."
     X = np.asarray(X, np.float32)
     return predict(model, torch.tensor((X - model.mu) / model.sd)).numpy()
+
+# %% ../nbs/12_serval.ipynb #757a743c
+def back_tune(model, tokenizer, rows: list[dict], probs, keep: float = 0.5, epochs: int = 3,
+              lr: float = 2e-3, r: int = 8, seed: int = 0, render=render_record):
+    "LoRA-tune `model` in place (adapters merged after) on the most confident `keep` share of `probs`."
+    from fttk.lora import inject_lora, unload_lora
+    probs = np.asarray(probs, float)
+    if len(probs) != len(rows): raise ValueError(f"back_tune: {len(rows)} rows but {len(probs)} probs")
+    order = np.argsort(-np.maximum(probs, 1 - probs))[:max(1, int(keep * len(rows)))]
+    texts = [render(rows[i]) + PROMPT + str(prob_to_digit(probs[i])) for i in order]
+    inject_lora(model, r=r, lora_alpha=2.0 * r, target_modules=['q_proj', 'v_proj'])
+    name = next((s for s, c in SIZES.items() if c.hidden_size == model.config.hidden_size), 'test')
+    recipe = dataclasses.replace(SIZES[name], num_train_epochs=epochs, learning_rate=lr, seed=seed,
+                                 warmup_ratio=0.05, min_lr_ratio=0.1, per_device_train_batch_size=16)
+    pretrain(model, tokenizer, texts, recipe, progress=False)
+    return unload_lora(model)         # merged into the weights: the next round adds fresh adapters
+
+# %% ../nbs/12_serval.ipynb #b9a39267
+def _annotator(annotator):
+    "(annotate(rows) -> probs, tunable (model, tokenizer) or None) from the three accepted kinds."
+    if isinstance(annotator, str):
+        annotator = base_model(annotator, progress=False)
+    if isinstance(annotator, tuple) and len(annotator) == 2:
+        model, tok = annotator
+        return (lambda rows: llm_annotate(model, tok, rows)), (model, tok)
+    if callable(annotator): return annotator, None
+    raise TypeError("annotator must be (model, tokenizer), a model name or path, or a function "
+                    f"annotate(rows) -> probabilities; got {type(annotator).__name__}")
+
+# %% ../nbs/12_serval.ipynb #5e794922
+def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: list[dict],
+                iterations: int = 2, features=FEATURES, vcfg: VerticalConfig | None = None,
+                keep: float = 0.5, tune_epochs: int = 3, seed: int = 0) -> list[dict]:
+    "SERVAL: annotate -> vertical model -> back-tune, `iterations` times; test AUCs per iteration."
+    annotate, llm = _annotator(annotator)
+    if iterations > 1 and llm is None:
+        raise ValueError("a plain annotate function cannot be back-tuned: use iterations=1")
+    vcfg = vcfg or VerticalConfig(seed=seed)
+    X, Xv, Xte = (feature_matrix(r, features) for r in (pool, val_rows, test_rows))
+    yv, yte = [r['y'] for r in val_rows], [r['y'] for r in test_rows]
+    auc = lambda s: roc_auc(np.asarray(s, float).tolist(), yte)
+    out = []
+    for it in range(iterations):
+        soft = np.asarray(annotate(pool), float)
+        model, log = train_vertical(X, soft, vcfg, Xv, yv)
+        p_pool = vertical_predict(model, X)
+        row = {'iteration': it + 1, 'llm': auc(annotate(test_rows)),
+               'vertical': auc(vertical_predict(model, Xte)), 'epochs': log['epochs'],
+               'qc_pass': max(log['val_auc']) >= roc_auc(annotate(val_rows).tolist(), yv)}
+        if llm is not None:
+            back_tune(*llm, pool, p_pool, keep=keep, epochs=tune_epochs, seed=seed + it)
+            row['llm_tuned'] = auc(annotate(test_rows))
+        out.append(row)
+    return out
