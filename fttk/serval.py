@@ -434,14 +434,18 @@ def vertical_predict(model: nn.Module, X) -> np.ndarray:
     X = np.asarray(X, np.float32)
     return predict(model, torch.tensor((X - model.mu) / model.sd)).numpy()
 
-# %% ../nbs/12_serval.ipynb #757a743c
+# %% ../nbs/12_serval.ipynb #d96cb18b
 def back_tune(model, tokenizer, rows: list[dict], probs, keep: float = 0.5, epochs: int = 3,
               lr: float = 2e-3, r: int = 8, seed: int = 0, render=render_record):
-    "LoRA-tune `model` in place (adapters merged after) on the most confident `keep` share of `probs`."
+    "LoRA-tune `model` in place (adapters merged after) on the `keep` share of `probs` at both ends."
     from fttk.lora import inject_lora, unload_lora
     probs = np.asarray(probs, float)
     if len(probs) != len(rows): raise ValueError(f"back_tune: {len(rows)} rows but {len(probs)} probs")
-    order = np.argsort(-np.maximum(probs, 1 - probs))[:max(1, int(keep * len(rows)))]
+    # the confident ends by rank: a model's outputs cluster near the base rate, so 'far from 0.5'
+    # would pick only low-risk patients and teach the LLM to answer low for everyone
+    k = max(1, int(keep * len(rows) / 2))
+    ranked = np.argsort(probs)
+    order = np.concatenate([ranked[:k], ranked[-k:]])
     texts = [render(rows[i]) + PROMPT + str(prob_to_digit(probs[i])) for i in order]
     inject_lora(model, r=r, lora_alpha=2.0 * r, target_modules=['q_proj', 'v_proj'])
     name = next((s for s, c in SIZES.items() if c.hidden_size == model.config.hidden_size), 'test')

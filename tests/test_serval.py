@@ -57,7 +57,8 @@ def test_vertical_model_beats_its_noisy_labels():
     Xte, yte, _, _ = _flipped_task(n=1000, flip=0.0, seed=1)
     # soft labels: the noisy label blurred toward 0.5, as an unsure annotator would give
     soft = 0.25 + 0.5 * noisy
-    model, log = train_vertical(X, soft, VerticalConfig(max_epochs=25, seed=0))
+    Xv, yv, _, _ = _flipped_task(n=100, flip=0.0, seed=2)     # the small clean validation set
+    model, log = train_vertical(X, soft, VerticalConfig(max_epochs=25, seed=0), Xv, yv.tolist())
     noisy_te = _flipped_task(n=1000, flip=0.3, seed=1)[2]     # the annotator's labels on the test rows
     assert roc_auc(vertical_predict(model, Xte).tolist(), yte.tolist()) > roc_auc(noisy_te.tolist(), yte.tolist()) + 0.05
     assert log['epochs'] <= 25
