@@ -466,7 +466,7 @@ def _annotator(annotator):
     raise TypeError("annotator must be (model, tokenizer), a model name or path, or a function "
                     f"annotate(rows) -> probabilities; got {type(annotator).__name__}")
 
-# %% ../nbs/12_serval.ipynb #5e794922
+# %% ../nbs/12_serval.ipynb #2c6f8e10
 def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: list[dict],
                 iterations: int = 2, features=FEATURES, vcfg: VerticalConfig | None = None,
                 keep: float = 0.5, tune_epochs: int = 3, seed: int = 0) -> list[dict]:
@@ -486,8 +486,9 @@ def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: li
         row = {'iteration': it + 1, 'llm': auc(annotate(test_rows)),
                'vertical': auc(vertical_predict(model, Xte)), 'epochs': log['epochs'],
                'qc_pass': max(log['val_auc']) >= roc_auc(annotate(val_rows).tolist(), yv)}
+        out.append(row)
+        if not row['qc_pass']: break     # quality control: the student did not beat its teacher
         if llm is not None:
             back_tune(*llm, pool, p_pool, keep=keep, epochs=tune_epochs, seed=seed + it)
             row['llm_tuned'] = auc(annotate(test_rows))
-        out.append(row)
     return out
