@@ -85,7 +85,8 @@ def risk_score(f: dict, cfg: PatientConfig) -> np.ndarray:
 def _sigmoid(x): return 1 / (1 + np.exp(-np.asarray(x, float)))
 
 def calibrate_intercept(score: np.ndarray, prevalence: float) -> float:
-    "The $b_0$ with mean(sigmoid($b_0$ + score)) = prevalence, by bisection (the mean rises with $b_0$)."
+    ("The $b_0$ with mean(sigmoid($b_0$ + score)) = prevalence, by bisection (the mean rises with "
+     "$b_0$).")
     lo, hi = -30.0, 30.0
     for _ in range(100):
         mid = (lo + hi) / 2
@@ -97,12 +98,14 @@ def calibrate_intercept(score: np.ndarray, prevalence: float) -> float:
 def risk_intercept(cfg: PatientConfig, n_ref: int = 20000) -> float:
     ("$b_0$ of the risk model: calibrated on a fixed reference population, so it depends on the "
      "weights and prevalence only, not on the cohort's size or seed.")
-    return calibrate_intercept(risk_score(_sample_features(n_ref, np.random.default_rng(12345)), cfg),
+    return calibrate_intercept(risk_score(_sample_features(n_ref, np.random.default_rng(12345)),
+                                          cfg),
                                cfg.prevalence)
 
 # %% ../nbs/12_serval.ipynb #98cfd3ea
 def patients(cfg: PatientConfig | None = None) -> list[dict]:
-    ("A cohort: one dict per patient with the features, the true disease probability `p` and a label "
+    ("A cohort: one dict per patient with the features, the true disease probability `p` and a "
+     "label "
      "`y` drawn from it.")
     cfg = cfg or PatientConfig()
     rng = np.random.default_rng(cfg.seed)
@@ -138,14 +141,16 @@ def render_record(patient: dict) -> str:
             f"cholesterol {p['chol']} ({_level('chol', p['chol'])}), "
             f"BMI {p['bmi']} ({_level('bmi', p['bmi'])}), "
             f"glucose {p['glucose']} ({_level('glucose', p['glucose'])}), "
-            f"{'smoker' if p['smoker'] else 'non-smoker'}, {'active' if p['active'] else 'inactive'}.")
+            f"{'smoker' if p['smoker'] else 'non-smoker'}, "
+            f"{'active' if p['active'] else 'inactive'}.")
 
 # %% ../nbs/12_serval.ipynb #aef7fb96
 def beliefs(cfg: PatientConfig, quality: float, biased=('chol',)) -> PatientConfig:
     "The clinician's risk model: `cfg` with unknown factors zeroed and `biased` ones sign-flipped."
     if not 0 <= quality <= 1: raise ValueError(f"quality must be in [0, 1], got {quality}")
     bad = [b for b in biased if b not in FEATURES]
-    if bad: raise ValueError(f"biased factors {bad} are not features; features are {list(FEATURES)}")
+    if bad:
+        raise ValueError(f"biased factors {bad} are not features; features are {list(FEATURES)}")
     known = set(FEATURES[:round(quality * len(FEATURES))])
     w = {f'w_{k}': (-v if k in biased else v if k in known else 0.0)
          for k, v in cfg.weights().items()}
@@ -175,7 +180,8 @@ def digit_to_prob(d) -> np.ndarray: return (np.asarray(d) + 0.5) / 10
 # %% ../nbs/12_serval.ipynb #1b72e387
 def domain_texts(cfg: PatientConfig, quality: float = 0.6, biased=('chol',), n_records: int = 400,
                  seed: int = 1) -> list[str]:
-    ("The clinic LLM's corpus: textbook statements from the clinician's beliefs and `n_records` charts "
+    ("The clinic LLM's corpus: textbook statements from the clinician's beliefs and `n_records` "
+     "charts "
      "(a cohort other than `cfg`'s) annotated with the believed risk.")
     bel = beliefs(cfg, quality, biased)
     w = bel.weights()
@@ -184,7 +190,8 @@ def domain_texts(cfg: PatientConfig, quality: float = 0.6, biased=('chol',), n_r
     charts = patients(chart_cfg)
     q = _sigmoid(risk_intercept(bel) + risk_score(
         {k: [c[k] for c in charts] for k in FEATURES}, bel))
-    return says * 10 + [render_record(c) + PROMPT + str(d) for c, d in zip(charts, prob_to_digit(q))]
+    return says * 10 + [render_record(c) + PROMPT + str(d)
+                        for c, d in zip(charts, prob_to_digit(q))]
 
 # %% ../nbs/12_serval.ipynb #416d417e
 def belief_auc(rows: list[dict], cfg: PatientConfig, quality: float, biased=('chol',)) -> float:
@@ -214,7 +221,8 @@ class ClinicConfig(Config):
         bad = [b for b in self.biased if b not in FEATURES]
         if bad: raise ConfigError(f"biased factors {bad} are not features {list(FEATURES)}")
         for k in ('n_records', 'num_train_epochs', 'per_device_train_batch_size'):
-            if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
 
 # %% ../nbs/12_serval.ipynb #ade2b8b3
 def clinic_model(pcfg: PatientConfig, ccfg: ClinicConfig | None = None, progress: bool = False):
@@ -236,13 +244,15 @@ def clinic_model(pcfg: PatientConfig, ccfg: ClinicConfig | None = None, progress
 
 # %% ../nbs/12_serval.ipynb #2be0aefd
 def digit_ids(tokenizer, prompt: str = PROMPT) -> list[int]:
-    "Token ids of '0'..'9' as the next token after `prompt`; a clear error if a digit is not one token."
+    ("Token ids of '0'..'9' as the next token after `prompt`; a clear error if a digit is not one "
+     "token.")
     base = tokenizer(prompt)['input_ids']
     ids = []
     for d in '0123456789':
         t = tokenizer(prompt + d)['input_ids']
         if t[:len(base)] != base or len(t) != len(base) + 1:
-            raise ValueError(f"tokenizer does not encode the answer digit {d!r} as one token after the "
+            raise ValueError(f"tokenizer does not encode the answer digit {d!r} as one token after "
+                             "the "
                              "prompt; use read='text'")
         ids.append(t[-1])
     return ids
@@ -306,7 +316,8 @@ def gmm_clean_prob(losses, n_iter: int = 50, reg: float = 5e-4) -> np.ndarray:
     "Posterior of the low-mean component of a 2-component 1-D Gaussian mixture fitted by EM."
     x = np.asarray(losses, np.float64)
     if x.ndim != 1 or len(x) < 2 or not np.isfinite(x).all():
-        raise ValueError(f"gmm_clean_prob needs a 1-D array of >= 2 finite losses, got shape {x.shape}")
+        raise ValueError(
+            f"gmm_clean_prob needs a 1-D array of >= 2 finite losses, got shape {x.shape}")
     x = (x - x.min()) / (x.max() - x.min() + 1e-12)
     mu, var, pi = np.quantile(x, [0.25, 0.75]), np.full(2, x.var() + reg), np.full(2, 0.5)
     for _ in range(n_iter):
@@ -320,7 +331,8 @@ def gmm_clean_prob(losses, n_iter: int = 50, reg: float = 5e-4) -> np.ndarray:
 # %% ../nbs/12_serval.ipynb #efbce5e1
 @dataclass
 class VerticalConfig(Config):
-    "The FT-Transformer and its noisy-label training (DivideMix-style selection, confidence stopping)."
+    ("The FT-Transformer and its noisy-label training (DivideMix-style selection, confidence "
+     "stopping).")
     d_token: int = 32
     n_layers: int = 2
     n_heads: int = 4
@@ -340,20 +352,24 @@ class VerticalConfig(Config):
     seed: int = 0
 
     def validate(self):
-        for k in ('d_token', 'n_layers', 'n_heads', 'd_ffn', 'batch_size', 'max_epochs', 'patience'):
-            if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
+        for k in ('d_token', 'n_layers', 'n_heads', 'd_ffn', 'batch_size', 'max_epochs',
+                  'patience'):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
         if self.d_token % self.n_heads:
             raise ConfigError(f"d_token {self.d_token} is not divisible by n_heads {self.n_heads}")
         for k in ('p_clean', 'confidence'):
             if not 0 < getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be in (0, 1), got {getattr(self, k)}")
-        if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 # %% ../nbs/12_serval.ipynb #c28a88ce
 def _bce(logits, s):
     return F.binary_cross_entropy_with_logits(logits, s, reduction='none')
 
-def _entropy(s): return -(s * torch.log(s.clamp_min(1e-12)) + (1 - s) * torch.log((1 - s).clamp_min(1e-12)))
+def _entropy(s):
+    return -(s * torch.log(s.clamp_min(1e-12)) + (1 - s) * torch.log((1 - s).clamp_min(1e-12)))
 
 def sharpen(p: torch.Tensor, T: float, prior: float = 0.5) -> torch.Tensor:
     "Temperature sharpening of Bernoulli probabilities away from `prior` (0.5: DivideMix's)."
@@ -380,15 +396,19 @@ def _check_labels(X, s, name):
 # %% ../nbs/12_serval.ipynb #4e17d2cc
 def train_vertical(X, soft, cfg: VerticalConfig | None = None, X_val=None, y_val=None,
                    noisy: bool = True) -> tuple[nn.Module, dict]:
-    ("Train an FT-Transformer on labels `soft` in [0, 1]: with `noisy`, DivideMix-style selection and "
-     "confidence-share stopping; without, plain BCE for `max_epochs`. `X_val, y_val` pick the epoch.")
+    ("Train an FT-Transformer on labels `soft` in [0, 1]: with `noisy`, DivideMix-style selection "
+     "and "
+     "confidence-share stopping; without, plain BCE for `max_epochs`. `X_val, y_val` pick the "
+     "epoch.")
     cfg = cfg or VerticalConfig()
     X, s = _check_labels(X, soft, 'train_vertical')
     g = set_seed(cfg.seed)
-    mu, sd = X.mean(0), X.std(0) + 1e-6          # standardise with the (unlabelled) pool's statistics
+    # standardise with the (unlabelled) pool's statistics
+    mu, sd = X.mean(0), X.std(0) + 1e-6
     norm = lambda A: torch.tensor((np.asarray(A, np.float32) - mu) / sd)
     Xt, st = norm(X), torch.tensor(s)
-    model = FTTransformer(X.shape[1], cfg.d_token, cfg.n_layers, cfg.n_heads, cfg.d_ffn, cfg.dropout)
+    model = FTTransformer(X.shape[1], cfg.d_token, cfg.n_layers, cfg.n_heads, cfg.d_ffn,
+                          cfg.dropout)
     model.mu, model.sd = mu, sd
     opt = torch.optim.AdamW(model.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay)
     log = {'conf_share': [], 'val_auc': [], 'clean_share': []}
@@ -437,10 +457,12 @@ def vertical_predict(model: nn.Module, X) -> np.ndarray:
 # %% ../nbs/12_serval.ipynb #d96cb18b
 def back_tune(model, tokenizer, rows: list[dict], probs, keep: float = 0.5, epochs: int = 3,
               lr: float = 2e-3, r: int = 8, seed: int = 0, render=render_record):
-    "LoRA-tune `model` in place (adapters merged after) on the `keep` share of `probs` at both ends."
+    ("LoRA-tune `model` in place (adapters merged after) on the `keep` share of `probs` at both "
+     "ends.")
     from fttk.lora import inject_lora, unload_lora
     probs = np.asarray(probs, float)
-    if len(probs) != len(rows): raise ValueError(f"back_tune: {len(rows)} rows but {len(probs)} probs")
+    if len(probs) != len(rows):
+        raise ValueError(f"back_tune: {len(rows)} rows but {len(probs)} probs")
     # the confident ends by rank: a model's outputs cluster near the base rate, so 'far from 0.5'
     # would pick only low-risk patients and teach the LLM to answer low for everyone
     k = max(1, int(keep * len(rows) / 2))
@@ -450,7 +472,8 @@ def back_tune(model, tokenizer, rows: list[dict], probs, keep: float = 0.5, epoc
     inject_lora(model, r=r, lora_alpha=2.0 * r, target_modules=['q_proj', 'v_proj'])
     name = next((s for s, c in SIZES.items() if c.hidden_size == model.config.hidden_size), 'test')
     recipe = dataclasses.replace(SIZES[name], num_train_epochs=epochs, learning_rate=lr, seed=seed,
-                                 warmup_ratio=0.05, min_lr_ratio=0.1, per_device_train_batch_size=16)
+                                 warmup_ratio=0.05, min_lr_ratio=0.1,
+                                 per_device_train_batch_size=16)
     pretrain(model, tokenizer, texts, recipe, progress=False)
     return unload_lora(model)         # merged into the weights: the next round adds fresh adapters
 

@@ -1,4 +1,4 @@
-"Real behaviour of fttk.serval: the risk model, the noisy-label machinery, the vertical model, bad inputs."
+"fttk.serval: the risk model, the noisy-label machinery, the vertical model, bad inputs."
 import math
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 
 from fttk.core import ConfigError
 from fttk.metrics import roc_auc
-from fttk.serval import (FEATURES, SCALES, ClinicConfig, FTTransformer, PatientConfig, VerticalConfig,
-                         beliefs, feature_matrix, gmm_clean_prob, llm_annotate, patients, render_record,
-                         risk_intercept, train_vertical, vertical_predict)
+from fttk.serval import (FEATURES, SCALES, ClinicConfig, FTTransformer, PatientConfig,
+                         VerticalConfig, beliefs, feature_matrix, gmm_clean_prob, llm_annotate,
+                         patients, render_record, risk_intercept, train_vertical, vertical_predict)
 
 
 def test_risk_probabilities_match_the_formula():
@@ -18,7 +18,8 @@ def test_risk_probabilities_match_the_formula():
     for r in patients(cfg)[:20]:
         z = {k: (r[k] - m) / s for k, (m, s) in SCALES.items()}
         logit = (b0 + sum(cfg.weights()[k] * (z[k] if k in z else r[k]) for k in FEATURES)
-                 + cfg.w_age_smoker * z['age'] * r['smoker'] + cfg.w_glucose_bmi * z['glucose'] * z['bmi'])
+                 + cfg.w_age_smoker * z['age'] * r['smoker']
+                 + cfg.w_glucose_bmi * z['glucose'] * z['bmi'])
         assert r['p'] == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-12, abs=1e-15)
 
 
@@ -45,7 +46,8 @@ def _flipped_task(n=2000, flip=0.3, seed=0):
 
 def test_gmm_split_separates_injected_noise():
     X, y, noisy, flipped = _flipped_task()
-    p = 1 / (1 + np.exp(-(2 * X[:, 0] - 1.5 * X[:, 1] + X[:, 2] * X[:, 3])))   # a model of the clean rule
+    # a model that learned the clean rule
+    p = 1 / (1 + np.exp(-(2 * X[:, 0] - 1.5 * X[:, 1] + X[:, 2] * X[:, 3])))
     loss = -(noisy * np.log(p) + (1 - noisy) * np.log(1 - p))
     w = gmm_clean_prob(loss)
     assert roc_auc(w.tolist(), (~flipped).astype(int).tolist()) > 0.7   # chance is 0.5
@@ -59,8 +61,9 @@ def test_vertical_model_beats_its_noisy_labels():
     soft = 0.25 + 0.5 * noisy
     Xv, yv, _, _ = _flipped_task(n=100, flip=0.0, seed=2)     # the small clean validation set
     model, log = train_vertical(X, soft, VerticalConfig(max_epochs=25, seed=0), Xv, yv.tolist())
-    noisy_te = _flipped_task(n=1000, flip=0.3, seed=1)[2]     # the annotator's labels on the test rows
-    assert roc_auc(vertical_predict(model, Xte).tolist(), yte.tolist()) > roc_auc(noisy_te.tolist(), yte.tolist()) + 0.05
+    noisy_te = _flipped_task(n=1000, flip=0.3, seed=1)[2]     # the annotator on the test rows
+    auc_model = roc_auc(vertical_predict(model, Xte).tolist(), yte.tolist())
+    assert auc_model > roc_auc(noisy_te.tolist(), yte.tolist()) + 0.05
     assert log['epochs'] <= 25
 
 
