@@ -475,10 +475,11 @@ def lora_disabled(model: nn.Module):
     layers = lora_layers(model).values()
     if any(m.merged for m in layers):
         raise RuntimeError("cannot disable merged LoRA layers; unmerge_lora(model) first")
+    before = [m.disabled for m in layers]      # blocks nest: the outer one stays disabled
     for m in layers: m.disabled = True
     try: yield model
     finally:
-        for m in layers: m.disabled = False
+        for m, d in zip(layers, before): m.disabled = d
 
 # %% ../nbs/03_lora.ipynb #32e5430d
 _PEFT_SAME = ('r', 'lora_alpha', 'lora_dropout', 'use_rslora', 'use_dora', 'bias',

@@ -270,6 +270,8 @@ class MemoryConfig(Config):
     method: Literal['sft', 'dpo', 'ppo'] = 'sft'
     attn: Literal['sdpa', 'eager'] = 'sdpa'
     engine: Literal['zero', 'fsdp2'] = 'zero'
+    # DPO: reference log-probs computed once before training (TRL's option): no reference model
+    precompute_ref_log_probs: bool = False
 
     def validate(self):
         if (self.config is None) == (self.params is None):
@@ -293,6 +295,9 @@ class MemoryConfig(Config):
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise ConfigError(f"{k} must be a positive integer, got {v}")
+        if self.precompute_ref_log_probs and self.method != 'dpo':
+            raise ConfigError("precompute_ref_log_probs is for method='dpo' (PPO scores responses "
+                              f"it samples during training), got method={self.method!r}")
         if self.params is not None and (self.lora_r is not None or self.batch is not None):
             raise ConfigError("LoRA and activations need layer shapes: pass a model config, not a "
                               "bare parameter count")
@@ -318,7 +323,8 @@ class MemoryEstimate:
         head = (f"model: {c.config or 'bare count'}  params: {self.psi_total:,.0f}  trainable: "
                 f"{self.psi_trainable:,.0f}\n"
                 f"recipe: {c.dtype} {c.optim}  ZeRO stage {c.stage} x {c.ranks} rank(s)  method: "
-                f"{c.method}"
+                f"{c.method}" + (' (reference log-probs precomputed)'
+                                 if c.precompute_ref_log_probs else '')
                 + (f"  LoRA r={c.lora_r}" + (' (QLoRA NF4+DQ base)' if c.qlora else '') if c.lora_r
                    else '')
                 + (f"\nactivations: batch {c.batch} x seq {c.seq}"
@@ -353,7 +359,8 @@ def estimate_memory(cfg: MemoryConfig | None = None, spec: ModelSpec | None = No
         lin = spec.linear_params
         base = (lin*NF4_DQ_BITS/8 + (psi - lin)*2) if cfg.qlora else psi*c
         rows['frozen base'] = _frozen_shard(base, cfg.stage, cfg.ranks)
-    if cfg.method in ('dpo', 'ppo') and cfg.lora_r is None:
+    # with LoRA the reference is the base with adapters off; precomputed, it is not held at all
+    if cfg.method in ('dpo', 'ppo') and cfg.lora_r is None and not cfg.precompute_ref_log_probs:
         rows['reference model'] = _frozen_shard(psi*c, cfg.stage, cfg.ranks)
     if cfg.method == 'ppo':
         rows['reward model'] = _frozen_shard(psi*c, cfg.stage, cfg.ranks)

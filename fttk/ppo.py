@@ -6,8 +6,9 @@ Docs: https://fttk.github.io/fttk/ppo.html.md"""
 
 # %% ../nbs/10_ppo.ipynb #ce3ab839
 from __future__ import annotations
-import math, time
+import json, math, time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
@@ -23,9 +24,10 @@ from .world import require_chat_template
 
 # %% auto #0
 __all__ = ['PPOConfig', 'masked_mean', 'masked_whiten', 'token_mean', 'kl_penalty', 'token_rewards', 'KLController', 'gae',
-           'policy_loss', 'value_loss', 'entropy_from_logits', 'PolicyAndValue', 'stop_ids', 'rollout', 'forward_batch',
-           'reference_logprobs', 'rollout_scores', 'shape_scores', 'PPOLossError', 'ppo_update', 'ppo_batch_size',
-           'check_prompts', 'ppo_train', 'ppo_prompts', 'gold_grader']
+           'policy_loss', 'value_loss', 'entropy_from_logits', 'init_value_head', 'PolicyAndValue', 'stop_ids',
+           'rollout', 'forward_batch', 'reference_logprobs', 'rollout_scores', 'shape_scores', 'PPOLossError',
+           'ppo_update', 'ppo_batch_size', 'check_prompts', 'ppo_train', 'ppo_prompts', 'gold_grader', 'frontier_path',
+           'load_frontier']
 
 # %% ../nbs/10_ppo.ipynb #90b4a3ff
 @dataclass
@@ -54,6 +56,7 @@ class PPOConfig(TrainingConfig):
     whiten_rewards: bool = False
     whiten_advantages: bool = True
     normalize_reward: bool = False
+    value_head_init: Literal['zeros', 'normal', 'reward'] = 'zeros'   # see PolicyAndValue
 
     def validate(self):
         super().validate()
@@ -174,15 +177,38 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     "Entropy of softmax(`logits`) over the last dimension."
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
+# %% ../nbs/10_ppo.ipynb #eb6f3e31
+@torch.no_grad()
+def init_value_head(head: nn.Linear, init: str = 'zeros', reward_model=None) -> nn.Linear:
+    "Set the value `head`: zeros, normal(0, 1/(d+1)), or the `reward_model`'s score head (`init`)."
+    if init not in ('zeros', 'normal', 'reward'):
+        raise ValueError(f"value_head_init must be 'zeros', 'normal' or 'reward', got {init!r}")
+    nn.init.zeros_(head.bias)
+    if init == 'zeros': nn.init.zeros_(head.weight)
+    elif init == 'normal': nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
+    else:
+        score = getattr(reward_model, 'score', None)
+        if not isinstance(score, nn.Linear):
+            raise ValueError("value_head_init='reward' copies the reward model's linear `score` "
+                             f"head, but got {type(reward_model).__name__} without one")
+        if score.weight.shape != head.weight.shape:
+            raise ValueError(
+                f"value_head_init='reward': the reward model's score head maps hidden size "
+                f"{score.in_features} to {score.out_features} output(s), the value head needs "
+                f"{head.in_features} to 1; use 'zeros' or 'normal' for these models")
+        head.weight.copy_(score.weight)
+        if score.bias is not None: head.bias.copy_(score.bias)
+    return head
+
 # %% ../nbs/10_ppo.ipynb #ca342819
 class PolicyAndValue(nn.Module):
-    "A causal LM `policy` and a linear value head on its last hidden state (zero-initialized)."
-    def __init__(self, policy: nn.Module):
+    "A causal LM `policy` and a linear value head on its last hidden state (`init_value_head`)."
+    def __init__(self, policy: nn.Module, init: str = 'zeros', reward_model=None):
         super().__init__()
         self.policy = policy
         p = next(policy.parameters())
         self.v_head = nn.Linear(policy.config.hidden_size, 1, dtype=p.dtype, device=p.device)
-        nn.init.zeros_(self.v_head.weight); nn.init.zeros_(self.v_head.bias)
+        init_value_head(self.v_head, init, reward_model)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         "(logits, values) at every position."
@@ -245,11 +271,11 @@ def forward_batch(model, b: dict, temperature: float, rows=slice(None)) -> tuple
 # %% ../nbs/10_ppo.ipynb #a0736523
 @torch.no_grad()
 def reference_logprobs(pv: PolicyAndValue, ref, b: dict, temperature: float) -> torch.Tensor:
-    ("Log-probs of the response tokens under the reference: `ref`, or the policy with its LoRA "
-     "adapters disabled (`ref=None`).")
+    ("Log-probs of the response tokens under the reference: `ref`, or the policy (`pv`: a "
+     "`PolicyAndValue` or a plain causal LM) with its LoRA adapters disabled (`ref=None`).")
     if ref is not None: return forward_batch(ref, b, temperature)[1]
     from fttk.lora import lora_disabled
-    with lora_disabled(pv.policy): return forward_batch(pv, b, temperature)[1]
+    with lora_disabled(getattr(pv, 'policy', pv)): return forward_batch(pv, b, temperature)[1]
 
 # %% ../nbs/10_ppo.ipynb #3a6819fd
 def rollout_scores(reward_model, reward_tokenizer, prompts: list, texts: list[str]) -> torch.Tensor:
@@ -361,7 +387,8 @@ def ppo_train(policy, ref, reward_model, tokenizer, prompts, cfg: PPOConfig,
                          "first, or pass a frozen reference model")
     run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
     rtok = reward_tokenizer or tokenizer
-    pv = PolicyAndValue(policy); disable_dropout(policy)
+    set_seed(cfg.seed)                  # a random value-head init is a function of the seed
+    pv = PolicyAndValue(policy, cfg.value_head_init, reward_model); disable_dropout(policy)
     B, T = ppo_batch_size(cfg), _ppo_steps(len(rows), cfg)
     U = T * cfg.num_ppo_epochs * cfg.num_mini_batches
     warmup = math.ceil(cfg.warmup_ratio * U)
@@ -456,3 +483,26 @@ def gold_grader(world) -> Callable[[dict, str], float]:
     "`gold(row, response)`: the world's true reward of a response to a `ppo_prompts` row."
     from fttk.world import gold_reward
     return lambda row, text: gold_reward(world, row['name'], row['attribute'], text)
+
+# %% ../nbs/10_ppo.ipynb #6082b7a8
+def frontier_path() -> Path:
+    "Where the PPO notebook's full-size run writes its frontier: data/frontiers/ppo.json."
+    import fttk
+    return Path(fttk.__file__).resolve().parent.parent/'data'/'frontiers'/'ppo.json'
+
+# %% ../nbs/10_ppo.ipynb #cad58f7e
+def load_frontier(path: str | Path | None = None) -> dict:
+    """The PPO reward-vs-KL frontier (`frontier_path()`, or `path`), as written by nbs/10_ppo.ipynb:
+    `{'note': how kl, score and gold are measured, 'setup': {size, base_model_recipe, prompts,
+    rollouts_per_step, response_length, temperature, steps}, 'runs': {'<setting>, seed <s>':
+    {'setting', 'seed', 'config': {'kl_coef', 'kl_ctrl_type', 'target_kl' (None if fixed)},
+    'steps': [{'step', 'kl', 'score', 'gold', 'kl_coef'}, ...]}}}`."""
+    path = frontier_path() if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no PPO frontier at {path}: the full-size run of nbs/10_ppo.ipynb "
+                                "(IN_TEST unset) writes it in its beta sweep; run that notebook or "
+                                "pass path=")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get('runs'), dict):
+        raise ValueError(f"{path} is not a PPO frontier: it has no 'runs' mapping")
+    return data

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .core import ConfigError, RunFolder, set_seed, quiet_progress
-from .sft import (TrainingConfig, _load_checkpoint, _optimizer, _steps, lr_factor,
+from .sft import (TrainingConfig, _optimizer, _steps, begin_run, lr_factor,
                       record_step, total_steps, trl_config, use_bf16)
 
 # %% auto #0
@@ -218,14 +218,8 @@ def reward_train(model, tokenizer, train_rows, cfg: RewardConfig, resume: bool =
     T = total_steps(len(units), cfg)
     warmup, bf16 = math.ceil(cfg.warmup_ratio * T), use_bf16(cfg)
     opt = _optimizer(model, cfg)
-    set_seed(cfg.seed)
-    start, ckpt = 0, run.latest_checkpoint() if resume else None
-    if ckpt is not None:
-        start = _load_checkpoint(ckpt, model, opt)['step']; run.truncate_metrics(start)
-    else:
-        if run.metrics_file.exists(): run.metrics_file.unlink()
-        run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, train_rows)
-    log, last_good, t0, n_pairs = run.read_metrics(), ckpt, time.time(), 0
+    state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
+    start, last_good, t0, n_pairs = state.get('step', 0), ckpt, time.time(), 0
     model.train()
     bar = tqdm(total=T, initial=start, desc='reward', disable=not progress, mininterval=2)
     for step, (epoch, mbs) in enumerate(_steps(units, cfg)):

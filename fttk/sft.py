@@ -25,9 +25,9 @@ from .world import require_chat_template
 __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
            'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
            'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
-           'trainable_state', 'record_step', 'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config',
-           'trl_train', 'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy',
-           'evaluate_sft', 'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve',
+           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args',
+           'trl_config', 'trl_train', 'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate',
+           'qa_accuracy', 'evaluate_sft', 'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve',
            'completion_rows', 'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo',
            'sft_model']
 
@@ -384,6 +384,20 @@ def record_step(run: RunFolder, log: list, row: dict, cfg: TrainingConfig, total
     if cfg.save_steps and (done % cfg.save_steps == 0 or done == total):
         return _save_checkpoint(run, done, model, opt, extra)
 
+# %% ../nbs/08_sft.ipynb #8e2ded7f
+def begin_run(run: RunFolder, model, opt, cfg: TrainingConfig, train_rows,
+              resume: bool) -> tuple[dict, Path | None, list]:
+    ("Seed, then continue from the latest checkpoint (`resume`) or write fresh run files: "
+     "`(checkpoint state, its folder, the log so far)`; the state is {} for a fresh run.")
+    set_seed(cfg.seed)
+    ckpt = run.latest_checkpoint() if resume else None
+    if ckpt is not None:
+        state = _load_checkpoint(ckpt, model, opt); run.truncate_metrics(state['step'])
+        return state, ckpt, run.read_metrics()
+    if run.metrics_file.exists(): run.metrics_file.unlink()
+    run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, train_rows)
+    return {}, None, []
+
 # %% ../nbs/08_sft.ipynb #4d284a4e
 @torch.no_grad()
 def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: int = 0) -> float:
@@ -418,16 +432,8 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
     T = total_steps(len(units), cfg)
     warmup = math.ceil(cfg.warmup_ratio * T)
     opt = _optimizer(model, cfg)
-    set_seed(cfg.seed)
-    start, ckpt = 0, run.latest_checkpoint() if resume else None
-    if ckpt is not None:
-        start = _load_checkpoint(ckpt, model, opt)['step']
-        run.truncate_metrics(start)
-    else:
-        if run.metrics_file.exists(): run.metrics_file.unlink()
-        run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, train_rows)
-    log = [r for r in run.read_metrics()]
-    last_good = ckpt
+    state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
+    start, last_good = state.get('step', 0), ckpt
     model.train()
     t0, ntok = time.time(), 0
     bar = tqdm(total=T, initial=start, desc='sft', disable=not progress, mininterval=2)

@@ -12,6 +12,9 @@ from typing import Callable
 import pytest
 import torch
 
+from fttk.core import ConfigError, CorruptFileError
+from fttk.dpo import DPODataError, DPOLossError
+
 
 @dataclass
 class Case:
@@ -120,6 +123,61 @@ def _cfg_obj(cls_path, **kw):
 def _reward_run(out):
     from fttk.reward import RewardConfig, reward_train
     return reward_train(None, None, [{'chosen': 'A', 'rejected': 'B'}], RewardConfig(output_dir=str(out)), progress=False)
+
+
+def _dpo_rows(rows, **kw):
+    from fttk.dpo import prepare_dpo_data
+    return prepare_dpo_data(rows, _lab_tokenizer(), **{'max_length': 256, **kw})
+
+
+def _dpo_cfg(out, **kw):
+    from fttk.dpo import DPOConfig
+    return DPOConfig(output_dir=str(out), learning_rate=1e-3, max_steps=1, per_device_train_batch_size=4,
+                     max_length=256, seed=0, **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def _dpo_pairs():
+    from fttk.world import lab_world, preference_pairs, preference_rows
+    return preference_pairs(preference_rows(lab_world('test')))[:4]
+
+
+_DPO_BEFORE = {}
+
+
+def _dpo_nan_loss(tmp):
+    "A reference model with NaN weights: the loss is NaN at step 1."
+    import copy
+    from fttk.dpo import dpo_train
+    from fttk.sft import sft_model
+    model, tok = sft_model('test')
+    ref = copy.deepcopy(model)
+    with torch.no_grad(): next(ref.parameters()).fill_(math.nan)
+    _DPO_BEFORE[tmp] = (model, {n: p.detach().clone() for n, p in model.named_parameters()})
+    return dpo_train(model, tok, _dpo_pairs(), _dpo_cfg(tmp/'run'), ref_model=ref, progress=False)
+
+
+def _dpo_weights_intact(tmp):
+    model, before = _DPO_BEFORE.pop(tmp)
+    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _dpo_resume_with(content: Callable[[], bytes]):
+    "Train one step with precomputed reference log-probs, replace their cache file, resume."
+    def run(tmp):
+        from fttk.dpo import dpo_train
+        from fttk.sft import sft_model
+        model, tok = sft_model('test')
+        cfg = _dpo_cfg(tmp/'run', precompute_ref_log_probs=True, save_steps=1)
+        dpo_train(model, tok, _dpo_pairs(), cfg, progress=False)
+        (tmp/'run'/'ref_logps.safetensors').write_bytes(content())
+        return dpo_train(model, tok, _dpo_pairs(), cfg, resume=True, progress=False)
+    return run
+
+
+def _ref_cache_bytes(n):
+    import safetensors.torch
+    return safetensors.torch.save({k: torch.zeros(n, dtype=torch.float64) for k in ('chosen', 'rejected')})
 
 
 def _safetensors_bytes():
@@ -253,6 +311,65 @@ CASES = [
     Case('trl_reward_train', 'ranking batches (TRL trains pair by pair)',
          lambda tmp: __import__('fttk.reward').reward.trl_reward_train(None, None, [], _cfg_obj('fttk.reward.RewardConfig')),
          Exception, r"TRL's RewardTrainer trains pair by pair: set batch_by='pair'"),
+    # --- DPO (fttk.dpo): preference rows, config, the loop
+    Case('prepare_dpo_data', 'a row without rejected', lambda tmp: _dpo_rows([{'prompt': 'Q', 'chosen': 'A'}]),
+         DPODataError, r"row 0: missing 'rejected'"),
+    Case('prepare_dpo_data', 'a row without chosen', lambda tmp: _dpo_rows([{'prompt': 'Q', 'rejected': 'B'}]),
+         DPODataError, r"row 0: missing 'chosen'"),
+    Case('prepare_dpo_data', 'no prompt, and chosen and rejected share no start',
+         lambda tmp: _dpo_rows([{'chosen': 'Alice', 'rejected': 'Bob'}]),
+         DPODataError, r"row 0: no 'prompt' and 'chosen'/'rejected' share no start to take it from; give the prompt"),
+    Case('prepare_dpo_data', 'rejected of the wrong type', lambda tmp: _dpo_rows([{'prompt': 'Q', 'chosen': 'A', 'rejected': 7}]),
+         DPODataError, r"row 0: 'rejected' must be a string or a list of \{'role', 'content'\} messages, got int"),
+    Case('prepare_dpo_data', 'prompt of the wrong type', lambda tmp: _dpo_rows([{'prompt': None, 'chosen': 'A', 'rejected': 'B'}]),
+         DPODataError, r"row 0: 'prompt' must be a string or a list of \{'role', 'content'\} messages, got NoneType"),
+    Case('prepare_dpo_data', 'a dict instead of a list of rows',
+         lambda tmp: _dpo_rows({'prompt': 'Q', 'chosen': 'A', 'rejected': 'B'}),
+         DPODataError, r'expected a list of preference rows, got dict'),
+    Case('prepare_dpo_data', 'an empty completion after the prompt', lambda tmp: _dpo_rows([{'prompt': 'Q', 'chosen': '', 'rejected': 'B'}]),
+         DPODataError, r"row 0: 'chosen' is empty after the prompt"),
+    Case('prepare_dpo_data', 'an empty completion and no prompt', lambda tmp: _dpo_rows([{'chosen': 'A', 'rejected': ''}]),
+         DPODataError, r"row 0: 'rejected' is empty"),
+    Case('prepare_dpo_data', "a pair over max_length, truncation_mode='error'",
+         lambda tmp: _dpo_rows([{'prompt': 'Q ' * 150, 'chosen': 'A', 'rejected': 'B'}]),
+         DPODataError, r"row 0: \d+ tokens, over max_length=256; raise max_length, or set truncation_mode='drop' or 'keep_start'"),
+    Case('prepare_dpo_data', "every pair over max_length, truncation_mode='drop'",
+         lambda tmp: _dpo_rows([{'prompt': 'Q ' * 150, 'chosen': 'A', 'rejected': 'B'}], truncation_mode='drop'),
+         DPODataError, r'no usable preference pair in 1 rows \(1 over max_length=256\)'),
+    Case('DPOConfig', 'unknown loss_type', _cfg('fttk.dpo.DPOConfig', loss_type=['dpo']), ConfigError,
+         r"loss_type \['dpo'\] unknown; choose from \["),
+    Case('DPOConfig', 'exo_pair without label_smoothing', _cfg('fttk.dpo.DPOConfig', loss_type='exo_pair'), ConfigError,
+         r'exo_pair needs label_smoothing > 0'),
+    Case('DPOConfig', 'f_divergence_type with a loss that has no f-form',
+         _cfg('fttk.dpo.DPOConfig', loss_type=['bco_pair'], f_divergence_type='forward_kl'), ConfigError,
+         r"f_divergence_type='forward_kl' has no form for loss_type \['bco_pair'\]; it works with"),
+    Case('DPOConfig', 'unknown f_divergence_type', _cfg('fttk.dpo.DPOConfig', f_divergence_type='kl'), ConfigError,
+         r"config field 'f_divergence_type' must be one of .*got 'kl'"),
+    Case('DPOConfig', 'loss_weights of the wrong length', _cfg('fttk.dpo.DPOConfig', loss_type=['sigmoid', 'sft'], loss_weights=[1.0]),
+         ConfigError, r"loss_weights has 1 weights for 2 loss types \['sigmoid', 'sft'\]"),
+    Case('DPOConfig', 'beta = 0', _cfg('fttk.dpo.DPOConfig', beta=0.0), ConfigError, r'beta must be > 0, got 0\.0'),
+    Case('DPOConfig', 'label_smoothing = 0.5', _cfg('fttk.dpo.DPOConfig', label_smoothing=0.5), ConfigError,
+         r'label_smoothing must be in \[0, 0\.5\), got 0\.5'),
+    Case('DPOConfig', 'use_weighting=True (not in fttk\'s loop)', _cfg('fttk.dpo.DPOConfig', use_weighting=True), ConfigError,
+         r"use_weighting=True is not implemented in fttk's DPO loop; use trl_dpo_train"),
+    Case('DPOConfig', 'unknown truncation_mode', _cfg('fttk.dpo.DPOConfig', truncation_mode='keep_end'), ConfigError,
+         r"config field 'truncation_mode' must be one of .*got 'keep_end'"),
+    Case('dpo_train', 'the loss becomes NaN', _dpo_nan_loss, DPOLossError,
+         r'loss became nan at step 1 \(rows \[0, 1, 2, 3\]\); the update was not applied', _dpo_weights_intact),
+    Case('dpo_train', 'ref_model=None on a model without LoRA',
+         lambda tmp: __import__('fttk.dpo').dpo.dpo_train(*__import__('fttk.sft').sft.sft_model('test'), _dpo_pairs(),
+                                                          _dpo_cfg(tmp/'run'), progress=False),
+         ValueError, r'ref_model=None takes the policy with its LoRA adapters disabled as the reference, but the policy '
+                    r'has no LoRA layer'),
+    Case('dpo_train', 'resume with a corrupt ref_logps.safetensors', _dpo_resume_with(lambda: b'not a safetensors file'),
+         CorruptFileError, r'cannot read tensors from .*ref_logps\.safetensors'),
+    Case('dpo_train', 'resume with ref_logps.safetensors of other data', _dpo_resume_with(lambda: _ref_cache_bytes(3)),
+         CorruptFileError, r'ref_logps\.safetensors holds 3 pairs, the data has 4: delete it or train into a new output_dir'),
+    Case('dpo_train', 'resume with a safetensors file that is no reference cache', _dpo_resume_with(_safetensors_bytes),
+         CorruptFileError, r"ref_logps\.safetensors is not a reference log-prob cache .*it holds \{'w': \[4, 4\]\}"),
+    Case('trl_dpo_train', "loss_type 'cdpo' (fttk's own)",
+         lambda tmp: __import__('fttk.dpo').dpo.trl_dpo_train(None, None, [], _cfg_obj('fttk.dpo.DPOConfig', loss_type='cdpo')),
+         ConfigError, r"loss_type 'cdpo' is fttk's own"),
     # --- PPO (fttk.ppo)
     Case('PPOConfig', 'discount above 1', _cfg('fttk.ppo.PPOConfig', gamma=1.5), Exception, r'gamma must be in \[0, 1\], got 1\.5'),
     Case('PPOConfig', 'unknown KL estimator', _cfg('fttk.ppo.PPOConfig', kl_estimator='k4'), Exception,

@@ -123,6 +123,26 @@ def test_checkpointing_and_methods(llama7b):
     assert 'reference model' not in lora_dpo.rows        # adapters off = the reference
 
 
+
+def test_dpo_precomputed_reference(llama7b):
+    "TRL's precompute_ref_log_probs: the reference model row goes, nothing else moves; LoRA has none either way."
+    kw = dict(config='x', batch=2, seq=1024, method='dpo')
+    ref = estimate_memory(MemoryConfig(**kw), spec=llama7b)
+    pre = estimate_memory(MemoryConfig(precompute_ref_log_probs=True, **kw), spec=llama7b)
+    assert ref.rows == {**pre.rows, 'reference model': 2*llama7b.n_params}
+    assert list(pre.rows) == ['params', 'grads', 'optim', 'activations'] and pre.comm_bytes == ref.comm_bytes
+    for stage in (2, 3):          # the reference is sharded only at stage 3
+        r = estimate_memory(MemoryConfig(stage=stage, ranks=4, **kw), spec=llama7b)
+        p = estimate_memory(MemoryConfig(stage=stage, ranks=4, precompute_ref_log_probs=True, **kw), spec=llama7b)
+        assert r.total - p.total == 2*llama7b.n_params / (4 if stage == 3 else 1)
+    lora = [estimate_memory(MemoryConfig(lora_r=8, precompute_ref_log_probs=b, **kw), spec=llama7b) for b in (False, True)]
+    assert lora[0].rows == lora[1].rows and 'reference model' not in lora[0].rows
+    assert 'method: dpo (reference log-probs precomputed)' in pre.table()
+    assert MemoryConfig(params=7e9).precompute_ref_log_probs is False
+    with pytest.raises(ConfigError, match=_exact("precompute_ref_log_probs is for method='dpo' (PPO scores responses "
+                                                 "it samples during training), got method='ppo'")):
+        MemoryConfig(params=7e9, method='ppo', precompute_ref_log_probs=True)
+
 def test_comm_volume():
     assert comm_volume(1e9, stage=0, ranks=2) == 1e9
     assert comm_volume(1e9, stage=3, ranks=2) == 1.5e9

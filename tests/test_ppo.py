@@ -2,7 +2,7 @@
 whitening, clipped policy loss, clipped value loss, entropy, the adaptive KL controller), one PPO update on a bandit
 equal to the analytic gradient, rollout log-probs equal to what `generate` sampled from, a short lab run where the
 proxy reward rises and the frozen weights stay frozen, bit-exact resume, the NaN guard, and bad inputs."""
-import copy, json, math, os, shutil, subprocess, sys
+import copy, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -467,6 +467,8 @@ def test_missing_eos_penalty_and_reward_normalization(lab, tmp_path):
     (dict(missing_eos_penalty=-1), r"missing_eos_penalty must be None or >= 0 \(it is subtracted\), got -1.0"),
     (dict(clip_ratio_c=1.0), r"clip_ratio_c must be None or > 1"),
     (dict(learning_rate=0), "learning_rate must be > 0"),
+    (dict(value_head_init='xavier'),
+     r"config field 'value_head_init' must be one of \['zeros', 'normal', 'reward'\], got 'xavier'"),
 ])
 def test_bad_config_values(kw, msg):
     with pytest.raises(ConfigError, match=msg): PPOConfig(**kw)
@@ -510,3 +512,76 @@ def test_kl_penalty_and_whiten_errors():
         kl_penalty(torch.zeros(1), torch.zeros(1), 'kl')
     with pytest.raises(ValueError, match="whitening needs at least 2 unmasked entries, got 1"):
         masked_whiten(torch.zeros(1, 3), torch.tensor([[1.0, 0, 0]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# value-head initialization
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_value_head_init_gives_what_each_option_promises(lab, tmp_path, monkeypatch):
+    d = lab.policy.config.hidden_size
+    zeros = PolicyAndValue(lab.policy).v_head
+    assert torch.equal(zeros.weight, torch.zeros(1, d)) and torch.equal(zeros.bias, torch.zeros(1))
+    # 'normal': N(0, 1/(d+1)), bias 0; the same draws as torch's normal_ under the same seed
+    torch.manual_seed(3); normal = PolicyAndValue(lab.policy, 'normal').v_head
+    torch.manual_seed(3); nn.Linear(d, 1)                     # the default init the head is made with
+    expected = torch.empty(1, d).normal_(0.0, 1 / math.sqrt(d + 1))
+    assert torch.equal(normal.weight, expected) and torch.equal(normal.bias, torch.zeros(1))
+    # 'reward': the reward model's score head (InstructGPT), and ppo_train passes its reward model on
+    reward = PolicyAndValue(lab.policy, 'reward', lab.rm).v_head
+    assert torch.equal(reward.weight, lab.rm.score.weight)
+    assert torch.equal(reward.bias, torch.zeros(1) if lab.rm.score.bias is None else lab.rm.score.bias)
+    made = []
+    class Spy(PolicyAndValue):
+        def __init__(self, *a): super().__init__(*a); made.append(self.v_head.weight.detach().clone())
+    monkeypatch.setattr(ppo, 'PolicyAndValue', Spy)
+    ppo_train(copy.deepcopy(lab.policy), None, lab.rm, lab.tok, lab.prompts,
+              PPOConfig(output_dir=str(tmp_path/'r'), max_steps=1, value_head_init='reward', **LAB),
+              reward_tokenizer=lab.rtok, progress=False)
+    assert len(made) == 1 and torch.equal(made[0], lab.rm.score.weight)
+
+
+def test_value_head_reward_init_needs_matching_sizes():
+    head = nn.Linear(8, 1)
+    rm = nn.Module(); rm.score = nn.Linear(12, 1, bias=False)
+    with pytest.raises(ValueError, match=r"value_head_init='reward': the reward model's score head maps hidden "
+                                         r"size 12 to 1 output\(s\), the value head needs 8 to 1; use 'zeros' "
+                                         r"or 'normal' for these models"):
+        ppo.init_value_head(head, 'reward', rm)
+    with pytest.raises(ValueError, match=r"value_head_init='reward' copies the reward model's linear `score` "
+                                         r"head, but got NoneType without one"):
+        ppo.init_value_head(head, 'reward', None)
+    with pytest.raises(ValueError, match=r"value_head_init must be 'zeros', 'normal' or 'reward', got 'xavier'"):
+        ppo.init_value_head(head, 'xavier')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the frontier file the DPO notebook reads
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_load_frontier_missing_file_names_the_path_and_the_fix(tmp_path):
+    missing = tmp_path/'ppo.json'
+    with pytest.raises(FileNotFoundError, match=rf"no PPO frontier at {re.escape(str(missing))}: the full-size "
+                                                r"run of nbs/10_ppo.ipynb \(IN_TEST unset\) writes it in its "
+                                                r"beta sweep; run that notebook or pass path="):
+        ppo.load_frontier(missing)
+    (tmp_path/'bad.json').write_text('{"steps": []}')
+    with pytest.raises(ValueError, match=r"bad.json is not a PPO frontier: it has no 'runs' mapping"):
+        ppo.load_frontier(tmp_path/'bad.json')
+
+
+def test_committed_frontier_follows_the_documented_schema():
+    assert ppo.frontier_path() == ROOT/'data'/'frontiers'/'ppo.json'
+    fr = ppo.load_frontier()
+    assert 'k1' in fr['note'] and 'nats per response' in fr['note']
+    assert f"softmax(logits / {fr['setup']['temperature']})" in fr['note']
+    seeds = {}
+    for name, run in fr['runs'].items():
+        assert name == f"{run['setting']}, seed {run['seed']}"
+        assert set(run['config']) == {'kl_coef', 'kl_ctrl_type', 'target_kl'}
+        assert (run['config']['target_kl'] is None) == (run['config']['kl_ctrl_type'] == 'fixed')
+        assert len(run['steps']) == fr['setup']['steps']
+        assert [r['step'] for r in run['steps']] == list(range(1, fr['setup']['steps'] + 1))
+        assert all(set(r) == {'step', 'kl', 'score', 'gold', 'kl_coef'} for r in run['steps'])
+        seeds.setdefault(run['setting'], set()).add(run['seed'])
+    assert all(s == {0, 1, 2} for s in seeds.values()), seeds

@@ -162,16 +162,9 @@ def test_resume_is_bit_exact(lab, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
 
 
-def test_nan_loss_stops_before_the_update(lab, tmp_path):
+def test_nan_loss_stops_before_the_update(lab, tmp_path, nan_logits_after):
     rm, tok, pairs = lab
-    m = copy.deepcopy(rm)
-    calls = {'n': 0}
-    orig = m.forward
-    def forward(*a, **k):
-        out = orig(*a, **k); calls['n'] += 1
-        if calls['n'] > 2: out.logits = out.logits * float('nan')
-        return out
-    m.forward = forward
+    m = nan_logits_after(copy.deepcopy(rm), 2)
     cfg = RewardConfig(output_dir=str(tmp_path/'nan'), learning_rate=1e-3, max_steps=5, per_device_train_batch_size=2,
                        save_steps=2, max_length=256, seed=0, batch_by='pair')
     with pytest.raises(RewardLossError, match=r"loss became nan at step 3 \(rows \[.*\]\); the update was not "

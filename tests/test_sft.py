@@ -219,16 +219,9 @@ def test_ours_equals_trl(lab, tmp_path):
         r['grad_norm'] for r in ours['log'])
     assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < tol
 
-def test_nan_loss_stops_with_last_checkpoint(lab, tmp_path):
+def test_nan_loss_stops_with_last_checkpoint(lab, tmp_path, nan_logits_after):
     model, tok, rows = lab
-    m = copy.deepcopy(model)
-    calls = {'n': 0}
-    orig = m.forward
-    def forward(*a, **k):
-        out = orig(*a, **k); calls['n'] += 1
-        if calls['n'] > 3: out.logits = out.logits * float('nan')
-        return out
-    m.forward = forward
+    m = nan_logits_after(copy.deepcopy(model), 3)
     cfg = SFTConfig(output_dir=str(tmp_path/'nan'), learning_rate=1e-3, max_steps=6, per_device_train_batch_size=4, save_steps=2,
                     max_length=128, seed=0)
     with pytest.raises(SFTLossError, match=r"loss became nan at step 4 \(batch of rows \[.*\]\); the update was not applied\. Last good checkpoint: .*step_000002"):
