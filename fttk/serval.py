@@ -23,8 +23,8 @@ from .world import SIZES, base_model, cached_model, greedy_complete, pretrain
 __all__ = ['FEATURES', 'SCALES', 'RATES', 'UNITS', 'PROMPT', 'PatientConfig', 'risk_score', 'calibrate_intercept',
            'risk_intercept', 'patients', 'feature_matrix', 'render_record', 'beliefs', 'prob_to_digit', 'digit_to_prob',
            'domain_texts', 'belief_auc', 'ClinicConfig', 'clinic_model', 'digit_ids', 'digit_probs', 'llm_annotate',
-           'FTTransformer', 'gmm_clean_prob', 'VerticalConfig', 'sharpen', 'predict', 'train_vertical',
-           'vertical_predict', 'back_tune', 'serval_loop']
+           'platt_scale', 'FTTransformer', 'gmm_clean_prob', 'VerticalConfig', 'sharpen', 'predict', 'train_vertical',
+           'vertical_predict', 'digit_target', 'back_tune', 'serval_loop', 'breast_cancer_rows', 'render_table']
 
 # %% ../nbs/12_serval.ipynb #1767724c
 FEATURES = ('age', 'sbp', 'chol', 'bmi', 'glucose', 'smoker', 'active')
@@ -257,36 +257,61 @@ def digit_ids(tokenizer, prompt: str = PROMPT) -> list[int]:
         ids.append(t[-1])
     return ids
 
+# %% ../nbs/12_serval.ipynb #972815b1
+def _answer_logits(model, tokenizer, enc: list[list[int]], ids: torch.Tensor) -> torch.Tensor:
+    "Digit logits at the last position of each right-padded prompt of token ids `enc`."
+    L = max(map(len, enc))
+    x = torch.full((len(enc), L), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for r, e in enumerate(enc): x[r, :len(e)] = torch.tensor(e); mask[r, :len(e)] = 1
+    dev = model.device
+    logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits
+    return logits[torch.arange(len(enc)), mask.sum(1).to(dev) - 1][:, ids.to(dev)].float().cpu()
+
 # %% ../nbs/12_serval.ipynb #a6d54d9b
 @torch.no_grad()
-def digit_probs(model, tokenizer, prompts: list[str], batch_size: int = 64) -> np.ndarray:
-    "(n, 10): each prompt's next-token distribution renormalised over the ten digits."
-    ids = torch.tensor(digit_ids(tokenizer))
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = [tokenizer(p)['input_ids'] for p in prompts[i:i + batch_size]]
-        L = max(map(len, enc))      # right padding: positions stay those of an unpadded prompt
-        x = torch.full((len(enc), L), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for r, e in enumerate(enc): x[r, :len(e)] = torch.tensor(e); mask[r, :len(e)] = 1
-        logits = model(input_ids=x.to(model.device), attention_mask=mask.to(model.device)).logits
-        last = logits[torch.arange(len(enc)), mask.sum(1).to(model.device) - 1].float().cpu()
-        out.append(torch.softmax(last[:, ids], -1))
+def digit_probs(model, tokenizer, prompts: list[str], batch_size: int = 64,
+                prompt: str = PROMPT) -> np.ndarray:
+    "(n, 10): the next-token distribution after each of `prompts`, renormalised over the digits."
+    ids = torch.tensor(digit_ids(tokenizer, prompt))
+    out = [torch.softmax(_answer_logits(model, tokenizer,
+                                        [tokenizer(p)['input_ids'] for p in prompts[i:i + batch_size]],
+                                        ids), -1) for i in range(0, len(prompts), batch_size)]
     return torch.cat(out).numpy()
 
 # %% ../nbs/12_serval.ipynb #36ca3e4a
 def llm_annotate(model, tokenizer, rows: list[dict], read: str = 'expected', render=render_record,
-                 batch_size: int = 64) -> np.ndarray:
+                 batch_size: int = 64, prompt: str = PROMPT) -> np.ndarray:
     "Soft labels in [0, 1] for `rows`: the LLM's answer to the probability prompt, read as `read`."
-    prompts = [render(r) + PROMPT for r in rows]
+    prompts = [render(r) + prompt for r in rows]
     if read == 'expected':
-        return digit_probs(model, tokenizer, prompts, batch_size) @ digit_to_prob(np.arange(10))
+        return digit_probs(model, tokenizer, prompts, batch_size, prompt) @ digit_to_prob(np.arange(10))
     if read == 'text':
         outs = greedy_complete(model, tokenizer, prompts, max_new_tokens=2, batch_size=batch_size)
         # an answer that is not a digit reads as 0.5: no information
         return np.array([digit_to_prob(int(o.strip()[0])) if o.strip()[:1].isdigit() else 0.5
                          for o in outs])
     raise ValueError(f"read must be 'expected' or 'text', got {read!r}")
+
+# %% ../nbs/12_serval.ipynb #db8a145c
+def _logit(q): q = np.clip(np.asarray(q, float), 1e-6, 1 - 1e-6); return np.log(q / (1 - q))
+
+def platt_scale(s_val, y_val, ridge: float = 1e-3, steps: int = 50):
+    "A map `f(q) -> probability`: Platt scaling of scores `s_val` to labels `y_val` (Newton steps)."
+    z, y = _logit(s_val), np.asarray(y_val, float)
+    if len(z) != len(y) or len(set(y.tolist())) != 2:
+        raise ValueError(f"platt_scale needs scores and 0/1 labels of both classes, got "
+                         f"{len(z)} scores and labels {sorted(set(y.tolist()))}")
+    m, sd = z.mean(), z.std() + 1e-12
+    u, ab = (z - m) / sd, np.zeros(2)
+    for _ in range(steps):     # Newton on the log-likelihood; the ridge keeps separable data finite
+        p = _sigmoid(ab[0] * u + ab[1]); w = p * (1 - p)
+        g = np.array([((p - y) * u).sum() + ridge * ab[0], (p - y).sum()])
+        H = np.array([[(w * u * u).sum() + ridge, (w * u).sum()], [(w * u).sum(), w.sum()]])
+        ab = ab - np.linalg.solve(H, g)
+    f = lambda q: _sigmoid(ab[0] * (_logit(q) - m) / sd + ab[1])
+    f.a, f.b = float(ab[0]), float(ab[1])
+    return f
 
 # %% ../nbs/12_serval.ipynb #70bf32af
 class FTTransformer(nn.Module):
@@ -454,64 +479,119 @@ def vertical_predict(model: nn.Module, X) -> np.ndarray:
     X = np.asarray(X, np.float32)
     return predict(model, torch.tensor((X - model.mu) / model.sd)).numpy()
 
-# %% ../nbs/12_serval.ipynb #d96cb18b
-def back_tune(model, tokenizer, rows: list[dict], probs, keep: float = 0.5, epochs: int = 3,
-              lr: float = 2e-3, r: int = 8, seed: int = 0, render=render_record):
-    ("LoRA-tune `model` in place (adapters merged after) on the `keep` share of `probs` at both "
-     "ends.")
+# %% ../nbs/12_serval.ipynb #30c3e881
+def digit_target(p) -> torch.Tensor:
+    "(n, 10) targets over the answer digits whose expected bin centre is `p` (clipped to [0.05, 0.95])."
+    x = np.clip(10 * np.asarray(p, float) - 0.5, 0, 9)
+    d0 = np.minimum(np.floor(x).astype(int), 8)
+    w, t, n = x - d0, np.zeros((len(x), 10)), np.arange(len(x))
+    t[n, d0], t[n, d0 + 1] = 1 - w, w
+    return torch.tensor(t, dtype=torch.float32)
+
+# %% ../nbs/12_serval.ipynb #1ea4f1a5
+def back_tune(model, tokenizer, rows: list[dict], probs, val_rows=None, y_val=None,
+              epochs: int = 4, lr: float = 1e-3, r: int = 8, keep: float = 1.0,
+              target_modules=('q_proj', 'k_proj', 'v_proj', 'o_proj'), batch_size: int = 32,
+              seed: int = 0, render=render_record, prompt: str = PROMPT) -> dict:
+    ("LoRA-tune `model` in place toward `digit_target(probs)` on the answer digit; with a validation "
+     "set, keep the best epoch. Adapters are merged afterwards.")
     from fttk.lora import inject_lora, unload_lora
     probs = np.asarray(probs, float)
     if len(probs) != len(rows):
         raise ValueError(f"back_tune: {len(rows)} rows but {len(probs)} probs")
-    # the confident ends by rank: a model's outputs cluster near the base rate, so 'far from 0.5'
-    # would pick only low-risk patients and teach the LLM to answer low for everyone
+    if not 0 < keep <= 1: raise ValueError(f"keep must be in (0, 1], got {keep}")
+    # `keep` < 1: only the vertical model's most confident ends, by rank (its outputs cluster at the
+    # base rate, so 'far from 0.5' would pick only low-risk patients)
     k = max(1, int(keep * len(rows) / 2))
-    ranked = np.argsort(probs)
-    order = np.concatenate([ranked[:k], ranked[-k:]])
-    texts = [render(rows[i]) + PROMPT + str(prob_to_digit(probs[i])) for i in order]
-    inject_lora(model, r=r, lora_alpha=2.0 * r, target_modules=['q_proj', 'v_proj'])
-    name = next((s for s, c in SIZES.items() if c.hidden_size == model.config.hidden_size), 'test')
-    recipe = dataclasses.replace(SIZES[name], num_train_epochs=epochs, learning_rate=lr, seed=seed,
-                                 warmup_ratio=0.05, min_lr_ratio=0.1,
-                                 per_device_train_batch_size=16)
-    pretrain(model, tokenizer, texts, recipe, progress=False)
-    return unload_lora(model)         # merged into the weights: the next round adds fresh adapters
+    order = np.arange(len(rows)) if keep == 1 else np.concatenate(
+        [np.argsort(probs)[:k], np.argsort(probs)[-k:]])
+    ids = torch.tensor(digit_ids(tokenizer, prompt))
+    enc = [tokenizer(render(rows[i]) + prompt)['input_ids'] for i in order]
+    T = digit_target(probs[order])
+    g = set_seed(seed)
+    inject_lora(model, r=r, lora_alpha=2.0 * r, target_modules=list(target_modules))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr, weight_decay=0.0)
+    val = lambda: roc_auc(llm_annotate(model, tokenizer, val_rows, render=render,
+                                       prompt=prompt).tolist(), list(y_val))
+    log = {'loss': [], 'val_auc': [val()] if val_rows is not None else []}
+    best = (log['val_auc'][0] if log['val_auc'] else None, 0,
+            {n: p.detach().clone() for n, p in params.items()})
+    for epoch in range(1, epochs + 1):
+        model.train(); tot = 0.0
+        for b in torch.randperm(len(enc), generator=g).split(batch_size):
+            z = _answer_logits(model, tokenizer, [enc[i] for i in b], ids)
+            loss = -(T[b] * torch.log_softmax(z, -1)).sum(-1).mean()
+            opt.zero_grad(); loss.backward(); opt.step(); tot += loss.item() * len(b)
+        model.eval(); log['loss'].append(tot / len(enc))
+        if val_rows is None: best = (None, epoch, None); continue
+        log['val_auc'].append(val())
+        if log['val_auc'][-1] > best[0]:
+            best = (log['val_auc'][-1], epoch, {n: p.detach().clone() for n, p in params.items()})
+    if best[2] is not None:
+        with torch.no_grad():
+            for n, p in params.items(): p.copy_(best[2][n])
+    log['best_epoch'] = best[1]
+    unload_lora(model)          # merged: the next round adds fresh adapters
+    return log
 
 # %% ../nbs/12_serval.ipynb #b9a39267
-def _annotator(annotator):
+def _annotator(annotator, render=render_record, prompt: str = PROMPT, read: str = 'expected'):
     "(annotate(rows) -> probs, tunable (model, tokenizer) or None) from the three accepted kinds."
-    if isinstance(annotator, str):
-        annotator = base_model(annotator, progress=False)
+    if isinstance(annotator, (str, Path)):
+        annotator = base_model(str(annotator), progress=False)
     if isinstance(annotator, tuple) and len(annotator) == 2:
         model, tok = annotator
-        return (lambda rows: llm_annotate(model, tok, rows)), (model, tok)
+        return (lambda rows: llm_annotate(model, tok, rows, read, render, prompt=prompt)), annotator
     if callable(annotator): return annotator, None
     raise TypeError("annotator must be (model, tokenizer), a model name or path, or a function "
                     f"annotate(rows) -> probabilities; got {type(annotator).__name__}")
 
 # %% ../nbs/12_serval.ipynb #2c6f8e10
 def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: list[dict],
-                iterations: int = 2, features=FEATURES, vcfg: VerticalConfig | None = None,
-                keep: float = 0.5, tune_epochs: int = 3, seed: int = 0) -> list[dict]:
-    "SERVAL: annotate -> vertical model -> back-tune, `iterations` times; test AUCs per iteration."
-    annotate, llm = _annotator(annotator)
+                iterations: int = 3, features=FEATURES, vcfg: VerticalConfig | None = None,
+                calibrate: bool = True, keep: float = 0.5, tune_epochs: int = 4,
+                tune_lr: float = 1e-3, seed: int = 0, render=render_record, prompt: str = PROMPT,
+                read: str = 'expected') -> list[dict]:
+    ("SERVAL: annotate -> (calibrate) -> vertical model -> back-tune, `iterations` times; one dict "
+     "of test and validation AUCs per iteration (and its vertical model under 'model').")
+    annotate, llm = _annotator(annotator, render, prompt, read)
     if iterations > 1 and llm is None:
         raise ValueError("a plain annotate function cannot be back-tuned: use iterations=1")
-    vcfg = vcfg or VerticalConfig(seed=seed)
     X, Xv, Xte = (feature_matrix(r, features) for r in (pool, val_rows, test_rows))
     yv, yte = [r['y'] for r in val_rows], [r['y'] for r in test_rows]
-    auc = lambda s: roc_auc(np.asarray(s, float).tolist(), yte)
+    auc = lambda s, y=yte: roc_auc(np.asarray(s, float).tolist(), list(y))
     out = []
     for it in range(iterations):
-        soft = np.asarray(annotate(pool), float)
-        model, log = train_vertical(X, soft, vcfg, Xv, yv)
-        p_pool = vertical_predict(model, X)
-        row = {'iteration': it + 1, 'llm': auc(annotate(test_rows)),
-               'vertical': auc(vertical_predict(model, Xte)), 'epochs': log['epochs'],
-               'qc_pass': max(log['val_auc']) >= roc_auc(annotate(val_rows).tolist(), yv)}
+        s_pool, s_val = np.asarray(annotate(pool), float), np.asarray(annotate(val_rows), float)
+        soft = platt_scale(s_val, yv)(s_pool) if calibrate else s_pool
+        model, log = train_vertical(X, soft, vcfg or VerticalConfig(seed=seed + it), Xv, yv)
+        row = {'iteration': it + 1, 'llm': auc(annotate(test_rows)), 'llm_val': auc(s_val, yv),
+               'vertical': auc(vertical_predict(model, Xte)), 'vertical_val': max(log['val_auc']),
+               'epochs': log['epochs'], 'model': model}
+        # quality control: a student that does not beat its teacher on the validation set ends it
+        row['qc_pass'] = row['vertical_val'] > row['llm_val']
         out.append(row)
-        if not row['qc_pass']: break     # quality control: the student did not beat its teacher
-        if llm is not None:
-            back_tune(*llm, pool, p_pool, keep=keep, epochs=tune_epochs, seed=seed + it)
-            row['llm_tuned'] = auc(annotate(test_rows))
+        if not row['qc_pass'] or llm is None: break
+        tlog = back_tune(*llm, pool, vertical_predict(model, X), val_rows, yv, epochs=tune_epochs,
+                         lr=tune_lr, keep=keep, seed=seed + it, render=render, prompt=prompt)
+        row['llm_tuned'], row['tune_epoch'] = auc(annotate(test_rows)), tlog['best_epoch']
     return out
+
+# %% ../nbs/12_serval.ipynb #25f67e0c
+def breast_cancer_rows() -> tuple[list[dict], tuple[str, ...]]:
+    "scikit-learn's breast-cancer table as rows (features, `y` = 1 malignant) and the feature names."
+    try: from sklearn.datasets import load_breast_cancer
+    except ImportError as e:
+        raise ImportError("breast_cancer_rows needs scikit-learn: pip install 'fttk[serval]'") from e
+    d = load_breast_cancer()
+    names = tuple(n.replace(' ', '_') for n in d.feature_names)
+    # scikit-learn's target is 1 for benign; the disease is the positive class here
+    return [dict(zip(names, map(float, x)), y=int(1 - t)) for x, t in zip(d.data, d.target)], names
+
+# %% ../nbs/12_serval.ipynb #2ab4d3ce
+def render_table(row: dict, features, digits: int = 3) -> str:
+    "Any table row as the text an LLM reads: 'name value, ...' with `digits` significant digits."
+    missing = [k for k in features if k not in row]
+    if missing: raise KeyError(f"render_table: row has no {missing}")
+    return ', '.join(f"{k.replace('_', ' ')} {row[k]:.{digits}g}" for k in features) + '.'
