@@ -299,7 +299,7 @@ def _logit(q): q = np.clip(np.asarray(q, float), 1e-6, 1 - 1e-6); return np.log(
 def platt_scale(s_val, y_val, ridge: float = 1e-3, steps: int = 50):
     "A map `f(q) -> probability`: Platt scaling of scores `s_val` to labels `y_val` (Newton steps)."
     z, y = _logit(s_val), np.asarray(y_val, float)
-    if len(z) != len(y) or len(set(y.tolist())) != 2:
+    if len(z) != len(y) or set(y.tolist()) != {0.0, 1.0}:
         raise ValueError(f"platt_scale needs scores and 0/1 labels of both classes, got "
                          f"{len(z)} scores and labels {sorted(set(y.tolist()))}")
     m, sd = z.mean(), z.std() + 1e-12
