@@ -561,12 +561,13 @@ def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: li
     X, Xv, Xte = (feature_matrix(r, features) for r in (pool, val_rows, test_rows))
     yv, yte = [r['y'] for r in val_rows], [r['y'] for r in test_rows]
     auc = lambda s, y=yte: roc_auc(np.asarray(s, float).tolist(), list(y))
-    out = []
+    out, s_test = [], None
     for it in range(iterations):
         s_pool, s_val = np.asarray(annotate(pool), float), np.asarray(annotate(val_rows), float)
         soft = platt_scale(s_val, yv)(s_pool) if calibrate else s_pool
         model, log = train_vertical(X, soft, vcfg or VerticalConfig(seed=seed + it), Xv, yv)
-        row = {'iteration': it + 1, 'llm': auc(annotate(test_rows)), 'llm_val': auc(s_val, yv),
+        s_test = annotate(test_rows) if s_test is None else s_test   # unchanged since last tuning
+        row = {'iteration': it + 1, 'llm': auc(s_test), 'llm_val': auc(s_val, yv),
                'vertical': auc(vertical_predict(model, Xte)), 'vertical_val': max(log['val_auc']),
                'epochs': log['epochs'], 'model': model}
         # quality control: a student that does not beat its teacher on the validation set ends it
@@ -575,7 +576,8 @@ def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: li
         if not row['qc_pass'] or llm is None: break
         tlog = back_tune(*llm, pool, vertical_predict(model, X), val_rows, yv, epochs=tune_epochs,
                          lr=tune_lr, keep=keep, seed=seed + it, render=render, prompt=prompt)
-        row['llm_tuned'], row['tune_epoch'] = auc(annotate(test_rows)), tlog['best_epoch']
+        s_test = annotate(test_rows)
+        row['llm_tuned'], row['tune_epoch'] = auc(s_test), tlog['best_epoch']
     return out
 
 # %% ../nbs/12_serval.ipynb #25f67e0c
