@@ -275,7 +275,8 @@ def digit_probs(model, tokenizer, prompts: list[str], batch_size: int = 64,
     "(n, 10): the next-token distribution after each of `prompts`, renormalised over the digits."
     ids = torch.tensor(digit_ids(tokenizer, prompt))
     out = [torch.softmax(_answer_logits(model, tokenizer,
-                                        [tokenizer(p)['input_ids'] for p in prompts[i:i + batch_size]],
+                                        [tokenizer(p)['input_ids']
+                                         for p in prompts[i:i + batch_size]],
                                         ids), -1) for i in range(0, len(prompts), batch_size)]
     return torch.cat(out).numpy()
 
@@ -285,7 +286,8 @@ def llm_annotate(model, tokenizer, rows: list[dict], read: str = 'expected', ren
     "Soft labels in [0, 1] for `rows`: the LLM's answer to the probability prompt, read as `read`."
     prompts = [render(r) + prompt for r in rows]
     if read == 'expected':
-        return digit_probs(model, tokenizer, prompts, batch_size, prompt) @ digit_to_prob(np.arange(10))
+        return digit_probs(model, tokenizer, prompts, batch_size,
+                           prompt) @ digit_to_prob(np.arange(10))
     if read == 'text':
         outs = greedy_complete(model, tokenizer, prompts, max_new_tokens=2, batch_size=batch_size)
         # an answer that is not a digit reads as 0.5: no information
@@ -481,7 +483,8 @@ def vertical_predict(model: nn.Module, X) -> np.ndarray:
 
 # %% ../nbs/12_serval.ipynb #30c3e881
 def digit_target(p) -> torch.Tensor:
-    "(n, 10) targets over the answer digits whose expected bin centre is `p` (clipped to [0.05, 0.95])."
+    ("(n, 10) targets over the answer digits whose expected bin centre is `p` (clipped to [0.05, "
+     "0.95]).")
     x = np.clip(10 * np.asarray(p, float) - 0.5, 0, 9)
     d0 = np.minimum(np.floor(x).astype(int), 8)
     w, t, n = x - d0, np.zeros((len(x), 10)), np.arange(len(x))
@@ -493,7 +496,8 @@ def back_tune(model, tokenizer, rows: list[dict], probs, val_rows=None, y_val=No
               epochs: int = 4, lr: float = 1e-3, r: int = 8, keep: float = 1.0,
               target_modules=('q_proj', 'k_proj', 'v_proj', 'o_proj'), batch_size: int = 32,
               seed: int = 0, render=render_record, prompt: str = PROMPT) -> dict:
-    ("LoRA-tune `model` in place toward `digit_target(probs)` on the answer digit; with a validation "
+    ("LoRA-tune `model` in place toward `digit_target(probs)` on the answer digit; with a "
+     "validation "
      "set, keep the best epoch. Adapters are merged afterwards.")
     from fttk.lora import inject_lora, unload_lora
     probs = np.asarray(probs, float)
@@ -582,10 +586,12 @@ def serval_loop(annotator, pool: list[dict], val_rows: list[dict], test_rows: li
 
 # %% ../nbs/12_serval.ipynb #25f67e0c
 def breast_cancer_rows() -> tuple[list[dict], tuple[str, ...]]:
-    "scikit-learn's breast-cancer table as rows (features, `y` = 1 malignant) and the feature names."
+    ("scikit-learn's breast-cancer table as rows (features, `y` = 1 malignant) and the feature "
+     "names.")
     try: from sklearn.datasets import load_breast_cancer
     except ImportError as e:
-        raise ImportError("breast_cancer_rows needs scikit-learn: pip install 'fttk[serval]'") from e
+        raise ImportError(
+            "breast_cancer_rows needs scikit-learn: pip install 'fttk[serval]'") from e
     d = load_breast_cancer()
     names = tuple(n.replace(' ', '_') for n in d.feature_names)
     # scikit-learn's target is 1 for benign; the disease is the positive class here
@@ -596,4 +602,7 @@ def render_table(row: dict, features, digits: int = 3) -> str:
     "Any table row as the text an LLM reads: 'name value, ...' with `digits` significant digits."
     missing = [k for k in features if k not in row]
     if missing: raise KeyError(f"render_table: row has no {missing}")
-    return ', '.join(f"{k.replace('_', ' ')} {row[k]:.{digits}g}" for k in features) + '.'
+    # positional, never '1e+03': an LLM reads numbers as it saw them written
+    num = lambda v: np.format_float_positional(v, precision=digits, unique=False, fractional=False,
+                                               trim='-')
+    return ', '.join(f"{k.replace('_', ' ')} {num(row[k])}" for k in features) + '.'
