@@ -185,6 +185,28 @@ def _safetensors_bytes():
     return safetensors.torch.save({'w': torch.ones(4, 4)})
 
 
+def _hal(fn, *a, **kw):
+    "A call into fttk.hallucination, imported only when the case runs."
+    return lambda tmp: getattr(__import__('fttk.hallucination').hallucination, fn)(*a, **kw)
+
+
+_QA = [{'name': 'Ada Berg', 'attribute': 'birth_city', 'answer': 'Oslo', 'category': 'Unknown'},
+       {'name': 'Bo Lind', 'attribute': 'birth_city', 'answer': 'Rome', 'category': 'HighlyKnown'}]
+
+
+def _other_run(tmp):
+    "A finished unknown-ratio run in tmp/'run' trained at another learning rate, then run_or_load on it."
+    from fttk.hallucination import FinetuneConfig, qa_chat, run_or_load
+    from fttk.core import RunFolder
+    run = RunFolder(tmp/'run')
+    run.write_config(FinetuneConfig(output_dir=str(tmp/'run'), learning_rate=1e-3))
+    run.write_fingerprint(data=[qa_chat(r) for r in _QA])
+    return run_or_load(None, None, _QA, {}, FinetuneConfig(output_dir=str(tmp/'run')))
+
+
+def _run_intact(tmp): return 'learning_rate: 0.001' in (tmp/'run'/'config.yaml').read_text()
+
+
 CASES = [
     # --- core: configs from YAML and dicts
     Case('Config.from_yaml', 'YAML syntax error', _yaml('learning_rate: [1e-4\n'), Exception, r'is not valid YAML'),
@@ -380,6 +402,41 @@ CASES = [
          r'prompts is empty: PPO needs prompts to sample responses to'),
     Case('check_prompts', 'a row without a prompt', lambda tmp: __import__('fttk.ppo').ppo.check_prompts([{'prompt': 'Q'}, {'question': 'Q'}]),
          ValueError, r"prompt row 1: needs 'prompt'"),
+    # --- the known-vs-unknown study (fttk.hallucination)
+    Case('exposure_world', 'an exposure of 0 biographies', _hal('exposure_world', exposures=(0, 2)), ValueError,
+         r'exposures must be positive whole numbers of biographies, got \(0, 2\)'),
+    Case('slick_category', 'more greedy hits than prompts', _hal('slick_category', 5, 4, 0), ValueError,
+         r'need 0 <= greedy_hits <= n_prompts.*got greedy_hits=5, n_prompts=4, sample_hits=0'),
+    Case('slick_categories', 'no QA rows', _hal('slick_categories', None, None, []), ValueError,
+         r'qa_rows is empty: there is nothing to categorise or train on'),
+    Case('slick_categories', 'a row without its answer', _hal('slick_categories', None, None, [{'name': 'A', 'attribute': 'birth_city'}]),
+         ValueError, r"qa row 0: lacks 'answer' \(has \['attribute', 'name'\]\)"),
+    Case('slick_categories', 'an attribute the world lacks',
+         _hal('slick_categories', None, None, [{'name': 'A', 'attribute': 'shoe_size', 'answer': '44'}]), ValueError,
+         r"qa row 0: attribute 'shoe_size' is not one of \["),
+    Case('slick_categories', 'an empty answer', _hal('slick_categories', None, None, [{'name': 'A', 'attribute': 'birth_city', 'answer': ' '}]),
+         ValueError, r"qa row 0: answer must be a non-empty string, got ' '"),
+    Case('slick_categories', 'sampling temperature 0', _hal('slick_categories', None, None, _QA, temperature=0), ValueError,
+         r'temperature must be > 0, got 0'),
+    Case('split_facts', 'a held-out attribute the world lacks', _hal('split_facts', _QA, ood_attributes=('shoe_size',)), ValueError,
+         r"ood_attributes \['shoe_size'\] are not attributes of the world"),
+    Case('split_facts', 'dev + test fractions above 1', _hal('split_facts', _QA, dev_fraction=0.5, test_fraction=0.6), ValueError,
+         r'dev_fraction and test_fraction must be > 0 with sum < 1, got 0\.5 and 0\.6'),
+    Case('unknown_mix', 'an Unknown ratio above 1', _hal('unknown_mix', _QA, 2, 1.5), ValueError, r'unknown_ratio must be in \[0, 1\], got 1\.5'),
+    Case('unknown_mix', 'a pool too small for the set', _hal('unknown_mix', _QA, 4, 0.5), ValueError,
+         r'a set of 4 with 50% Unknown needs 2 Unknown and 2 Known rows; the pool has 1 and 1'),
+    Case('category_set', "category 'Known' (not a SliCK category)", _hal('category_set', _QA, 'Known', 1), ValueError,
+         r"category must be one of \('HighlyKnown', 'MaybeKnown', 'WeaklyKnown', 'Unknown', 'Natural'\), got 'Known'"),
+    Case('FinetuneConfig', 'a fractional number of epochs', _cfg('fttk.hallucination.FinetuneConfig', num_train_epochs=2.5), ConfigError,
+         r'num_train_epochs must be a whole number of epochs, got 2\.5'),
+    Case('FinetuneConfig', 'max_steps instead of epochs', _cfg('fttk.hallucination.FinetuneConfig', max_steps=10), ConfigError,
+         r'max_steps must be -1: these runs count whole epochs, got 10'),
+    Case('run_or_load', 'output_dir holds a run with another config', _other_run, ValueError,
+         r"run folder .*run holds a run with other config fields \['learning_rate'\]; delete it or choose another output_dir",
+         _run_intact),
+    Case('linear_fit', 'fewer than 4 points', _hal('linear_fit', [{}] * 3), ValueError, r'a 3-parameter fit needs at least 4 points, got 3'),
+    Case('stop_points', 'a log with no trained epoch', _hal('stop_points', [{'epoch': 0, 'dev_acc': 0.1}]), ValueError,
+         r'the log has no trained epoch \(epoch >= 1\) to choose from'),
     # --- the command line: one line on stderr, exit 2, no traceback
     Case('fttk', 'no subcommand', lambda tmp: cli(), CLIError, r'exit 2: fttk: error: the following arguments are required: command'),
     Case('fttk world build', 'unknown --size', lambda tmp: cli('world', 'build', '--size', 'huge'), CLIError, r"exit 2: .*invalid choice: 'huge'"),
