@@ -1,4 +1,4 @@
-"""The `fttk` command: build the lab world, print the fingerprint of this machine, estimate training memory, and run the demo, each a thin wrapper over a notebook's module.
+"""The `fttk` command: build the lab world, print the fingerprint of this machine, estimate training memory, train from a YAML file (`fttk train`), and run the demo, each a thin wrapper over a notebook's module.
 
 Docs: https://fttk.github.io/fttk/cli.html.md"""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from .core import RunFolder, atomic_write_text, fingerprint
 
 # %% auto #0
-__all__ = ['cmd_world_build', 'cmd_info', 'fresh_folder', 'run_demo', 'cmd_demo', 'cmd_memory', 'run_command', 'build_parser',
-           'main']
+__all__ = ['cmd_world_build', 'cmd_info', 'fresh_folder', 'run_demo', 'cmd_demo', 'cmd_memory', 'cmd_train', 'run_command',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #58beaae3
 def cmd_world_build(args) -> int:
@@ -107,6 +107,13 @@ def cmd_memory(argv: list[str]) -> int:
     from fttk.memory import memory_main
     return memory_main(argv)
 
+# %% ../nbs/90_cli.ipynb #a02d863b
+def cmd_train(args) -> int:
+    from fttk.train import parse_overrides, run_train
+    out = run_train(args.config, parse_overrides(args.overrides))
+    print(f"run folder: {out}; trained model: {out/'final'}")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #49ce6a98
 def run_command(func, *args) -> int:
     ("Run one subcommand; errors become one line on stderr and an exit status (2: bad input, 1: "
@@ -148,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='stop after the base model (skip the SFT and reward stages)')
     d.set_defaults(func=cmd_demo)
     sub.add_parser('memory', help='training-memory estimate (fttk memory --help)', add_help=False)
+    t = sub.add_parser('train', help='train from a YAML config (LLaMA-Factory style)')
+    t.add_argument('config', help='the train YAML file (see examples/)')
+    t.add_argument('overrides', nargs='*', metavar='key=value',
+                   help="override the file's keys, e.g. max_steps=10")
+    t.set_defaults(func=cmd_train)
+    try: from fttk.inference import add_commands    # chat, eval, export: where that module exists
+    except ImportError: add_commands = None
+    if add_commands is not None: add_commands(sub)
     return p
 
 # %% ../nbs/90_cli.ipynb #8d50d15e
