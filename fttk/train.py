@@ -14,7 +14,7 @@ import torch.nn as nn
 import yaml
 
 from .core import (Config, ConfigError, RunFolder, atomic_write_text, quiet_progress,
-                       read_jsonl)
+                       read_jsonl, set_seed)
 
 # %% auto #0
 __all__ = ['STAGES', 'FINETUNING_TYPES', 'RUN_FILE', 'TRAIN_KEYS', 'STAGE_KEYS', 'LORA_ALIASES', 'LAB_DATASETS', 'STAGE_FIELDS',
@@ -202,10 +202,11 @@ def _lora_config(d: dict, stage: str, src: str):
     except ConfigError as e: raise ConfigError(f"{src}: {e}") from None
 
 # %% ../nbs/15_train.ipynb #49e56ab6
-def parse_train_config(config) -> dict:
-    ("Check a train config (YAML path or mapping): `{'stage', 'model', 'dataset', ..., 'config': "
-     "the stage's Config, 'lora': LoRAConfig or None, 'raw': the mapping}`.")
+def parse_train_config(config, overrides: dict | None = None) -> dict:
+    ("Check a train config (YAML path or mapping) with `overrides` on top: `{'stage', 'model', "
+     "'dataset', ..., 'config': the stage's Config, 'lora': LoRAConfig or None, 'raw': mapping}`.")
     d, src = read_train_config(config)
+    d.update(overrides or {})
     stage = _choice(d, 'stage', STAGES, src)
     ft = _choice(d, 'finetuning_type', FINETUNING_TYPES, src, 'lora')
     keys = valid_keys(stage, ft)
@@ -429,15 +430,16 @@ def plot_loss(metrics: list[dict], path, title: str = ''):
     return Path(path)
 
 # %% ../nbs/15_train.ipynb #c10050ea
-def train(config, progress: bool | None = None) -> dict:
-    ("Run one `fttk train` config (a YAML path or a mapping): `{'run': output folder, 'model', "
-     "'tokenizer', 'result': the trainer's, 'meta'}`.")
-    spec = parse_train_config(config)
+def train(config, overrides: dict | None = None, progress: bool | None = None) -> dict:
+    ("Run one `fttk train` config (a YAML path or a mapping, `overrides` on top): `{'run': output "
+     "folder, 'model', 'tokenizer', 'result': the trainer's, 'meta'}`.")
+    spec = parse_train_config(config, overrides)
     cfg = spec['config']
     out = Path(cfg.output_dir)
     model, tok, start = start_model(spec['model'], spec['stage'])
     rows = stage_rows(load_rows(spec['dataset'], spec['split'], start['world'],
                                 spec['max_samples']), spec['stage'], spec['dataset'])
+    set_seed(cfg.seed)           # LoRA's A matrices are random: the same seed, the same start
     model, tok = prepare_model(model, tok, spec)
     print(f"fttk train: stage {spec['stage']} ({spec['finetuning_type']}) of {spec['model']} "
           f"on {spec['dataset']} ({len(rows)} rows) -> {out}")
@@ -460,6 +462,6 @@ def train(config, progress: bool | None = None) -> dict:
     return {'run': out, 'model': model, 'tokenizer': tok, 'result': res, 'meta': meta}
 
 # %% ../nbs/15_train.ipynb #10c45228
-def run_train(config) -> Path:
+def run_train(config, overrides: dict | None = None) -> Path:
     "`fttk train CONFIG.yaml` as a function: train, save `output_dir/final/`, return output_dir."
-    return train(config)['run']
+    return train(config, overrides)['run']
