@@ -82,8 +82,9 @@ def _model_class(folder) -> str:
 
 # %% ../nbs/15_train.ipynb #841e6e93
 def load_run(run_or_model, merge: bool = False):
-    ("`(model, tokenizer, meta)` ready for inference from an fttk run folder, its `final/`, a model "
-     "folder, 'lab:test'/'lab:default' or a hub name; LoRA adapters applied (merged if `merge`).")
+    ("`(model, tokenizer, meta)` ready for inference from an fttk run folder, its `final/`, a "
+     "model folder, 'lab:test'/'lab:default' or a hub name; LoRA adapters applied (merged if "
+     "`merge`).")
     p = Path(str(run_or_model)).expanduser()
     final = _final_folder(p) if p.is_dir() else None
     if final is None:
