@@ -22,7 +22,7 @@ __all__ = ['STAGES', 'FINETUNING_TYPES', 'RUN_FILE', 'TRAIN_KEYS', 'STAGE_KEYS',
            'parse_train_config', 'parse_overrides', 'lab_dataset', 'load_rows', 'stage_rows', 'pt_tokenizer',
            'resolve_spec', 'start_model', 'prepare_model', 'final_meta', 'run_stage', 'plot_loss', 'train', 'run_train']
 
-# %% ../nbs/15_train.ipynb #6552daec
+# %% ../nbs/15_train.ipynb #b3e58b64
 STAGES = ('pt', 'sft', 'rm', 'ppo', 'dpo')
 FINETUNING_TYPES = ('full', 'lora', 'qlora')
 RUN_FILE = 'fttk_run.json'          # what `final/` holds besides the weights: how to load them
@@ -32,7 +32,7 @@ def lab_size(spec) -> str | None:
     s = str(spec)
     return s[4:] if s.startswith('lab:') and s[4:] in ('test', 'default') else None
 
-# %% ../nbs/15_train.ipynb #6f64e05c
+# %% ../nbs/15_train.ipynb #acc99d06
 def save_final(model, tokenizer, folder, meta: dict) -> Path:
     ("Write a trained model to `folder` (replaced if it exists): full weights, or the LoRA adapter "
      "alone (`meta['finetuning_type']` 'lora'/'qlora'), the tokenizer, and `fttk_run.json`.")
@@ -49,14 +49,14 @@ def save_final(model, tokenizer, folder, meta: dict) -> Path:
     atomic_write_text(folder/RUN_FILE, json.dumps(meta, indent=2, default=str))
     return folder
 
-# %% ../nbs/15_train.ipynb #acc99d06
+# %% ../nbs/15_train.ipynb #e5b1ca43
 def _final_folder(path: Path) -> Path | None:
     "The folder holding `fttk_run.json`: `path` itself, or its `final/`; None if neither."
     for p in (path, path/'final'):
         if (p/RUN_FILE).is_file(): return p
     return None
 
-# %% ../nbs/15_train.ipynb #c1c108b6
+# %% ../nbs/15_train.ipynb #8e12ee81
 def _load_plain(spec, model_class: str = 'causal_lm'):
     "(model, tokenizer) of a lab size, a model folder or a hub name, not an fttk run."
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -72,7 +72,7 @@ def _load_plain(spec, model_class: str = 'causal_lm'):
     return base_model(str(Path(s).expanduser()) if Path(s).expanduser().exists() else s,
                       progress=False)
 
-# %% ../nbs/15_train.ipynb #8e12ee81
+# %% ../nbs/15_train.ipynb #841e6e93
 def _model_class(folder) -> str:
     "'sequence_classification' if the HF folder's config names a *ForSequenceClassification."
     p = Path(folder)/'config.json'
@@ -80,7 +80,7 @@ def _model_class(folder) -> str:
     return ('sequence_classification' if any(a.endswith('ForSequenceClassification')
                                               for a in archs) else 'causal_lm')
 
-# %% ../nbs/15_train.ipynb #841e6e93
+# %% ../nbs/15_train.ipynb #63ea5289
 def load_run(run_or_model, merge: bool = False):
     ("`(model, tokenizer, meta)` ready for inference from an fttk run folder, its `final/`, a "
      "model folder, 'lab:test'/'lab:default' or a hub name; LoRA adapters applied (merged if "
@@ -99,7 +99,7 @@ def load_run(run_or_model, merge: bool = False):
     meta = json.loads((final/RUN_FILE).read_text())
     return _load_final(final, meta, merge)
 
-# %% ../nbs/15_train.ipynb #63ea5289
+# %% ../nbs/15_train.ipynb #6ced4734
 def _load_final(final: Path, meta: dict, merge: bool):
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
@@ -115,7 +115,7 @@ def _load_final(final: Path, meta: dict, merge: bool):
     if merge: unload_lora(model, merge=True)
     return model.eval(), tok, meta
 
-# %% ../nbs/15_train.ipynb #6ced4734
+# %% ../nbs/15_train.ipynb #9584d1a2
 def _adapter_base(meta: dict, tok, quantize: bool = True):
     "The model a LoRA adapter was trained on: the base (merged, if itself a run), head, NF4."
     base, _, _ = load_run(meta['base_model_name_or_path'], merge=True)
@@ -127,7 +127,7 @@ def _adapter_base(meta: dict, tok, quantize: bool = True):
         quantize_model(base, QuantConfig.from_dict(meta['quant_config']))
     return base
 
-# %% ../nbs/15_train.ipynb #38ea1678
+# %% ../nbs/15_train.ipynb #e5ef886f
 def stage_config_class(stage: str):
     "The Config class whose fields a stage's YAML takes (pt trains with SFT's loop and settings)."
     from fttk.sft import SFTConfig
@@ -137,7 +137,7 @@ def stage_config_class(stage: str):
     return {'pt': SFTConfig, 'sft': SFTConfig, 'rm': RewardConfig, 'ppo': PPOConfig,
             'dpo': DPOConfig}[stage]
 
-# %% ../nbs/15_train.ipynb #e5ef886f
+# %% ../nbs/15_train.ipynb #ae7d5a07
 # fttk train's own keys; the rest are fields of the stage's Config and of LoRAConfig
 TRAIN_KEYS = ('stage', 'model_name_or_path', 'dataset', 'dataset_split', 'max_samples',
               'finetuning_type', 'resume')
@@ -154,7 +154,7 @@ def valid_keys(stage: str, finetuning_type: str = 'lora') -> list[str]:
     if finetuning_type != 'full': keys += [*_names(LoRAConfig), *LORA_ALIASES]
     return sorted(set(keys))
 
-# %% ../nbs/15_train.ipynb #34d3ac17
+# %% ../nbs/15_train.ipynb #86a8d69a
 def _unknown_key(key: str, stage: str, ft: str, src: str) -> ConfigError:
     "The error for a key the stage does not take: where it belongs, or the nearest valid key."
     if ft == 'full' and key in valid_keys(stage, 'lora'):
@@ -168,7 +168,7 @@ def _unknown_key(key: str, stage: str, ft: str, src: str) -> ConfigError:
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {valid_keys(stage, ft)}"
     return ConfigError(f"unknown key {key!r} in {src} (stage {stage}){hint}")
 
-# %% ../nbs/15_train.ipynb #86a8d69a
+# %% ../nbs/15_train.ipynb #9d91de96
 def read_train_config(config) -> tuple[dict, str]:
     "`(mapping, name for messages)` of a train YAML file's path, or of a mapping."
     if isinstance(config, dict): return dict(config), 'the train config'
@@ -180,7 +180,7 @@ def read_train_config(config) -> tuple[dict, str]:
         raise ConfigError(f"{p} must hold a mapping of keys to values, got {type(d).__name__}")
     return d, str(p)
 
-# %% ../nbs/15_train.ipynb #9d91de96
+# %% ../nbs/15_train.ipynb #dca04efc
 def _choice(d: dict, key: str, choices, src: str, default=None):
     v = d.get(key, default)
     if v is None:
@@ -189,7 +189,7 @@ def _choice(d: dict, key: str, choices, src: str, default=None):
         raise ConfigError(f"{src}: {key} must be one of {', '.join(choices)}, got {v!r}")
     return v
 
-# %% ../nbs/15_train.ipynb #dca04efc
+# %% ../nbs/15_train.ipynb #49e56ab6
 def _lora_config(d: dict, stage: str, src: str):
     "The LoRAConfig of a train mapping; a reward model also trains its new head ('score')."
     from fttk.lora import LoRAConfig
@@ -202,7 +202,7 @@ def _lora_config(d: dict, stage: str, src: str):
     try: return LoRAConfig.from_dict(kw)
     except ConfigError as e: raise ConfigError(f"{src}: {e}") from None
 
-# %% ../nbs/15_train.ipynb #49e56ab6
+# %% ../nbs/15_train.ipynb #2a08052c
 def parse_train_config(config, overrides: dict | None = None) -> dict:
     ("Check a train config (YAML path or mapping) with `overrides` on top: `{'stage', 'model', "
      "'dataset', ..., 'config': the stage's Config, 'lora': LoRAConfig or None, 'raw': mapping}`.")
@@ -229,7 +229,7 @@ def parse_train_config(config, overrides: dict | None = None) -> dict:
             'config': cfg, 'lora': None if ft == 'full' else _lora_config(d, stage, src),
             'raw': d, 'source': src}
 
-# %% ../nbs/15_train.ipynb #9d8f50f6
+# %% ../nbs/15_train.ipynb #6dfe7c97
 def parse_overrides(items: list[str]) -> dict:
     "`['learning_rate=1e-4', 'max_steps=5']` -> a mapping, each value read as YAML."
     out = {}
@@ -240,7 +240,7 @@ def parse_overrides(items: list[str]) -> dict:
         out[k.strip()] = yaml.safe_load(v) if v.strip() else None
     return out
 
-# %% ../nbs/15_train.ipynb #49aa2730
+# %% ../nbs/15_train.ipynb #6fbabbf6
 def _qa_chats(world) -> list[dict]:
     return [{'messages': [{'role': 'user', 'content': r['question']},
                           {'role': 'assistant', 'content': r['answer_sentence']}],
@@ -258,7 +258,7 @@ def _lab_rows(kind: str, world) -> list[dict]:
 LAB_DATASETS = {'corpus': 'pt', 'instructions': 'sft', 'qa': 'sft', 'preferences': 'rm, dpo',
                 'prompts': 'ppo'}
 
-# %% ../nbs/15_train.ipynb #6fbabbf6
+# %% ../nbs/15_train.ipynb #497acf8f
 def lab_dataset(spec: str, world_size: str | None = None) -> list[dict]:
     ("The rows of 'lab:NAME' or 'lab:NAME@SIZE' (NAME in `LAB_DATASETS`), from the world of "
      "`SIZE`, else of `world_size` (the model's).")
@@ -273,7 +273,7 @@ def lab_dataset(spec: str, world_size: str | None = None) -> list[dict]:
                          f"name the size: lab:{kind}@test or lab:{kind}@default")
     return _lab_rows(kind, lab_world(size))
 
-# %% ../nbs/15_train.ipynb #59f246c9
+# %% ../nbs/15_train.ipynb #e4f53c87
 def load_rows(spec: str, split: str = 'train', world_size: str | None = None,
               max_samples: int | None = None) -> list[dict]:
     ("Rows of a data set: 'lab:NAME[@SIZE]', a .jsonl/.json file, or a hub name "
@@ -291,7 +291,7 @@ def load_rows(spec: str, split: str = 'train', world_size: str | None = None,
         rows = list(datasets.load_dataset(spec, split=split))
     return rows[:max_samples] if max_samples else rows
 
-# %% ../nbs/15_train.ipynb #e4f53c87
+# %% ../nbs/15_train.ipynb #451dd9b3
 # the fields each stage reads from a row (fttk's trainers check the rest, naming the row)
 STAGE_FIELDS = {'pt': ('text',), 'sft': ('messages',), 'rm': ('chosen', 'rejected'),
                 'dpo': ('chosen', 'rejected'), 'ppo': ('prompt',)}
@@ -306,7 +306,7 @@ def _as_chat(r: dict) -> dict:
     else: return r
     return {'messages': [{'role': 'user', 'content': u}, {'role': 'assistant', 'content': a}]}
 
-# %% ../nbs/15_train.ipynb #451dd9b3
+# %% ../nbs/15_train.ipynb #f1dcfb40
 def stage_rows(rows: list[dict], stage: str, name: str = 'dataset') -> list[dict]:
     ("Rows in the form `stage`'s trainer takes (pt: text as one assistant turn); an error names "
      "the fields that are missing and the lab data set that fits.")
@@ -322,7 +322,7 @@ def stage_rows(rows: list[dict], stage: str, name: str = 'dataset') -> list[dict
         return [{'messages': [{'role': 'assistant', 'content': r.get('text')}]} for r in rows]
     return rows
 
-# %% ../nbs/15_train.ipynb #318d1381
+# %% ../nbs/15_train.ipynb #e9f2df19
 # pt: each text is one 'assistant' turn between BOS and EOS: every token after BOS is a target
 PT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% generation %}{{ m['content'] }}"
                "{{ eos_token }}{% endgeneration %}{% endfor %}")
@@ -333,14 +333,14 @@ def pt_tokenizer(tokenizer):
     tok.chat_template = PT_TEMPLATE
     return tok
 
-# %% ../nbs/15_train.ipynb #992dc0a8
+# %% ../nbs/15_train.ipynb #c5a836c0
 def resolve_spec(spec: str) -> str:
     ("A model spec as runs record it: 'lab:SIZE' and hub names as given, an existing folder as its "
      "absolute path (relative paths are relative to the current directory, as in LLaMA-Factory).")
     p = Path(spec).expanduser()
     return spec if lab_size(spec) or not p.exists() else str(p.resolve())
 
-# %% ../nbs/15_train.ipynb #c5a836c0
+# %% ../nbs/15_train.ipynb #27ba3e5d
 def start_model(spec: str, stage: str):
     ("`(model, tokenizer, meta)` a stage starts from: an earlier run merged (its LoRA adapter "
      "folded into its base), a model folder, a lab size or a hub name; rm gets a scalar head.")
@@ -356,7 +356,7 @@ def start_model(spec: str, stage: str):
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return model, tok, {'world': meta.get('world'), 'head_seed': head_seed}
 
-# %% ../nbs/15_train.ipynb #27ba3e5d
+# %% ../nbs/15_train.ipynb #e0d42fe0
 def prepare_model(model, tok, spec: dict):
     "The model to train: all weights trainable (full), or frozen with LoRA/QLoRA adapters."
     ft, cfg = spec['finetuning_type'], spec['config']
@@ -372,7 +372,7 @@ def prepare_model(model, tok, spec: dict):
     return load_model(src, backend=cfg.backend, finetuning_type=ft,
                       lora_config=spec['lora'], tokenizer=tok)
 
-# %% ../nbs/15_train.ipynb #e0d42fe0
+# %% ../nbs/15_train.ipynb #6da28455
 def final_meta(model, spec: dict, start: dict) -> dict:
     "What `final/fttk_run.json` records: enough for `load_run` to rebuild the model."
     quant = getattr(model, 'fttk_quant_config', None)
@@ -387,7 +387,7 @@ def final_meta(model, spec: dict, start: dict) -> dict:
             'quant_config': quant.to_dict() if quant is not None else None,
             'train_config': 'train.yaml', 'fttk_version': __version__}
 
-# %% ../nbs/15_train.ipynb #6da28455
+# %% ../nbs/15_train.ipynb #c75cc33a
 def _reward(spec: dict):
     "PPO's reward model and its tokenizer, from `reward_model:` (an rm run, or a model folder)."
     rm, rtok, meta = load_run(resolve_spec(str(spec['reward_model'])))
@@ -396,7 +396,7 @@ def _reward(spec: dict):
                          "LM); give the output_dir of a `stage: rm` run")
     return rm.requires_grad_(False), rtok
 
-# %% ../nbs/15_train.ipynb #c75cc33a
+# %% ../nbs/15_train.ipynb #ddd73221
 def run_stage(model, tok, rows, spec: dict, world, progress: bool) -> dict:
     "Call the stage's trainer (pt is SFT's loop on plain text); returns its result."
     from fttk.sft import sft_train
@@ -418,7 +418,7 @@ def run_stage(model, tok, rows, spec: dict, world, progress: bool) -> dict:
     gold = gold_grader(world) if world is not None and 'attribute' in rows[0] else None
     return ppo_train(model, ref, rm, tok, rows, cfg, reward_tokenizer=rtok, gold=gold, **kw)
 
-# %% ../nbs/15_train.ipynb #ddd73221
+# %% ../nbs/15_train.ipynb #c10050ea
 def plot_loss(metrics: list[dict], path, title: str = ''):
     "The loss (PPO: the reward model's score) per step, saved as a PNG at `path`."
     import matplotlib; import matplotlib.pyplot as plt
@@ -430,7 +430,7 @@ def plot_loss(metrics: list[dict], path, title: str = ''):
     fig.savefig(path, dpi=90); plt.close(fig)
     return Path(path)
 
-# %% ../nbs/15_train.ipynb #c10050ea
+# %% ../nbs/15_train.ipynb #10c45228
 def train(config, overrides: dict | None = None, progress: bool | None = None) -> dict:
     ("Run one `fttk train` config (a YAML path or a mapping, `overrides` on top): `{'run': output "
      "folder, 'model', 'tokenizer', 'result': the trainer's, 'meta'}`.")
@@ -462,7 +462,7 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
           f"{', ' + said if said else ''}; model in {out/'final'}")
     return {'run': out, 'model': model, 'tokenizer': tok, 'result': res, 'meta': meta}
 
-# %% ../nbs/15_train.ipynb #10c45228
+# %% ../nbs/15_train.ipynb #15fa82fe
 def run_train(config, overrides: dict | None = None) -> Path:
     "`fttk train CONFIG.yaml` as a function: train, save `output_dir/final/`, return output_dir."
     return train(config, overrides)['run']
