@@ -20,7 +20,8 @@ from .core import (Config, ConfigError, RunFolder, atomic_write_text, quiet_prog
 __all__ = ['STAGES', 'FINETUNING_TYPES', 'RUN_FILE', 'TRAIN_KEYS', 'STAGE_KEYS', 'LORA_ALIASES', 'LAB_DATASETS', 'STAGE_FIELDS',
            'PT_TEMPLATE', 'lab_size', 'save_final', 'load_run', 'stage_config_class', 'valid_keys', 'read_train_config',
            'parse_train_config', 'parse_overrides', 'lab_dataset', 'load_rows', 'stage_rows', 'pt_tokenizer',
-           'resolve_spec', 'start_model', 'prepare_model', 'final_meta', 'run_stage', 'plot_loss', 'train', 'run_train']
+           'resolve_spec', 'start_model', 'prepare_model', 'final_meta', 'run_stage', 'plot_loss', 'check_output_dir',
+           'train', 'run_train']
 
 # %% ../nbs/15_train.ipynb #b3e58b64
 STAGES = ('pt', 'sft', 'rm', 'ppo', 'dpo')
@@ -141,7 +142,7 @@ def stage_config_class(stage: str):
 # fttk train's own keys; the rest are fields of the stage's Config and of LoRAConfig
 TRAIN_KEYS = ('stage', 'model_name_or_path', 'dataset', 'dataset_split', 'max_samples',
               'finetuning_type', 'resume')
-STAGE_KEYS = {'ppo': ('reward_model',)}
+STAGE_KEYS = {'ppo': ('reward_model', 'ref_model'), 'dpo': ('ref_model',)}
 # LLaMA-Factory's names for two LoRA fields
 LORA_ALIASES = {'lora_rank': 'r', 'lora_target': 'target_modules'}
 
@@ -213,7 +214,7 @@ def parse_train_config(config, overrides: dict | None = None) -> dict:
     keys = valid_keys(stage, ft)
     for k in d:
         if k not in keys: raise _unknown_key(k, stage, ft, src)
-    for k in ('model_name_or_path', 'dataset', *STAGE_KEYS.get(stage, ())):
+    for k in ('model_name_or_path', 'dataset', *(('reward_model',) if stage == 'ppo' else ())):
         if d.get(k) in (None, ''): raise ConfigError(f"{src}: missing required key {k!r}")
     cls = stage_config_class(stage)
     try: cfg = cls.from_dict({k: v for k, v in d.items() if k in _names(cls)})
@@ -226,6 +227,7 @@ def parse_train_config(config, overrides: dict | None = None) -> dict:
     return {'stage': stage, 'finetuning_type': ft, 'model': str(d['model_name_or_path']),
             'dataset': str(d['dataset']), 'split': str(d.get('dataset_split', 'train')),
             'max_samples': n, 'resume': resume, 'reward_model': d.get('reward_model'),
+            'ref_model': d.get('ref_model'),
             'config': cfg, 'lora': None if ft == 'full' else _lora_config(d, stage, src),
             'raw': d, 'source': src}
 
@@ -367,7 +369,7 @@ def prepare_model(model, tok, spec: dict):
     src = model
     # Unsloth loads by name: a lab size or a folder, not an earlier run (merged in memory)
     if resolve_backend(cfg.backend) == 'unsloth' and spec['stage'] in ('pt', 'sft') \
-            and not (Path(spec['model'])/'final').is_dir():
+            and _final_folder(Path(spec['model'])) is None:
         src = lab_size(spec['model']) or spec['model']
     return load_model(src, backend=cfg.backend, finetuning_type=ft,
                       lora_config=spec['lora'], tokenizer=tok)
@@ -408,8 +410,10 @@ def run_stage(model, tok, rows, spec: dict, world, progress: bool) -> dict:
     if spec['stage'] == 'rm':
         from fttk.reward import reward_train
         return reward_train(model, tok, rows, cfg, **kw)
-    # the reference is the start model: the adapters switched off, or a frozen copy
-    ref = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
+    # the reference: `ref_model:` if given, else the start model (adapters off, or a frozen copy)
+    if spec['ref_model']: ref = load_run(resolve_spec(str(spec['ref_model'])), merge=True)[0]
+    else: ref = None if lora else copy.deepcopy(model)
+    if ref is not None: ref.eval().requires_grad_(False)
     if spec['stage'] == 'dpo':
         from fttk.dpo import dpo_train
         return dpo_train(model, tok, rows, cfg, ref_model=ref, **kw)
@@ -430,13 +434,22 @@ def plot_loss(metrics: list[dict], path, title: str = ''):
     fig.savefig(path, dpi=90); plt.close(fig)
     return Path(path)
 
-# %% ../nbs/15_train.ipynb #10c45228
+# %% ../nbs/15_train.ipynb #15fa82fe
+def check_output_dir(out: Path, resume: bool, overwrite: bool):
+    "Refuse, before any work, an `output_dir` that holds files when neither resuming nor replacing."
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"output_dir {out} is not empty: set resume: true to continue the "
+                              "run in it, overwrite_output_dir: true to replace it, or choose "
+                              "another output_dir")
+
+# %% ../nbs/15_train.ipynb #c56e93e4
 def train(config, overrides: dict | None = None, progress: bool | None = None) -> dict:
     ("Run one `fttk train` config (a YAML path or a mapping, `overrides` on top): `{'run': output "
      "folder, 'model', 'tokenizer', 'result': the trainer's, 'meta'}`.")
     spec = parse_train_config(config, overrides)
     cfg = spec['config']
     out = Path(cfg.output_dir)
+    check_output_dir(out, spec['resume'], cfg.overwrite_output_dir)
     model, tok, start = start_model(spec['model'], spec['stage'])
     rows = stage_rows(load_rows(spec['dataset'], spec['split'], start['world'],
                                 spec['max_samples']), spec['stage'], spec['dataset'])
@@ -462,7 +475,7 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
           f"{', ' + said if said else ''}; model in {out/'final'}")
     return {'run': out, 'model': model, 'tokenizer': tok, 'result': res, 'meta': meta}
 
-# %% ../nbs/15_train.ipynb #15fa82fe
+# %% ../nbs/15_train.ipynb #ee348605
 def run_train(config, overrides: dict | None = None) -> Path:
     "`fttk train CONFIG.yaml` as a function: train, save `output_dir/final/`, return output_dir."
     return train(config, overrides)['run']

@@ -240,3 +240,35 @@ def test_cli_train(tmp_path, monkeypatch, capsys):
                    "did you mean 'learning_rate'?\n")
     assert main(['train', str(p), 'max_steps']) == 2
     assert "override 'max_steps' is not key=value" in capsys.readouterr().err
+
+
+def test_output_dir_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path/'old').mkdir(); (tmp_path/'old'/'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match=re.escape(
+            "output_dir old is not empty: set resume: true to continue the run in it, "
+            "overwrite_output_dir: true to replace it, or choose another output_dir")):
+        train({**BASE, **FAST, 'output_dir': 'old'}, progress=False)
+    assert [p.name for p in (tmp_path/'old').iterdir()] == ['notes.txt']
+
+
+def test_ref_model_key(tmp_path, monkeypatch):
+    "dpo's `ref_model:` given as the start model trains exactly as the default reference does."
+    monkeypatch.chdir(tmp_path)
+    d = {**BASE, **FAST, 'stage': 'dpo', 'dataset': 'lab:preferences', 'finetuning_type': 'full'}
+    a = train({**d, 'output_dir': 'a'}, progress=False)
+    b = train({**d, 'output_dir': 'b', 'ref_model': 'lab:test'}, progress=False)
+    assert [r['loss'] for r in a['result']['log']] == [r['loss'] for r in b['result']['log']]
+    with pytest.raises(ConfigError, match="key 'ref_model' in the train config is not a setting "
+                                          "of stage sft; it belongs to stage ppo, dpo"):
+        parse_train_config({**BASE, 'ref_model': 'lab:test'})
+
+
+def test_hf_backend_adapter_loads(tmp_path, monkeypatch):
+    "backend: hf trains a peft model; its saved adapter loads through load_run with the same logits."
+    monkeypatch.chdir(tmp_path)
+    r = train({**BASE, **FAST, 'backend': 'hf', 'output_dir': 'hf'}, progress=False)
+    assert type(r['model']).__name__.startswith('Peft') and r['meta']['backend'] == 'hf'
+    m, tok, meta = load_run('hf')
+    ids = _ids(tok)
+    assert torch.equal(_logits(r['model'], ids), _logits(m, ids))
