@@ -92,3 +92,18 @@ def test_info_names_isa_flags(capsys):
     assert main(['info']) == 0
     cpu = json.loads(capsys.readouterr().out)['hardware']['cpu']
     assert {'avx2', 'avx512f', 'avx512_bf16', 'amx', 'torch_cpu_capability'} <= set(cpu)
+
+
+def test_train_console_script(tmp_path):
+    "`fttk train EXAMPLE.yaml key=value ...` through the installed script: a progress bar with the loss, the run folder, exit 2 on a bad key."
+    example = Path(__file__).resolve().parent.parent/'examples'/'sft_lora.yaml'
+    args = [str(FTTK), 'train', str(example), 'max_steps=2', 'max_samples=8', 'per_device_train_batch_size=4', 'save_steps=1', 'output_dir=run']
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'sft: 100%' in r.stderr and 'loss=' in r.stderr          # tqdm: steps, ETA, loss
+    assert 'run folder: run; trained model: run/final' in r.stdout
+    assert (tmp_path/'run'/'final'/'adapter_model.safetensors').is_file()
+    assert [p.name for p in (tmp_path/'run'/'checkpoints').iterdir()] != []
+    r = subprocess.run(args[:3] + ['learning_rat=0.1'], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == (f"fttk: error: unknown key 'learning_rat' in {example} (stage sft); "
+                                              "did you mean 'learning_rate'?\n")
