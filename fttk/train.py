@@ -6,15 +6,13 @@ Docs: https://fttk.github.io/fttk/train.html.md"""
 
 # %% ../nbs/15_train.ipynb #7531ac2f
 from __future__ import annotations
-import copy, dataclasses, difflib, json, os, shutil, sys, time
+import copy, dataclasses, difflib, json, shutil, sys, time
 from pathlib import Path
 
-import torch
-import torch.nn as nn
 import yaml
 
-from .core import (Config, ConfigError, RunFolder, atomic_write_text, quiet_progress,
-                       read_jsonl, set_seed)
+from .core import (ConfigError, RunFolder, atomic_write_text, quiet_progress, read_jsonl,
+                       set_seed)
 
 # %% auto #0
 __all__ = ['STAGES', 'FINETUNING_TYPES', 'RUN_FILE', 'TRAIN_KEYS', 'STAGE_KEYS', 'LORA_ALIASES', 'LAB_DATASETS', 'STAGE_FIELDS',
@@ -35,17 +33,21 @@ def lab_size(spec) -> str | None:
 
 # %% ../nbs/15_train.ipynb #acc99d06
 def save_final(model, tokenizer, folder, meta: dict) -> Path:
-    ("Write a trained model to `folder` (replaced if it exists): full weights, or the LoRA adapter "
-     "alone (`meta['finetuning_type']` 'lora'/'qlora'), the tokenizer, and `fttk_run.json`.")
-    folder = Path(folder)
-    if folder.exists(): shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    ("Write a trained model to `folder` (an earlier final model there is replaced): full weights, "
+     "or the LoRA adapter alone ('lora'/'qlora'), the tokenizer, and `fttk_run.json` (`meta`).")
+    folder, base = Path(folder), meta['base_model_name_or_path']
+    if (folder/RUN_FILE).is_file(): shutil.rmtree(folder)        # an earlier final model: replaced
+    elif folder.is_dir() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} holds files but is no fttk final model: not replaced")
+    folder.mkdir(parents=True, exist_ok=True)
     with quiet_progress():
         if meta['finetuning_type'] == 'full': model.save_pretrained(folder)
         elif hasattr(model, 'fttk_lora_config'):
             from fttk.lora import save_adapter
-            save_adapter(model, folder, base_model_name_or_path=meta['base_model_name_or_path'])
-        else: model.save_pretrained(folder)         # a peft model (backend 'hf' or 'unsloth')
+            save_adapter(model, folder, base_model_name_or_path=base)
+        else:                                        # a peft model (backend 'hf' or 'unsloth')
+            for c in model.peft_config.values(): c.base_model_name_or_path = base
+            model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     atomic_write_text(folder/RUN_FILE, json.dumps(meta, indent=2, default=str))
     return folder
@@ -57,7 +59,7 @@ def _final_folder(path: Path) -> Path | None:
         if (p/RUN_FILE).is_file(): return p
     return None
 
-# %% ../nbs/15_train.ipynb #8e12ee81
+# %% ../nbs/15_train.ipynb #841e6e93
 def _load_plain(spec, model_class: str = 'causal_lm'):
     "(model, tokenizer) of a lab size, a model folder or a hub name, not an fttk run."
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -73,7 +75,7 @@ def _load_plain(spec, model_class: str = 'causal_lm'):
     return base_model(str(Path(s).expanduser()) if Path(s).expanduser().exists() else s,
                       progress=False)
 
-# %% ../nbs/15_train.ipynb #841e6e93
+# %% ../nbs/15_train.ipynb #63ea5289
 def _model_class(folder) -> str:
     "'sequence_classification' if the HF folder's config names a *ForSequenceClassification."
     p = Path(folder)/'config.json'
@@ -81,7 +83,7 @@ def _model_class(folder) -> str:
     return ('sequence_classification' if any(a.endswith('ForSequenceClassification')
                                               for a in archs) else 'causal_lm')
 
-# %% ../nbs/15_train.ipynb #63ea5289
+# %% ../nbs/15_train.ipynb #6ced4734
 def load_run(run_or_model, merge: bool = False):
     ("`(model, tokenizer, meta)` ready for inference from an fttk run folder, its `final/`, a "
      "model folder, 'lab:test'/'lab:default' or a hub name; LoRA adapters applied (merged if "
@@ -100,7 +102,7 @@ def load_run(run_or_model, merge: bool = False):
     meta = json.loads((final/RUN_FILE).read_text())
     return _load_final(final, meta, merge)
 
-# %% ../nbs/15_train.ipynb #6ced4734
+# %% ../nbs/15_train.ipynb #9584d1a2
 def _load_final(final: Path, meta: dict, merge: bool):
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
@@ -116,7 +118,7 @@ def _load_final(final: Path, meta: dict, merge: bool):
     if merge: unload_lora(model, merge=True)
     return model.eval(), tok, meta
 
-# %% ../nbs/15_train.ipynb #9584d1a2
+# %% ../nbs/15_train.ipynb #2a74d968
 def _adapter_base(meta: dict, tok, quantize: bool = True):
     "The model a LoRA adapter was trained on: the base (merged, if itself a run), head, NF4."
     base, _, _ = load_run(meta['base_model_name_or_path'], merge=True)
@@ -128,7 +130,7 @@ def _adapter_base(meta: dict, tok, quantize: bool = True):
         quantize_model(base, QuantConfig.from_dict(meta['quant_config']))
     return base
 
-# %% ../nbs/15_train.ipynb #e5ef886f
+# %% ../nbs/15_train.ipynb #ae7d5a07
 def stage_config_class(stage: str):
     "The Config class whose fields a stage's YAML takes (pt trains with SFT's loop and settings)."
     from fttk.sft import SFTConfig
@@ -138,7 +140,7 @@ def stage_config_class(stage: str):
     return {'pt': SFTConfig, 'sft': SFTConfig, 'rm': RewardConfig, 'ppo': PPOConfig,
             'dpo': DPOConfig}[stage]
 
-# %% ../nbs/15_train.ipynb #ae7d5a07
+# %% ../nbs/15_train.ipynb #a277200b
 # fttk train's own keys; the rest are fields of the stage's Config and of LoRAConfig
 TRAIN_KEYS = ('stage', 'model_name_or_path', 'dataset', 'dataset_split', 'max_samples',
               'finetuning_type', 'resume')
@@ -155,7 +157,7 @@ def valid_keys(stage: str, finetuning_type: str = 'lora') -> list[str]:
     if finetuning_type != 'full': keys += [*_names(LoRAConfig), *LORA_ALIASES]
     return sorted(set(keys))
 
-# %% ../nbs/15_train.ipynb #86a8d69a
+# %% ../nbs/15_train.ipynb #9d91de96
 def _unknown_key(key: str, stage: str, ft: str, src: str) -> ConfigError:
     "The error for a key the stage does not take: where it belongs, or the nearest valid key."
     if ft == 'full' and key in valid_keys(stage, 'lora'):
@@ -169,7 +171,7 @@ def _unknown_key(key: str, stage: str, ft: str, src: str) -> ConfigError:
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {valid_keys(stage, ft)}"
     return ConfigError(f"unknown key {key!r} in {src} (stage {stage}){hint}")
 
-# %% ../nbs/15_train.ipynb #9d91de96
+# %% ../nbs/15_train.ipynb #dca04efc
 def read_train_config(config) -> tuple[dict, str]:
     "`(mapping, name for messages)` of a train YAML file's path, or of a mapping."
     if isinstance(config, dict): return dict(config), 'the train config'
@@ -181,7 +183,7 @@ def read_train_config(config) -> tuple[dict, str]:
         raise ConfigError(f"{p} must hold a mapping of keys to values, got {type(d).__name__}")
     return d, str(p)
 
-# %% ../nbs/15_train.ipynb #dca04efc
+# %% ../nbs/15_train.ipynb #49e56ab6
 def _choice(d: dict, key: str, choices, src: str, default=None):
     v = d.get(key, default)
     if v is None:
@@ -190,7 +192,7 @@ def _choice(d: dict, key: str, choices, src: str, default=None):
         raise ConfigError(f"{src}: {key} must be one of {', '.join(choices)}, got {v!r}")
     return v
 
-# %% ../nbs/15_train.ipynb #49e56ab6
+# %% ../nbs/15_train.ipynb #2a08052c
 def _lora_config(d: dict, stage: str, src: str):
     "The LoRAConfig of a train mapping; a reward model also trains its new head ('score')."
     from fttk.lora import LoRAConfig
@@ -203,7 +205,7 @@ def _lora_config(d: dict, stage: str, src: str):
     try: return LoRAConfig.from_dict(kw)
     except ConfigError as e: raise ConfigError(f"{src}: {e}") from None
 
-# %% ../nbs/15_train.ipynb #2a08052c
+# %% ../nbs/15_train.ipynb #0f2b3da3
 def parse_train_config(config, overrides: dict | None = None) -> dict:
     ("Check a train config (YAML path or mapping) with `overrides` on top: `{'stage', 'model', "
      "'dataset', ..., 'config': the stage's Config, 'lora': LoRAConfig or None, 'raw': mapping}`.")
@@ -231,7 +233,7 @@ def parse_train_config(config, overrides: dict | None = None) -> dict:
             'config': cfg, 'lora': None if ft == 'full' else _lora_config(d, stage, src),
             'raw': d, 'source': src}
 
-# %% ../nbs/15_train.ipynb #6dfe7c97
+# %% ../nbs/15_train.ipynb #e3e80bf9
 def parse_overrides(items: list[str]) -> dict:
     "`['learning_rate=1e-4', 'max_steps=5']` -> a mapping, each value read as YAML."
     out = {}
@@ -242,7 +244,7 @@ def parse_overrides(items: list[str]) -> dict:
         out[k.strip()] = yaml.safe_load(v) if v.strip() else None
     return out
 
-# %% ../nbs/15_train.ipynb #6fbabbf6
+# %% ../nbs/15_train.ipynb #497acf8f
 def _qa_chats(world) -> list[dict]:
     return [{'messages': [{'role': 'user', 'content': r['question']},
                           {'role': 'assistant', 'content': r['answer_sentence']}],
@@ -260,7 +262,7 @@ def _lab_rows(kind: str, world) -> list[dict]:
 LAB_DATASETS = {'corpus': 'pt', 'instructions': 'sft', 'qa': 'sft', 'preferences': 'rm, dpo',
                 'prompts': 'ppo'}
 
-# %% ../nbs/15_train.ipynb #497acf8f
+# %% ../nbs/15_train.ipynb #59f246c9
 def lab_dataset(spec: str, world_size: str | None = None) -> list[dict]:
     ("The rows of 'lab:NAME' or 'lab:NAME@SIZE' (NAME in `LAB_DATASETS`), from the world of "
      "`SIZE`, else of `world_size` (the model's).")
@@ -275,7 +277,7 @@ def lab_dataset(spec: str, world_size: str | None = None) -> list[dict]:
                          f"name the size: lab:{kind}@test or lab:{kind}@default")
     return _lab_rows(kind, lab_world(size))
 
-# %% ../nbs/15_train.ipynb #e4f53c87
+# %% ../nbs/15_train.ipynb #451dd9b3
 def load_rows(spec: str, split: str = 'train', world_size: str | None = None,
               max_samples: int | None = None) -> list[dict]:
     ("Rows of a data set: 'lab:NAME[@SIZE]', a .jsonl/.json file, or a hub name "
@@ -293,7 +295,7 @@ def load_rows(spec: str, split: str = 'train', world_size: str | None = None,
         rows = list(datasets.load_dataset(spec, split=split))
     return rows[:max_samples] if max_samples else rows
 
-# %% ../nbs/15_train.ipynb #451dd9b3
+# %% ../nbs/15_train.ipynb #f1dcfb40
 # the fields each stage reads from a row (fttk's trainers check the rest, naming the row)
 STAGE_FIELDS = {'pt': ('text',), 'sft': ('messages',), 'rm': ('chosen', 'rejected'),
                 'dpo': ('chosen', 'rejected'), 'ppo': ('prompt',)}
@@ -308,7 +310,7 @@ def _as_chat(r: dict) -> dict:
     else: return r
     return {'messages': [{'role': 'user', 'content': u}, {'role': 'assistant', 'content': a}]}
 
-# %% ../nbs/15_train.ipynb #f1dcfb40
+# %% ../nbs/15_train.ipynb #a4290c2c
 def stage_rows(rows: list[dict], stage: str, name: str = 'dataset') -> list[dict]:
     ("Rows in the form `stage`'s trainer takes (pt: text as one assistant turn); an error names "
      "the fields that are missing and the lab data set that fits.")
@@ -324,7 +326,7 @@ def stage_rows(rows: list[dict], stage: str, name: str = 'dataset') -> list[dict
         return [{'messages': [{'role': 'assistant', 'content': r.get('text')}]} for r in rows]
     return rows
 
-# %% ../nbs/15_train.ipynb #e9f2df19
+# %% ../nbs/15_train.ipynb #221ad8eb
 # pt: each text is one 'assistant' turn between BOS and EOS: every token after BOS is a target
 PT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% generation %}{{ m['content'] }}"
                "{{ eos_token }}{% endgeneration %}{% endfor %}")
@@ -335,14 +337,14 @@ def pt_tokenizer(tokenizer):
     tok.chat_template = PT_TEMPLATE
     return tok
 
-# %% ../nbs/15_train.ipynb #c5a836c0
+# %% ../nbs/15_train.ipynb #27ba3e5d
 def resolve_spec(spec: str) -> str:
     ("A model spec as runs record it: 'lab:SIZE' and hub names as given, an existing folder as its "
      "absolute path (relative paths are relative to the current directory, as in LLaMA-Factory).")
     p = Path(spec).expanduser()
     return spec if lab_size(spec) or not p.exists() else str(p.resolve())
 
-# %% ../nbs/15_train.ipynb #27ba3e5d
+# %% ../nbs/15_train.ipynb #e0d42fe0
 def start_model(spec: str, stage: str):
     ("`(model, tokenizer, meta)` a stage starts from: an earlier run merged (its LoRA adapter "
      "folded into its base), a model folder, a lab size or a hub name; rm gets a scalar head.")
@@ -358,7 +360,7 @@ def start_model(spec: str, stage: str):
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return model, tok, {'world': meta.get('world'), 'head_seed': head_seed}
 
-# %% ../nbs/15_train.ipynb #e0d42fe0
+# %% ../nbs/15_train.ipynb #6da28455
 def prepare_model(model, tok, spec: dict):
     "The model to train: all weights trainable (full), or frozen with LoRA/QLoRA adapters."
     ft, cfg = spec['finetuning_type'], spec['config']
@@ -374,7 +376,7 @@ def prepare_model(model, tok, spec: dict):
     return load_model(src, backend=cfg.backend, finetuning_type=ft,
                       lora_config=spec['lora'], tokenizer=tok)
 
-# %% ../nbs/15_train.ipynb #6da28455
+# %% ../nbs/15_train.ipynb #c75cc33a
 def final_meta(model, spec: dict, start: dict) -> dict:
     "What `final/fttk_run.json` records: enough for `load_run` to rebuild the model."
     quant = getattr(model, 'fttk_quant_config', None)
@@ -389,7 +391,7 @@ def final_meta(model, spec: dict, start: dict) -> dict:
             'quant_config': quant.to_dict() if quant is not None else None,
             'train_config': 'train.yaml', 'fttk_version': __version__}
 
-# %% ../nbs/15_train.ipynb #c75cc33a
+# %% ../nbs/15_train.ipynb #ddd73221
 def _reward(spec: dict):
     "PPO's reward model and its tokenizer, from `reward_model:` (an rm run, or a model folder)."
     rm, rtok, meta = load_run(resolve_spec(str(spec['reward_model'])))
@@ -398,7 +400,7 @@ def _reward(spec: dict):
                          "LM); give the output_dir of a `stage: rm` run")
     return rm.requires_grad_(False), rtok
 
-# %% ../nbs/15_train.ipynb #ddd73221
+# %% ../nbs/15_train.ipynb #c10050ea
 def run_stage(model, tok, rows, spec: dict, world, progress: bool) -> dict:
     "Call the stage's trainer (pt is SFT's loop on plain text); returns its result."
     from fttk.sft import sft_train
@@ -422,7 +424,7 @@ def run_stage(model, tok, rows, spec: dict, world, progress: bool) -> dict:
     gold = gold_grader(world) if world is not None and 'attribute' in rows[0] else None
     return ppo_train(model, ref, rm, tok, rows, cfg, reward_tokenizer=rtok, gold=gold, **kw)
 
-# %% ../nbs/15_train.ipynb #c10050ea
+# %% ../nbs/15_train.ipynb #10c45228
 def plot_loss(metrics: list[dict], path, title: str = ''):
     "The loss (PPO: the reward model's score) per step, saved as a PNG at `path`."
     import matplotlib; import matplotlib.pyplot as plt
@@ -434,7 +436,7 @@ def plot_loss(metrics: list[dict], path, title: str = ''):
     fig.savefig(path, dpi=90); plt.close(fig)
     return Path(path)
 
-# %% ../nbs/15_train.ipynb #15fa82fe
+# %% ../nbs/15_train.ipynb #a1fdcefa
 def check_output_dir(out: Path, resume: bool, overwrite: bool):
     "Refuse, before any work, an `output_dir` that holds files when neither resuming nor replacing."
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
@@ -442,7 +444,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool):
                               "run in it, overwrite_output_dir: true to replace it, or choose "
                               "another output_dir")
 
-# %% ../nbs/15_train.ipynb #c56e93e4
+# %% ../nbs/15_train.ipynb #ee348605
 def train(config, overrides: dict | None = None, progress: bool | None = None) -> dict:
     ("Run one `fttk train` config (a YAML path or a mapping, `overrides` on top): `{'run': output "
      "folder, 'model', 'tokenizer', 'result': the trainer's, 'meta'}`.")
@@ -475,7 +477,7 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
           f"{', ' + said if said else ''}; model in {out/'final'}")
     return {'run': out, 'model': model, 'tokenizer': tok, 'result': res, 'meta': meta}
 
-# %% ../nbs/15_train.ipynb #ee348605
+# %% ../nbs/15_train.ipynb #374ba53c
 def run_train(config, overrides: dict | None = None) -> Path:
     "`fttk train CONFIG.yaml` as a function: train, save `output_dir/final/`, return output_dir."
     return train(config, overrides)['run']

@@ -269,6 +269,8 @@ def test_hf_backend_adapter_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = train({**BASE, **FAST, 'backend': 'hf', 'output_dir': 'hf'}, progress=False)
     assert type(r['model']).__name__.startswith('Peft') and r['meta']['backend'] == 'hf'
+    cfg = json.loads((tmp_path/'hf'/'final'/'adapter_config.json').read_text())
+    assert cfg['base_model_name_or_path'] == 'lab:test'           # the spec, not a cache folder
     m, tok, meta = load_run('hf')
     ids = _ids(tok)
     assert torch.equal(_logits(r['model'], ids), _logits(m, ids))
