@@ -144,7 +144,9 @@ def stage_config_class(stage: str):
 # fttk train's own keys; the rest are fields of the stage's Config and of LoRAConfig
 TRAIN_KEYS = ('stage', 'model_name_or_path', 'dataset', 'dataset_split', 'max_samples',
               'finetuning_type', 'resume')
-STAGE_KEYS = {'ppo': ('reward_model', 'ref_model'), 'dpo': ('ref_model',)}
+_EVAL = ('eval_dataset', 'eval_dataset_split')
+STAGE_KEYS = {'pt': _EVAL, 'sft': _EVAL, 'ppo': ('reward_model', 'ref_model'),
+              'dpo': ('ref_model',)}
 # LLaMA-Factory's names for two LoRA fields
 LORA_ALIASES = {'lora_rank': 'r', 'lora_target': 'target_modules'}
 
@@ -226,10 +228,13 @@ def parse_train_config(config, overrides: dict | None = None) -> dict:
         raise ConfigError(f"{src}: max_samples must be a positive integer, got {n!r}")
     if not isinstance(resume, bool):
         raise ConfigError(f"{src}: resume must be true or false, got {resume!r}")
+    if d.get('eval_dataset') and not cfg.eval_steps:
+        raise ConfigError(f"{src}: eval_dataset needs eval_steps (evaluate every so many steps)")
     return {'stage': stage, 'finetuning_type': ft, 'model': str(d['model_name_or_path']),
             'dataset': str(d['dataset']), 'split': str(d.get('dataset_split', 'train')),
             'max_samples': n, 'resume': resume, 'reward_model': d.get('reward_model'),
-            'ref_model': d.get('ref_model'),
+            'ref_model': d.get('ref_model'), 'eval_dataset': d.get('eval_dataset'),
+            'eval_split': str(d.get('eval_dataset_split', 'validation')),
             'config': cfg, 'lora': None if ft == 'full' else _lora_config(d, stage, src),
             'raw': d, 'source': src}
 
@@ -280,10 +285,13 @@ def lab_dataset(spec: str, world_size: str | None = None) -> list[dict]:
 # %% ../nbs/15_train.ipynb #451dd9b3
 def load_rows(spec: str, split: str = 'train', world_size: str | None = None,
               max_samples: int | None = None) -> list[dict]:
-    ("Rows of a data set: 'lab:NAME[@SIZE]', a .jsonl/.json file, or a hub name "
-     "(`datasets.load_dataset(spec, split=split)`); the first `max_samples`.")
+    ("Rows of a data set: 'lab:NAME[@SIZE]', a .jsonl/.json file, or a folder of data files or a "
+     "hub name (`datasets.load_dataset(spec, split=split)`); the first `max_samples`.")
     if spec.startswith('lab:'): rows = lab_dataset(spec, world_size)
     elif spec.endswith('.jsonl'): rows = read_jsonl(spec)
+    elif Path(spec).is_dir():            # a folder of data files, as datasets reads them
+        import datasets
+        rows = list(datasets.load_dataset(spec, split=split))
     elif spec.endswith('.json') or Path(spec).exists():
         p = Path(spec)
         if not p.is_file(): raise FileNotFoundError(f"no data file at {spec}")
@@ -401,14 +409,14 @@ def _reward(spec: dict):
     return rm.requires_grad_(False), rtok
 
 # %% ../nbs/15_train.ipynb #c10050ea
-def run_stage(model, tok, rows, spec: dict, world, progress: bool) -> dict:
+def run_stage(model, tok, rows, spec: dict, world, progress: bool, eval_rows=None) -> dict:
     "Call the stage's trainer (pt is SFT's loop on plain text); returns its result."
     from fttk.sft import sft_train
     cfg, resume, lora = spec['config'], spec['resume'], spec['finetuning_type'] != 'full'
     kw = dict(resume=resume, progress=progress)
     if spec['stage'] in ('pt', 'sft'):
         return sft_train(model, pt_tokenizer(tok) if spec['stage'] == 'pt' else tok, rows, cfg,
-                         **kw)
+                         eval_rows=eval_rows, **kw)
     if spec['stage'] == 'rm':
         from fttk.reward import reward_train
         return reward_train(model, tok, rows, cfg, **kw)
@@ -455,6 +463,9 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
     model, tok, start = start_model(spec['model'], spec['stage'])
     rows = stage_rows(load_rows(spec['dataset'], spec['split'], start['world'],
                                 spec['max_samples']), spec['stage'], spec['dataset'])
+    ev = spec['eval_dataset'] and stage_rows(load_rows(
+        spec['eval_dataset'], spec['eval_split'], start['world']), spec['stage'],
+        spec['eval_dataset'])
     set_seed(cfg.seed)           # LoRA's A matrices are random: the same seed, the same start
     model, tok = prepare_model(model, tok, spec)
     print(f"fttk train: stage {spec['stage']} ({spec['finetuning_type']}) of {spec['model']} "
@@ -465,7 +476,7 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
         from fttk.world import lab_world
         world = lab_world(spec['dataset'].partition('@')[2] or start['world'])
     t0 = time.time()
-    res = run_stage(model, tok, rows, spec, world, progress)
+    res = run_stage(model, tok, rows, spec, world, progress, ev or None)
     meta = final_meta(model, spec, start)
     atomic_write_text(out/'train.yaml', yaml.safe_dump(spec['raw'], sort_keys=False))
     log = RunFolder.open(out).read_metrics()

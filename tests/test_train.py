@@ -274,3 +274,19 @@ def test_hf_backend_adapter_loads(tmp_path, monkeypatch):
     m, tok, meta = load_run('hf')
     ids = _ids(tok)
     assert torch.equal(_logits(r['model'], ids), _logits(m, ids))
+
+
+def test_eval_dataset_and_data_folder(tmp_path, monkeypatch):
+    "`eval_dataset` adds the eval loss every eval_steps; a folder of JSONL files is a data set."
+    from fttk.world import lab_world
+    monkeypatch.chdir(tmp_path)
+    (tmp_path/'chats').mkdir()
+    rows = lab_world('test').instruction_rows()[:12]
+    (tmp_path/'chats'/'train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    r = train({**BASE, **FAST, 'dataset': 'chats', 'eval_dataset': 'lab:qa', 'eval_steps': 1,
+               'output_dir': 'ev'}, progress=False)
+    assert r['result']['data']['rows'] == 12
+    assert all('eval_loss' in row for row in r['result']['log'])
+    with pytest.raises(ConfigError, match=re.escape(
+            "the train config: eval_dataset needs eval_steps (evaluate every so many steps)")):
+        parse_train_config({**BASE, 'eval_dataset': 'lab:qa'})
