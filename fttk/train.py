@@ -377,8 +377,10 @@ def prepare_model(model, tok, spec: dict):
         return model, tok
     from fttk.accel import load_model, resolve_backend
     src = model
+    try: backend = resolve_backend(cfg.backend)
+    except RuntimeError as e: raise ValueError(str(e)) from None    # this machine cannot: bad input
     # Unsloth loads by name: a lab size or a folder, not an earlier run (merged in memory)
-    if resolve_backend(cfg.backend) == 'unsloth' and spec['stage'] in ('pt', 'sft') \
+    if backend == 'unsloth' and spec['stage'] in ('pt', 'sft') \
             and _final_folder(Path(spec['model'])) is None:
         src = lab_size(spec['model']) or spec['model']
     return load_model(src, backend=cfg.backend, finetuning_type=ft,

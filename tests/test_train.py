@@ -290,3 +290,12 @@ def test_eval_dataset_and_data_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=re.escape(
             "the train config: eval_dataset needs eval_steps (evaluate every so many steps)")):
         parse_train_config({**BASE, 'eval_dataset': 'lab:qa'})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='Unsloth may run where there is a GPU')
+def test_unsloth_without_gpu_is_bad_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            "backend='unsloth' needs a CUDA GPU (torch.cuda.is_available() is False); use "
+            "backend='fttk' or 'hf' here")):
+        train({**BASE, **FAST, 'backend': 'unsloth', 'output_dir': 'u'}, progress=False)
