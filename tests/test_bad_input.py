@@ -207,6 +207,17 @@ def _other_run(tmp):
 def _run_intact(tmp): return 'learning_rate: 0.001' in (tmp/'run'/'config.yaml').read_text()
 
 
+def _train(yaml_text, *extra):
+    "fttk train on a config file written into the scratch folder (relative paths resolve there)."
+    def run(tmp):
+        (tmp/'f.yaml').write_text(yaml_text)
+        with contextlib.chdir(tmp): return cli('train', 'f.yaml', *extra)
+    return run
+
+
+_SFT = 'stage: sft\nmodel_name_or_path: lab:test\ndataset: lab:instructions\nmax_steps: 1\n'
+
+
 CASES = [
     # --- core: configs from YAML and dicts
     Case('Config.from_yaml', 'YAML syntax error', _yaml('learning_rate: [1e-4\n'), Exception, r'is not valid YAML'),
@@ -449,6 +460,28 @@ CASES = [
     Case('fttk demo', '--overwrite on a folder that is not an fttk run',
          lambda tmp: _with_notes(tmp) and cli('demo', '--size', 'test', '--out', tmp/'results', '--overwrite'),
          CLIError, r'exit 2: fttk: error: overwrite=True refused: .* is not an fttk run folder', _notes_intact),
+    Case('fttk train', 'a misspelt key', _train(_SFT + 'learning_rat: 0.1\n'), CLIError,
+         r"exit 2: fttk: error: unknown key 'learning_rat' in f\.yaml \(stage sft\); did you mean 'learning_rate'\?"),
+    Case('fttk train', "another stage's key", _train(_SFT + 'beta: 0.1\n'), CLIError,
+         r"exit 2: fttk: error: key 'beta' in f\.yaml is not a setting of stage sft; it belongs to stage dpo"),
+    Case('fttk train', 'a LoRA key with full fine-tuning', _train(_SFT + 'finetuning_type: full\nr: 8\n'), CLIError,
+         r"exit 2: fttk: error: key 'r' in f\.yaml is a LoRA setting, but finetuning_type is 'full'"),
+    Case('fttk train', 'a value of the wrong type', _train(_SFT + 'learning_rate: fast\n'), CLIError,
+         r"exit 2: fttk: error: f\.yaml: config field 'learning_rate' expects float, got str 'fast'"),
+    Case('fttk train', 'no stage', _train('model_name_or_path: lab:test\ndataset: lab:qa\n'), CLIError,
+         r"exit 2: fttk: error: f\.yaml: missing required key 'stage' \(one of pt, sft, rm, ppo, dpo\)"),
+    Case('fttk train', 'ppo without a reward model', _train('stage: ppo\nmodel_name_or_path: lab:test\ndataset: lab:prompts\n'),
+         CLIError, r"exit 2: fttk: error: f\.yaml: missing required key 'reward_model'"),
+    Case('fttk train', 'an override without =', _train(_SFT, 'max_steps'), CLIError,
+         r"exit 2: fttk: error: override 'max_steps' is not key=value \(e\.g\. max_steps=10\)"),
+    Case('fttk train', 'the config file is missing', lambda tmp: cli('train', tmp/'nope.yaml'), CLIError,
+         r"exit 2: fttk: error: train config .*nope\.yaml not found"),
+    Case('fttk train', 'output_dir holds files', lambda tmp: _with_notes(tmp) and _train(_SFT + 'output_dir: results\n')(tmp), CLIError,
+         r"exit 2: fttk: error: output_dir results is not empty: set resume: true", _notes_intact),
+    Case('fttk train', 'data set of the wrong shape for the stage', _train('stage: dpo\nmodel_name_or_path: lab:test\ndataset: lab:corpus\n'),
+         CLIError, r"exit 2: fttk: error: lab:corpus: stage dpo needs rows with 'chosen', 'rejected'; row 0 has \['text'\]"),
+    Case('load_run', 'a run folder without final/', lambda tmp: (tmp/'r'/'checkpoints').mkdir(parents=True) or (tmp/'r'/'config.yaml').write_text('a: 1') and __import__('fttk.train').train.load_run(tmp/'r'),
+         FileNotFoundError, r"is an fttk run without final/ \(unfinished\?\)"),
     Case('fttk memory', 'negative --params', lambda tmp: cli('memory', '--params', '-5'), CLIError, r'exit 2: .*--params'),
     Case('fttk memory', 'NaN --params', lambda tmp: cli('memory', '--params', 'nan'), CLIError, r'exit 2: .*--params.*nan'),
     Case('fttk memory', 'neither --config nor --params', lambda tmp: cli('memory'), CLIError, r'exit 2: .*one of the arguments --config --params is required'),
