@@ -111,7 +111,7 @@ def cmd_memory(argv: list[str]) -> int:
 def cmd_train(args) -> int:
     from fttk.train import parse_overrides, run_train
     out = run_train(args.config, parse_overrides(args.overrides))
-    print(f"run folder: {out}; trained model: {out/'final'}")
+    if os.environ.get('RANK', '0') == '0': print(f"run folder: {out}; trained model: {out/'final'}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #49ce6a98

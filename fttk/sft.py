@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/sft.html.md"""
 
 # %% ../nbs/08_sft.ipynb #5d93b6be
 from __future__ import annotations
-import copy, json, math, os, random, re, time
+import copy, dataclasses, json, math, os, random, re, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,11 +25,11 @@ from .world import require_chat_template
 __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
            'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
            'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
-           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'sft_train', 'trl_field_map', 'trl_common_args',
-           'trl_config', 'trl_train', 'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate',
-           'qa_accuracy', 'evaluate_sft', 'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve',
-           'completion_rows', 'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo',
-           'sft_model']
+           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'data_parallel', 'shard', 'all_reduce_grads',
+           'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
+           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
+           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer',
+           'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
 # %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
@@ -415,12 +415,43 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
     model.train(was)
     return tot / max(n, 1)
 
+# %% ../nbs/08_sft.ipynb #442a7932
+def data_parallel() -> tuple[int, int]:
+    "`(rank, world size)`; under torchrun (WORLD_SIZE > 1) the process group is started here."
+    import torch.distributed as dist
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+# %% ../nbs/08_sft.ipynb #b137cbb7
+def shard(micro_batch: list, rank: int, world: int) -> list:
+    "Rank `rank`'s contiguous share of a global micro-batch (sizes differ by at most one)."
+    n = len(micro_batch)
+    return micro_batch[rank * n // world:(rank + 1) * n // world]
+
+# %% ../nbs/08_sft.ipynb #51f1642f
+def all_reduce_grads(opt, loss_sum: float) -> float:
+    "Sum every trainable gradient (and the loss) over the ranks, in place."
+    import torch.distributed as dist
+    for g in opt.param_groups:
+        for p in g['params']:
+            if p.grad is None: p.grad = torch.zeros_like(p)     # a rank with an empty share
+            dist.all_reduce(p.grad)
+    t = torch.tensor([loss_sum], dtype=torch.float64); dist.all_reduce(t)
+    return t.item()
+
 # %% ../nbs/08_sft.ipynb #cff0d812
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
               progress: bool = True) -> dict:
     ("Fine-tune `model` on chat `train_rows` with our loop; writes a RunFolder at "
      "`cfg.output_dir`. Returns the log and counts.")
-    run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
+    rank, world = data_parallel()
+    if world > 1 and resume:
+        raise ValueError("resume under torchrun is not supported yet: resume with one process")
+    # only rank 0 writes the run folder; the others log into a scratch folder nobody reads
+    run = RunFolder(cfg.output_dir if rank == 0 else tempfile.mkdtemp(), resume=resume,
+                    overwrite=cfg.overwrite_output_dir)
     examples, data_report = prepare_sft_data(train_rows, tokenizer, cfg.max_length,
                                              cfg.truncation_mode, cfg.assistant_only_loss)
     eval_ex = prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode,
@@ -431,22 +462,29 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
         if lora_layers(model): enable_fast_lora(model)
     bf16 = use_bf16(cfg)
     units = _units(examples, cfg)
-    T = total_steps(len(units), cfg)
+    # every rank walks the global batches of one process with world x the batch, then takes its
+    # share
+    gcfg = dataclasses.replace(cfg, per_device_train_batch_size=cfg.per_device_train_batch_size
+                               * world) if world > 1 else cfg
+    T = total_steps(len(units), gcfg)
     warmup = math.ceil(cfg.warmup_ratio * T)
     opt = _optimizer(model, cfg)
     state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
     start, last_good = state.get('step', 0), ckpt
     model.train()
     t0, ntok = time.time(), 0
-    bar = tqdm(total=T, initial=start, desc='sft', disable=not progress, mininterval=2)
-    for step, (epoch, mbs) in enumerate(_steps(units, cfg)):
+    bar = tqdm(total=T, initial=start, desc='sft', disable=not progress or rank > 0, mininterval=2)
+    for step, (epoch, gmbs) in enumerate(_steps(units, gcfg)):
         if step >= T: break
         # replay the data order up to the checkpoint without computing
         if step < start: continue
         for g in opt.param_groups:
             g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
-        batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs]
-        n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        # the loss is normalized by the tokens of the global batch, so summed gradients are its
+        n_items = sum(int((collate(mb, pad)['labels'][:, 1:] != IGNORE_INDEX).sum())
+                      for mb in gmbs)
+        mbs = [shard(mb, rank, world) for mb in gmbs]
+        batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs if mb]
         loss_sum = 0.0
         for b in batches:
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
@@ -461,6 +499,7 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
                                    f"Last good checkpoint: {last_good or 'none'}")
             (s / n_items).backward()
             loss_sum += s.item(); ntok += b['num_tokens']
+        loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
                                                cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                else float('inf'))

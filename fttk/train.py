@@ -460,8 +460,13 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
      "folder, 'model', 'tokenizer', 'result': the trainer's, 'meta'}`.")
     spec = parse_train_config(config, overrides)
     cfg = spec['config']
+    from fttk.sft import data_parallel
+    rank, world_size = data_parallel()      # (0, 1) unless launched by torchrun with more ranks
+    if world_size > 1 and spec['stage'] not in ('pt', 'sft'):
+        raise ValueError(f"stage {spec['stage']} under torchrun: data parallel covers pt and sft; "
+                         "run this stage with one process")
     out = Path(cfg.output_dir)
-    check_output_dir(out, spec['resume'], cfg.overwrite_output_dir)
+    if rank == 0: check_output_dir(out, spec['resume'], cfg.overwrite_output_dir)
     model, tok, start = start_model(spec['model'], spec['stage'])
     rows = stage_rows(load_rows(spec['dataset'], spec['split'], start['world'],
                                 spec['max_samples']), spec['stage'], spec['dataset'])
@@ -470,15 +475,18 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
         spec['eval_dataset'])
     set_seed(cfg.seed)           # LoRA's A matrices are random: the same seed, the same start
     model, tok = prepare_model(model, tok, spec)
-    print(f"fttk train: stage {spec['stage']} ({spec['finetuning_type']}) of {spec['model']} "
-          f"on {spec['dataset']} ({len(rows)} rows) -> {out}")
+    if rank == 0:
+        print(f"fttk train: stage {spec['stage']} ({spec['finetuning_type']}) of {spec['model']} "
+        f"on {spec['dataset']} ({len(rows)} rows) -> {out}")
     if progress is None: progress = 'ipykernel' not in sys.modules    # notebooks: one line
     world = None
     if start['world'] and spec['dataset'].startswith('lab:'):
         from fttk.world import lab_world
         world = lab_world(spec['dataset'].partition('@')[2] or start['world'])
     t0 = time.time()
-    res = run_stage(model, tok, rows, spec, world, progress, ev or None)
+    res = run_stage(model, tok, rows, spec, world, progress and rank == 0, ev or None)
+    # all ranks hold the same weights; rank 0 alone writes them
+    if rank > 0: return {'run': out, 'model': model, 'tokenizer': tok, 'result': res, 'meta': None}
     meta = final_meta(model, spec, start)
     atomic_write_text(out/'train.yaml', yaml.safe_dump(spec['raw'], sort_keys=False))
     log = RunFolder.open(out).read_metrics()
