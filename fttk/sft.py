@@ -26,7 +26,7 @@ __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLE
            'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
            'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
            'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'data_parallel', 'shard', 'all_reduce_grads',
-           'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
+           'sft_step', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
            'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
            'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer',
            'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
@@ -441,6 +441,30 @@ def all_reduce_grads(opt, loss_sum: float) -> float:
     t = torch.tensor([loss_sum], dtype=torch.float64); dist.all_reduce(t)
     return t.item()
 
+# %% ../nbs/08_sft.ipynb #478db82f
+def sft_step(model, opt, batches: list[dict], n_items: int, cfg, bf16: bool = False,
+             where: str = 'step', note: str = '', world: int = 1) -> tuple[float, float, int]:
+    ("Forward/backward the collated micro-`batches` (loss normalized by `n_items` tokens), clip, "
+     "step `opt`. Returns (summed token loss, grad norm, tokens).")
+    loss_sum, ntok = 0.0, 0
+    for b in batches:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
+                           attention_mask=b['attention_mask']).logits
+        s = token_losses(logits, b['labels']).sum()
+        if not torch.isfinite(s):
+            opt.zero_grad(set_to_none=True)
+            raise SFTLossError(f"loss became {s.item()} at {where}; "
+                               f"the update was not applied{note}")
+        (s / n_items).backward()
+        loss_sum += s.item(); ntok += b['num_tokens']
+    loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
+    params = [p for g in opt.param_groups for p in g['params']]
+    gnorm = torch.nn.utils.clip_grad_norm_(
+        params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float('inf'))
+    opt.step(); opt.zero_grad(set_to_none=True)
+    return loss_sum, gnorm.item(), ntok
+
 # %% ../nbs/08_sft.ipynb #cff0d812
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
               progress: bool = True) -> dict:
@@ -485,28 +509,15 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
                       for mb in gmbs)
         mbs = [shard(mb, rank, world) for mb in gmbs]
         batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs if mb]
-        loss_sum = 0.0
-        for b in batches:
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
-                               attention_mask=b['attention_mask']).logits
-            s = token_losses(logits, b['labels']).sum()
-            if not torch.isfinite(s):
-                opt.zero_grad(set_to_none=True)
-                rows_ = sorted({e.get('row') for mb in mbs for row in mb for e in row})
-                raise SFTLossError(f"loss became {s.item()} at step {step + 1} (batch of rows "
-                                   f"{rows_[:20]}); the update was not applied. "
-                                   f"Last good checkpoint: {last_good or 'none'}")
-            (s / n_items).backward()
-            loss_sum += s.item(); ntok += b['num_tokens']
-        loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
-        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
-                                               cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                               else float('inf'))
+        rows_ = sorted({e.get('row') for mb in mbs for row in mb for e in row})
         lr = opt.param_groups[0]['lr']
-        opt.step(); opt.zero_grad(set_to_none=True)
+        loss_sum, gnorm, nt = sft_step(model, opt, batches, n_items, cfg, bf16,
+                                       f"step {step + 1} (batch of rows {rows_[:20]})",
+                                       f". Last good checkpoint: {last_good or 'none'}", world)
+        ntok += nt
+        lr = opt.param_groups[0]['lr']
         done = step + 1
-        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm.item(),
+        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm,
                'lr': lr}
         if eval_ex and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == T):
             row['eval_loss'] = eval_loss(model, eval_ex, pad_token_id=pad)
