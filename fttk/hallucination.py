@@ -20,6 +20,7 @@ from .world import (QUESTIONS, SIZES, TEMPLATES, World, WorldConfig, _check_size
                         cached_model, fact_recall, model_config, pretrain, train_lab_tokenizer,
                         world_texts)
 from .sft import (IGNORE_INDEX, SFTLossError, TrainingConfig, _mask_dtype, _micro_batches,
+                      accumulate_grads,
                       _optimizer, _save_checkpoint, begin_run, collate, lr_factor,
                       prepare_sft_data, token_losses, total_steps, use_bf16)
 
@@ -398,17 +399,9 @@ def finetune_run(model, tokenizer, train_rows, eval_sets: dict[str, list[dict]],
             batches = [collate(mb, pad, _mask_dtype(model))
                        for mb in mbs[i:i + cfg.gradient_accumulation_steps]]
             n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            loss = 0.0
-            for b in batches:
-                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
-                                   attention_mask=b['attention_mask']).logits
-                s = token_losses(logits, b['labels']).sum()
-                if not torch.isfinite(s):
-                    opt.zero_grad(set_to_none=True)
-                    raise SFTLossError(f"loss became {s.item()} at step {step + 1} (epoch "
-                                       f"{epoch + 1}); the update was not applied")
-                (s / n_items).backward(); loss += s.item()
+            loss = accumulate_grads(model, opt, batches, n_items, bf16, lambda v: (
+                f"loss became {v} at step {step + 1} (epoch {epoch + 1}); the update was not "
+                "applied"))
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
                                                cfg.max_grad_norm)

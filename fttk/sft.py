@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy, dataclasses, json, math, os, random, re, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -25,11 +25,11 @@ from .world import require_chat_template
 __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
            'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
            'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
-           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'data_parallel', 'shard', 'all_reduce_grads',
-           'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
-           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
-           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer',
-           'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
+           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'accumulate_grads', 'data_parallel', 'shard',
+           'all_reduce_grads', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train',
+           'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft',
+           'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows',
+           'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
 # %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
@@ -415,6 +415,22 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
     model.train(was)
     return tot / max(n, 1)
 
+# %% ../nbs/08_sft.ipynb #5730dc4a
+def accumulate_grads(model, opt, batches: list[dict], n_items: int, bf16: bool,
+                     message: Callable[[float], str]) -> float:
+    ("Forward and backward over `batches` (collated), each token's loss divided by `n_items`; "
+     "returns the summed loss. A non-finite loss clears the gradients and raises `message(loss)`.")
+    total = 0.0
+    for b in batches:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
+                           attention_mask=b['attention_mask']).logits
+        s = token_losses(logits, b['labels']).sum()
+        if not torch.isfinite(s):
+            opt.zero_grad(set_to_none=True); raise SFTLossError(message(s.item()))
+        (s / n_items).backward(); total += s.item()
+    return total
+
 # %% ../nbs/08_sft.ipynb #442a7932
 def data_parallel() -> tuple[int, int]:
     "`(rank, world size)`; under torchrun (WORLD_SIZE > 1) the process group is started here."
@@ -485,20 +501,11 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
                       for mb in gmbs)
         mbs = [shard(mb, rank, world) for mb in gmbs]
         batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs if mb]
-        loss_sum = 0.0
-        for b in batches:
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
-                               attention_mask=b['attention_mask']).logits
-            s = token_losses(logits, b['labels']).sum()
-            if not torch.isfinite(s):
-                opt.zero_grad(set_to_none=True)
-                rows_ = sorted({e.get('row') for mb in mbs for row in mb for e in row})
-                raise SFTLossError(f"loss became {s.item()} at step {step + 1} (batch of rows "
-                                   f"{rows_[:20]}); the update was not applied. "
-                                   f"Last good checkpoint: {last_good or 'none'}")
-            (s / n_items).backward()
-            loss_sum += s.item(); ntok += b['num_tokens']
+        rows_ = lambda: sorted({e.get('row') for mb in mbs for row in mb for e in row})[:20]
+        loss_sum = accumulate_grads(model, opt, batches, n_items, bf16, lambda v: (
+            f"loss became {v} at step {step + 1} (batch of rows {rows_()}); the update was not "
+            f"applied. Last good checkpoint: {last_good or 'none'}"))
+        ntok += sum(b['num_tokens'] for b in batches)
         loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
                                                cfg.max_grad_norm if cfg.max_grad_norm > 0
