@@ -20,8 +20,9 @@ from .world import (QUESTIONS, SIZES, TEMPLATES, World, WorldConfig, _check_size
                         cached_model, fact_recall, model_config, pretrain, train_lab_tokenizer,
                         world_texts)
 from .sft import (IGNORE_INDEX, SFTLossError, TrainingConfig, _mask_dtype, _micro_batches,
+                      accumulate_grads,
                       _optimizer, _save_checkpoint, begin_run, collate, lr_factor,
-                      prepare_sft_data, sft_step, token_losses, total_steps, use_bf16)
+                      prepare_sft_data, token_losses, total_steps, use_bf16)
 
 # %% auto #0
 __all__ = ['EXPOSURES', 'CATEGORIES', 'KNOWN', 'IDK_ANSWER', 'exposure_world', 'recall_by_exposure', 'exposure_model',
@@ -398,8 +399,13 @@ def finetune_run(model, tokenizer, train_rows, eval_sets: dict[str, list[dict]],
             batches = [collate(mb, pad, _mask_dtype(model))
                        for mb in mbs[i:i + cfg.gradient_accumulation_steps]]
             n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            loss, _, _ = sft_step(model, opt, batches, n_items, cfg, bf16,
-                                  f"step {step + 1} (epoch {epoch + 1})")
+            loss = accumulate_grads(model, opt, batches, n_items, bf16, lambda v: (
+                f"loss became {v} at step {step + 1} (epoch {epoch + 1}); the update was not "
+                "applied"))
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
+                                               cfg.max_grad_norm)
+            opt.step(); opt.zero_grad(set_to_none=True)
             step += 1; losses.append(loss / n_items)
         row = measure({'step': step, 'epoch': epoch + 1, 'loss': sum(losses) / len(losses)})
         row['seconds'] = round(time.time() - t0, 2)

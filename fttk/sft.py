@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy, dataclasses, json, math, os, random, re, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -25,11 +25,11 @@ from .world import require_chat_template
 __all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
            'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
            'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
-           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'data_parallel', 'shard', 'all_reduce_grads',
-           'sft_step', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
-           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
-           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer',
-           'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
+           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'accumulate_grads', 'data_parallel', 'shard',
+           'all_reduce_grads', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train',
+           'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft',
+           'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows',
+           'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
 # %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
@@ -415,6 +415,22 @@ def eval_loss(model, examples: list[dict], batch_size: int = 16, pad_token_id: i
     model.train(was)
     return tot / max(n, 1)
 
+# %% ../nbs/08_sft.ipynb #5730dc4a
+def accumulate_grads(model, opt, batches: list[dict], n_items: int, bf16: bool,
+                     message: Callable[[float], str]) -> float:
+    ("Forward and backward over `batches` (collated), each token's loss divided by `n_items`; "
+     "returns the summed loss. A non-finite loss clears the gradients and raises `message(loss)`.")
+    total = 0.0
+    for b in batches:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
+                           attention_mask=b['attention_mask']).logits
+        s = token_losses(logits, b['labels']).sum()
+        if not torch.isfinite(s):
+            opt.zero_grad(set_to_none=True); raise SFTLossError(message(s.item()))
+        (s / n_items).backward(); total += s.item()
+    return total
+
 # %% ../nbs/08_sft.ipynb #442a7932
 def data_parallel() -> tuple[int, int]:
     "`(rank, world size)`; under torchrun (WORLD_SIZE > 1) the process group is started here."
@@ -440,30 +456,6 @@ def all_reduce_grads(opt, loss_sum: float) -> float:
             dist.all_reduce(p.grad)
     t = torch.tensor([loss_sum], dtype=torch.float64); dist.all_reduce(t)
     return t.item()
-
-# %% ../nbs/08_sft.ipynb #478db82f
-def sft_step(model, opt, batches: list[dict], n_items: int, cfg, bf16: bool = False,
-             where: str = 'step', note: str = '', world: int = 1) -> tuple[float, float, int]:
-    ("Forward/backward the collated micro-`batches` (loss normalized by `n_items` tokens), clip, "
-     "step `opt`. Returns (summed token loss, grad norm, tokens).")
-    loss_sum, ntok = 0.0, 0
-    for b in batches:
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=b['input_ids'], position_ids=b['position_ids'],
-                           attention_mask=b['attention_mask']).logits
-        s = token_losses(logits, b['labels']).sum()
-        if not torch.isfinite(s):
-            opt.zero_grad(set_to_none=True)
-            raise SFTLossError(f"loss became {s.item()} at {where}; "
-                               f"the update was not applied{note}")
-        (s / n_items).backward()
-        loss_sum += s.item(); ntok += b['num_tokens']
-    loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
-    params = [p for g in opt.param_groups for p in g['params']]
-    gnorm = torch.nn.utils.clip_grad_norm_(
-        params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float('inf'))
-    opt.step(); opt.zero_grad(set_to_none=True)
-    return loss_sum, gnorm.item(), ntok
 
 # %% ../nbs/08_sft.ipynb #cff0d812
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
@@ -509,15 +501,19 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
                       for mb in gmbs)
         mbs = [shard(mb, rank, world) for mb in gmbs]
         batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs if mb]
-        rows_ = sorted({e.get('row') for mb in mbs for row in mb for e in row})
+        rows_ = lambda: sorted({e.get('row') for mb in mbs for row in mb for e in row})[:20]
+        loss_sum = accumulate_grads(model, opt, batches, n_items, bf16, lambda v: (
+            f"loss became {v} at step {step + 1} (batch of rows {rows_()}); the update was not "
+            f"applied. Last good checkpoint: {last_good or 'none'}"))
+        ntok += sum(b['num_tokens'] for b in batches)
+        loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
+                                               cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                               else float('inf'))
         lr = opt.param_groups[0]['lr']
-        loss_sum, gnorm, nt = sft_step(model, opt, batches, n_items, cfg, bf16,
-                                       f"step {step + 1} (batch of rows {rows_[:20]})",
-                                       f". Last good checkpoint: {last_good or 'none'}", world)
-        ntok += nt
-        lr = opt.param_groups[0]['lr']
+        opt.step(); opt.zero_grad(set_to_none=True)
         done = step + 1
-        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm,
+        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm.item(),
                'lr': lr}
         if eval_ex and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == T):
             row['eval_loss'] = eval_loss(model, eval_ex, pad_token_id=pad)
