@@ -17,16 +17,17 @@ from tqdm import tqdm
 
 from .core import ConfigError, CorruptFileError, RunFolder, load_tensors, save_tensors, set_seed
 from .reward import RewardDataError, check_pair, disable_dropout
-from .sft import (TrainingConfig, _optimizer, _steps, begin_run, lr_factor, record_step,
-                      total_steps, trl_config, use_bf16)
+from .sft import (TrainingConfig, _optimizer, _steps, begin_run, full_tensor, global_config,
+                      is_main, lr_factor, open_run, parallel_plan, rank_share, record_step,
+                      shard_model, sync_grads, total_steps, trl_config, unshard_into, use_bf16)
 from .world import require_chat_template
 
 # %% auto #0
-__all__ = ['LOSSES', 'F_DIVERGENCE_LOSSES', 'optimal_policy', 'implicit_reward', 'DPODataError', 'extract_prompt',
-           'tokenize_pair', 'prepare_dpo_data', 'collate_pairs', 'completion_logps', 'sequence_logps', 'f_scores',
-           'PairTerms', 'sigmoid_loss', 'cdpo_loss', 'robust_loss', 'ipo_loss', 'sigmoid_norm_loss', 'hinge_loss',
-           'sppo_hard_loss', 'bco_pair_loss', 'nca_pair_loss', 'apo_zero_loss', 'apo_down_loss', 'exo_pair_loss',
-           'discopop_loss', 'aot_loss', 'aot_unpaired_loss', 'sft_loss', 'dpo_loss', 'DPOConfig',
+__all__ = ['LOSSES', 'F_DIVERGENCE_LOSSES', 'BATCH_COUPLED', 'optimal_policy', 'implicit_reward', 'DPODataError',
+           'extract_prompt', 'tokenize_pair', 'prepare_dpo_data', 'collate_pairs', 'completion_logps', 'sequence_logps',
+           'f_scores', 'PairTerms', 'sigmoid_loss', 'cdpo_loss', 'robust_loss', 'ipo_loss', 'sigmoid_norm_loss',
+           'hinge_loss', 'sppo_hard_loss', 'bco_pair_loss', 'nca_pair_loss', 'apo_zero_loss', 'apo_down_loss',
+           'exo_pair_loss', 'discopop_loss', 'aot_loss', 'aot_unpaired_loss', 'sft_loss', 'dpo_loss', 'DPOConfig',
            'precompute_ref_logps', 'dpo_batch', 'DPOLossError', 'dpo_train', 'trl_dpo_train', 'policy_point',
            'win_rate', 'evaluate_dpo']
 
@@ -487,9 +488,11 @@ def _cached_ref(run: RunFolder, model, examples, cfg, ref_model, pad) -> list[di
         return [{**e, 'ref_chosen_logps': c, 'ref_rejected_logps': r}
                 for e, c, r in zip(examples, t['chosen'].tolist(), t['rejected'].tolist())]
     out = precompute_ref_logps(model, examples, cfg, ref_model, pad)
-    save_tensors({'chosen': torch.tensor([e['ref_chosen_logps'] for e in out], dtype=torch.float64),
-                  'rejected': torch.tensor([e['ref_rejected_logps'] for e in out],
-                                           dtype=torch.float64)}, f)
+    if is_main():       # the other ranks computed the same numbers
+        save_tensors({'chosen': torch.tensor([e['ref_chosen_logps'] for e in out],
+                                             dtype=torch.float64),
+                      'rejected': torch.tensor([e['ref_rejected_logps'] for e in out],
+                                               dtype=torch.float64)}, f)
     return out
 
 # %% ../nbs/11_dpo.ipynb #580e3bb9
@@ -500,12 +503,22 @@ def _evaluate(eval_fn: Callable, model) -> dict:
     finally: model.train(); torch.set_rng_state(rng)
 
 # %% ../nbs/11_dpo.ipynb #5eebe4df
+# these losses couple the pairs of a batch (a sort over it, a token mean): no per-rank share of them
+BATCH_COUPLED = ('aot', 'aot_unpaired', 'sft')
+
 def dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, resume: bool = False,
               progress: bool = True, eval_fn: Callable | None = None) -> dict:
     ("DPO of causal LM `model` on preference `train_rows` (reference: `ref_model`, or `model` with "
      "its LoRA adapters off); writes a RunFolder at `cfg.output_dir`. Every `cfg.eval_steps` the "
-     "dict `eval_fn(model)` joins the log row. Returns the log.")
-    run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
+     "dict `eval_fn(model)` joins the log row. Returns the log. Under torchrun: data parallel or "
+     "FSDP2.")
+    plan = parallel_plan(cfg)
+    kinds = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    if plan.world > 1 and set(kinds) & set(BATCH_COUPLED):
+        raise ConfigError(f"loss_type {sorted(set(kinds) & set(BATCH_COUPLED))} under "
+                          f"{plan.world} processes: these losses couple the pairs of a batch, so "
+                          "a rank's share has no loss of its own; run them with one process")
+    run = open_run(cfg, resume)
     examples, report = prepare_dpo_data(train_rows, tokenizer, cfg.max_length, cfg.truncation_mode)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if cfg.disable_dropout:
@@ -518,46 +531,52 @@ def dpo_train(model, tokenizer, train_rows, cfg: DPOConfig, ref_model=None, resu
         if not lora_layers(model):
             raise CorruptFileError(f"cannot resume {run.path}: its reference log-probs are missing "
                                    "and the model has already moved from the reference")
+    work = shard_model(model, plan)
     if cfg.precompute_ref_log_probs:
-        examples = _cached_ref(run, model, examples, cfg, ref_model, pad)
-    T = total_steps(len(examples), cfg)
+        examples = _cached_ref(run, work, examples, cfg, ref_model, pad)
+    gcfg = global_config(cfg, plan.world)      # each rank takes its share of every global batch
+    T = total_steps(len(examples), gcfg)
     warmup, bf16 = math.ceil(cfg.warmup_ratio * T), use_bf16(cfg)
-    opt = _optimizer(model, cfg)
-    state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
+    opt = _optimizer(work, cfg)
+    state, ckpt, log = begin_run(run, work, opt, cfg, train_rows, resume)
     start, last_good, t0, n_pairs = state.get('step', 0), ckpt, time.time(), 0
-    model.train()
-    bar = tqdm(total=T, initial=start, desc='dpo', disable=not progress, mininterval=2)
-    for step, (epoch, mbs) in enumerate(_steps([[e] for e in examples], cfg)):
+    work.train()
+    bar = tqdm(total=T, initial=start, desc='dpo', disable=not progress or plan.rank > 0,
+               mininterval=2)
+    for step, (epoch, mbs) in enumerate(_steps([[e] for e in examples], gcfg)):
         if step >= T: break
         if step < start: continue          # replay the data order up to the checkpoint
         for g in opt.param_groups:
             g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
         stats = {}
-        for mb in mbs:
+        for gmb in mbs:
+            mb, w = rank_share(gmb, plan)   # w: this rank's fraction of the pairs (1: one process)
             b = collate_pairs([u[0] for u in mb], pad)
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                loss, mets = dpo_batch(model, b, cfg, ref_model)
+                loss, mets = dpo_batch(work, b, cfg, ref_model)
             if not torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 raise DPOLossError(f"loss became {loss.item()} at step {step + 1} (rows "
                                    f"{sorted(u[0]['row'] for u in mb)[:20]}); the update was not "
                                    f"applied. Last good checkpoint: {last_good or 'none'}")
-            (loss / len(mbs)).backward()
-            n_pairs += len(mb)
-            for k, v in mets.items(): stats[k] = stats.get(k, 0.0) + v / len(mbs)
+            (loss * w / len(mbs)).backward()
+            n_pairs += len(gmb)
+            for k, v in mets.items(): stats[k] = stats.get(k, 0.0) + v * w / len(mbs)
+        stats = sync_grads(opt, plan, stats)
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for g in opt.param_groups for p in g['params']],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float('inf'))
         lr = opt.param_groups[0]['lr']
         opt.step(); opt.zero_grad(set_to_none=True)
-        row = {'step': step + 1, 'epoch': epoch, **stats, 'grad_norm': gnorm.item(), 'lr': lr}
+        row = {'step': step + 1, 'epoch': epoch, **stats, 'grad_norm': full_tensor(gnorm).item(),
+               'lr': lr}
         if eval_fn and cfg.eval_steps and ((step + 1) % cfg.eval_steps == 0 or step + 1 == T):
-            row.update(_evaluate(eval_fn, model))
-        last_good = (record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']},
+            row.update(_evaluate(eval_fn, work))
+        last_good = (record_step(run, log, row, cfg, T, work, opt, {'loss': row['loss']},
                                  force_log=any(k.startswith('eval_') for k in row))
                      or last_good)
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-    bar.close(); model.eval()
+    bar.close(); unshard_into(model, work); model.eval()
     return {'log': log, 'data': report, 'steps': T, 'seconds': time.time() - t0,
             'pairs': n_pairs, 'run': run.path}
 

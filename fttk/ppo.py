@@ -6,7 +6,7 @@ Docs: https://fttk.github.io/fttk/ppo.html.md"""
 
 # %% ../nbs/10_ppo.ipynb #ce3ab839
 from __future__ import annotations
-import json, math, time
+import json, math, os, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -385,6 +385,10 @@ def ppo_train(policy, ref, reward_model, tokenizer, prompts, cfg: PPOConfig,
      "`reward_model` on `prompts`; writes a RunFolder at `cfg.output_dir`.")
     from fttk.lora import lora_layers
     from fttk.reward import disable_dropout
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise ValueError(f"ppo_train under {os.environ['WORLD_SIZE']} processes (torchrun or "
+                         "accelerate launch): fttk's PPO does not split its rollouts over ranks; "
+                         "run it with one process")
     rows = check_prompts(prompts)
     if ref is None and not lora_layers(policy):
         raise ValueError("ref=None takes the policy with its LoRA adapters disabled as the "

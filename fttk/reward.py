@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .core import ConfigError, RunFolder, set_seed, quiet_progress
-from .sft import (TrainingConfig, _optimizer, _steps, begin_run, lr_factor,
-                      record_step, total_steps, trl_config, use_bf16)
+from .sft import (TrainingConfig, _optimizer, _steps, begin_run, full_tensor, global_config,
+                      lr_factor, open_run, parallel_plan, rank_share, record_step, shard_model,
+                      sync_grads, total_steps, trl_config, unshard_into, use_bf16)
 
 # %% auto #0
 __all__ = ['RewardDataError', 'check_pair', 'prepare_reward_data', 'reward_model', 'reward_loss', 'rank_units', 'collate_units',
@@ -208,30 +209,36 @@ def disable_dropout(model: nn.Module):
 def reward_train(model, tokenizer, train_rows, cfg: RewardConfig, resume: bool = False,
                  progress: bool = True) -> dict:
     ("Train reward model `model` on preference `train_rows` with our loop; writes a RunFolder at "
-     "`cfg.output_dir`. Returns the log.")
-    run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
+     "`cfg.output_dir`. Returns the log. Under torchrun: data parallel or FSDP2.")
+    plan = parallel_plan(cfg)
+    run = open_run(cfg, resume)
     examples, report = prepare_reward_data(train_rows, tokenizer, cfg.max_length,
                                            cfg.truncation_mode)
     units = rank_units(examples, cfg.batch_by)
     pad = tokenizer.pad_token_id
     if cfg.disable_dropout: disable_dropout(model)
-    T = total_steps(len(units), cfg)
+    gcfg = global_config(cfg, plan.world)      # each rank takes its share of every global batch
+    T = total_steps(len(units), gcfg)
     warmup, bf16 = math.ceil(cfg.warmup_ratio * T), use_bf16(cfg)
-    opt = _optimizer(model, cfg)
-    state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
+    work = shard_model(model, plan)
+    opt = _optimizer(work, cfg)
+    state, ckpt, log = begin_run(run, work, opt, cfg, train_rows, resume)
     start, last_good, t0, n_pairs = state.get('step', 0), ckpt, time.time(), 0
-    model.train()
-    bar = tqdm(total=T, initial=start, desc='reward', disable=not progress, mininterval=2)
-    for step, (epoch, mbs) in enumerate(_steps(units, cfg)):
+    work.train()
+    bar = tqdm(total=T, initial=start, desc='reward', disable=not progress or plan.rank > 0,
+               mininterval=2)
+    for step, (epoch, mbs) in enumerate(_steps(units, gcfg)):
         if step >= T: break
         if step < start: continue          # replay the data order up to the checkpoint
         for g in opt.param_groups:
             g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
         stats = {'loss': 0.0, 'accuracy': 0.0, 'margin': 0.0}
-        for mb in mbs:
+        for gmb in mbs:
+            # w: this rank's fraction of the micro-batch's pairs (1 in a single process)
+            mb, w = rank_share(gmb, plan, size=lambda u: len(u['pairs']))
             b = collate_units(mb, pad)
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                r = _rewards(model, b)
+                r = _rewards(work, b)
             rc, rr = r[b['chosen']], r[b['rejected']]
             loss = reward_loss(rc, rr, b['margin'], cfg.center_rewards_coefficient)
             if not torch.isfinite(loss):
@@ -240,22 +247,24 @@ def reward_train(model, tokenizer, train_rows, cfg: RewardConfig, resume: bool =
                 raise RewardLossError(f"loss became {loss.item()} at step {step + 1} (rows "
                                       f"{bad[:20]}); the update was not applied. Last good "
                                       f"checkpoint: {last_good or 'none'}")
-            (loss / len(mbs)).backward()
-            n_pairs += len(rc)
+            (loss * w / len(mbs)).backward()
+            n_pairs += sum(len(u['pairs']) for u in gmb)
             for k, v in (('loss', loss), ('accuracy', (rc > rr).float().mean()),
                          ('margin', (rc - rr).mean())):
-                stats[k] += v.item() / len(mbs)
+                stats[k] += v.item() * w / len(mbs)
+        stats = sync_grads(opt, plan, stats)
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for g in opt.param_groups for p in g['params']],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float('inf'))
         lr = opt.param_groups[0]['lr']
         opt.step(); opt.zero_grad(set_to_none=True)
         done = step + 1
-        row = {'step': done, 'epoch': epoch, **stats, 'grad_norm': gnorm.item(), 'lr': lr}
-        last_good = (record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']})
+        row = {'step': done, 'epoch': epoch, **stats, 'grad_norm': full_tensor(gnorm).item(),
+               'lr': lr}
+        last_good = (record_step(run, log, row, cfg, T, work, opt, {'loss': row['loss']})
                      or last_good)
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-    bar.close(); model.eval()
+    bar.close(); unshard_into(model, work); model.eval()
     return {'log': log, 'data': report, 'steps': T, 'seconds': time.time() - t0,
             'pairs': n_pairs, 'run': run.path}
 

@@ -14,6 +14,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 from .core import (Config, ConfigError, RunFolder, set_seed, save_tensors, load_tensors,
@@ -22,14 +23,17 @@ from .core import (Config, ConfigError, RunFolder, set_seed, save_tensors, load_
 from .world import require_chat_template
 
 # %% auto #0
-__all__ = ['ROLES', 'IGNORE_INDEX', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE', 'SFTDataError', 'check_row',
-           'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses', 'example_losses',
-           'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError', 'total_steps',
-           'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'accumulate_grads', 'data_parallel', 'shard',
-           'all_reduce_grads', 'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train',
-           'first_sentence', 'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft',
-           'sft_rows', 'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows',
-           'completion_tokenizer', 'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
+__all__ = ['ROLES', 'IGNORE_INDEX', 'FSDP_WORDS', 'FSDP_KEYS', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE',
+           'SFTDataError', 'check_row', 'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses',
+           'example_losses', 'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError',
+           'total_steps', 'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'accumulate_grads',
+           'data_parallel', 'is_main', 'barrier', 'fsdp_options', 'accelerate_fsdp', 'Parallel', 'parallel_plan',
+           'shard', 'global_config', 'rank_share', 'shard_model', 'full_tensor', 'local_part', 'full_optimizer_state',
+           'local_optimizer_state', 'unshard_into', 'open_run', 'all_reduce_grads', 'reduce_sums', 'sync_grads',
+           'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
+           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
+           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer',
+           'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
 # %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
@@ -221,6 +225,11 @@ class TrainingConfig(Config):
     shuffle: bool = True
     # where LoRA models come from (fttk.accel.load_model): 'auto' = unsloth on CUDA, else fttk
     backend: Literal['auto', 'fttk', 'hf', 'unsloth'] = 'auto'
+    # more than one process (torchrun, accelerate launch); all None = not said (see parallel_plan)
+    ddp_backend: Literal['nccl', 'gloo'] | None = None   # None: nccl on CUDA, else gloo
+    ddp_timeout: int | None = None     # seconds a collective may wait (None: 1800, as transformers)
+    fsdp: bool | str | None = None     # FSDP2: True, 'full_shard' or 'shard_grad_op' (+ 'auto_wrap')
+    fsdp_config: dict | None = None    # transformer_layer_cls_to_wrap, reshard_after_forward, version
 
     def validate(self):
         for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1',
@@ -251,6 +260,9 @@ class TrainingConfig(Config):
         if self.bf16 is True and not torch.cuda.is_available() and not _cpu_has_bf16():
             raise ConfigError("bf16=True on a CPU without AVX512-BF16/AMX: it would run several "
                               "times slower than fp32; set bf16=False")
+        if self.ddp_timeout is not None and self.ddp_timeout <= 0:
+            raise ConfigError(f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
+        if self.fsdp is not None or self.fsdp_config is not None: fsdp_options(self)
 
 def _cpu_has_bf16() -> bool:
     try: flags = Path('/proc/cpuinfo').read_text()
@@ -347,13 +359,19 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 # %% ../nbs/08_sft.ipynb #1fe8cd84
 def _save_checkpoint(run: RunFolder, step: int, model, opt, extra: dict) -> Path:
-    d = run.checkpoint_dir(step); d.mkdir(parents=True, exist_ok=True)
-    save_tensors(trainable_state(model), d/'model.safetensors')
-    tmp = d/'.optimizer.pt.tmp'; torch.save(opt.state_dict(), tmp)
-    os.replace(tmp, d/'optimizer.pt')
-    save_tensors({'torch_cpu': torch.get_rng_state()}, d/'rng.safetensors')
-    atomic_write_text(d/'trainer_state.json', json.dumps({'step': step, **extra}))
-    run.mark_complete(d)
+    d = run.checkpoint_dir(step)
+    # FSDP2: every rank takes part in gathering the full tensors; rank 0 alone writes them
+    weights, opt_state = {n: full_tensor(t) for n, t in trainable_state(model).items()}, \
+        full_optimizer_state(opt)
+    if is_main():
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors(weights, d/'model.safetensors')
+        tmp = d/'.optimizer.pt.tmp'; torch.save(opt_state, tmp)
+        os.replace(tmp, d/'optimizer.pt')
+        save_tensors({'torch_cpu': torch.get_rng_state()}, d/'rng.safetensors')
+        atomic_write_text(d/'trainer_state.json', json.dumps({'step': step, **extra}))
+        run.mark_complete(d)
+    barrier()                  # no rank runs ahead of a checkpoint it may have to resume from
     return d
 
 # %% ../nbs/08_sft.ipynb #d299759a
@@ -371,8 +389,8 @@ def _load_checkpoint(d: Path, model, opt) -> dict:
         raise CorruptFileError(f"checkpoint {d} lacks trainable weights {missing[:3]}...: was it "
                                "saved from another model setup?")
     with torch.no_grad():
-        for n, t in w.items(): params[n].copy_(t)
-    opt.load_state_dict(opt_state)
+        for n, t in w.items(): params[n].copy_(local_part(t, params[n]))
+    opt.load_state_dict(local_optimizer_state(opt, opt_state))
     torch.set_rng_state(rng)
     return state
 
@@ -380,9 +398,11 @@ def _load_checkpoint(d: Path, model, opt) -> dict:
 def record_step(run: RunFolder, log: list, row: dict, cfg: TrainingConfig, total: int, model, opt,
                 extra: dict, force_log: bool = False) -> Path | None:
     ("Log `row` (its `step` is the updates done) when due or `force_log`, checkpoint when due; "
-     "returns the new checkpoint's folder, or None.")
+     "returns the new checkpoint's folder, or None. Several processes: rank 0 writes.")
     done = row['step']
-    if done % cfg.logging_steps == 0 or done == total or force_log: log.append(row); run.log(**row)
+    if done % cfg.logging_steps == 0 or done == total or force_log:
+        log.append(row)
+        if is_main(): run.log(**row)
     if cfg.save_steps and (done % cfg.save_steps == 0 or done == total):
         return _save_checkpoint(run, done, model, opt, extra)
 
@@ -390,14 +410,18 @@ def record_step(run: RunFolder, log: list, row: dict, cfg: TrainingConfig, total
 def begin_run(run: RunFolder, model, opt, cfg: TrainingConfig, train_rows,
               resume: bool) -> tuple[dict, Path | None, list]:
     ("Seed, then continue from the latest checkpoint (`resume`) or write fresh run files: "
-     "`(checkpoint state, its folder, the log so far)`; the state is {} for a fresh run.")
+     "`(checkpoint state, its folder, the log so far)`; the state is {} for a fresh run. Several "
+     "processes: every rank loads the checkpoint, rank 0 alone writes.")
     set_seed(cfg.seed)
     ckpt = run.latest_checkpoint() if resume else None
     if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, opt); run.truncate_metrics(state['step'])
+        state = _load_checkpoint(ckpt, model, opt)
+        if is_main(): run.truncate_metrics(state['step'])
+        barrier()
         return state, ckpt, run.read_metrics()
-    if run.metrics_file.exists(): run.metrics_file.unlink()
-    run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, train_rows)
+    if is_main():
+        if run.metrics_file.exists(): run.metrics_file.unlink()
+        run.write_config(cfg); run.write_fingerprint(cfg.seed, cfg, train_rows)
     return {}, None, []
 
 # %% ../nbs/08_sft.ipynb #4d284a4e
@@ -432,13 +456,84 @@ def accumulate_grads(model, opt, batches: list[dict], n_items: int, bf16: bool,
     return total
 
 # %% ../nbs/08_sft.ipynb #442a7932
-def data_parallel() -> tuple[int, int]:
-    "`(rank, world size)`; under torchrun (WORLD_SIZE > 1) the process group is started here."
+def data_parallel(backend: str | None = None, timeout: int | None = None) -> tuple[int, int]:
+    ("`(rank, world size)`; under torchrun (WORLD_SIZE > 1) the process group is started here: "
+     "`backend` nccl on CUDA, else gloo; a collective may wait `timeout` seconds (1800).")
+    import datetime, torch.distributed as dist
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1: return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group(backend or ('nccl' if torch.cuda.is_available() else 'gloo'),
+                                timeout=datetime.timedelta(seconds=timeout or 1800))
+    elif backend and backend not in dist.get_backend():
+        raise ConfigError(f"ddp_backend={backend!r}, but this process group already runs "
+                          f"{dist.get_backend()!r}")
+    return dist.get_rank(), dist.get_world_size()
+
+# %% ../nbs/08_sft.ipynb #f456b572
+def is_main() -> bool:
+    "True on rank 0 of a process group, and in a single process."
     import torch.distributed as dist
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+def barrier():
+    "Wait for every rank (no-op in a single process)."
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
+
+# %% ../nbs/08_sft.ipynb #d055c3b5
+FSDP_WORDS = ('full_shard', 'shard_grad_op', 'auto_wrap')
+FSDP_KEYS = ('transformer_layer_cls_to_wrap', 'reshard_after_forward', 'version')
+
+def fsdp_options(cfg: TrainingConfig) -> dict | None:
+    ("FSDP2 settings `{'reshard_after_forward', 'wrap'}` from `cfg.fsdp` and `cfg.fsdp_config`; "
+     "None when `fsdp` is off.")
+    c = {k.removeprefix('fsdp_'): v for k, v in (cfg.fsdp_config or {}).items()}
+    bad = sorted(set(c) - set(FSDP_KEYS))
+    if bad: raise ConfigError(f"fsdp_config has unknown key(s) {bad}; fttk reads {list(FSDP_KEYS)}")
+    if str(c.get('version', 2)) != '2':
+        raise ConfigError(f"fsdp_config version {c['version']!r}: fttk shards with FSDP2 only "
+                          "(version 2)")
+    if cfg.fsdp in (None, False, ''): return None
+    words = ['full_shard'] if cfg.fsdp is True else cfg.fsdp.split()
+    bad = [w for w in words if w not in FSDP_WORDS]
+    if bad or {'full_shard', 'shard_grad_op'} <= set(words):
+        raise ConfigError(f"fsdp={cfg.fsdp!r}: fttk's FSDP2 takes one of 'full_shard', "
+                          "'shard_grad_op' (optionally with 'auto_wrap'), or true; offload and "
+                          "hybrid sharding are not supported")
+    reshard = c.get('reshard_after_forward', 'shard_grad_op' not in words)
+    if not isinstance(reshard, bool):
+        raise ConfigError(f"fsdp_config reshard_after_forward must be true or false, got {reshard!r}")
+    wrap = c.get('transformer_layer_cls_to_wrap') or []
+    return {'reshard_after_forward': reshard, 'wrap': [wrap] if isinstance(wrap, str) else list(wrap)}
+
+# %% ../nbs/08_sft.ipynb #3a8f23bb
+def accelerate_fsdp(env=os.environ) -> dict | None:
+    "The FSDP settings `accelerate launch` passed in the environment `env`; None if it asked for none."
+    if env.get('ACCELERATE_USE_DEEPSPEED', '').lower() == 'true':
+        raise ConfigError("accelerate launch asked for DeepSpeed, which fttk's trainers do not run "
+                          "under: launch with an FSDP config (fsdp_version: 2) or a multi-GPU one")
+    if env.get('ACCELERATE_USE_FSDP', '').lower() != 'true': return None
+    if env.get('FSDP_VERSION', '1') != '2':
+        raise ConfigError(f"accelerate launch asked for FSDP version {env.get('FSDP_VERSION', '1')}:"
+                          " fttk shards with FSDP2 only; set fsdp_version: 2 in the accelerate config")
+    return {'reshard_after_forward': env.get('FSDP_RESHARD_AFTER_FORWARD', 'true').lower() == 'true',
+            'wrap': [w for w in env.get('FSDP_TRANSFORMER_CLS_TO_WRAP', '').split(',') if w]}
+
+# %% ../nbs/08_sft.ipynb #1cfc0760
+@dataclass
+class Parallel:
+    "This process's part in training: `rank` of `world` processes; `fsdp`: FSDP2's settings or None."
+    rank: int = 0
+    world: int = 1
+    fsdp: dict | None = None
+
+def parallel_plan(cfg: TrainingConfig) -> Parallel:
+    "How to train under the launcher's environment (torchrun, accelerate launch) and `cfg`."
+    launcher = accelerate_fsdp()
+    rank, world = data_parallel(cfg.ddp_backend, cfg.ddp_timeout)
+    fsdp = fsdp_options(cfg) if cfg.fsdp is not None else launcher
+    return Parallel(rank, world, fsdp if world > 1 else None)
 
 # %% ../nbs/08_sft.ipynb #b137cbb7
 def shard(micro_batch: list, rank: int, world: int) -> list:
@@ -446,28 +541,124 @@ def shard(micro_batch: list, rank: int, world: int) -> list:
     n = len(micro_batch)
     return micro_batch[rank * n // world:(rank + 1) * n // world]
 
+# %% ../nbs/08_sft.ipynb #30902713
+def global_config(cfg: TrainingConfig, world: int) -> TrainingConfig:
+    ("`cfg` as one process sees the global batch: `world` x `per_device_train_batch_size`; the "
+     "ranks walk its batches and take their shares.")
+    if world == 1: return cfg
+    return dataclasses.replace(cfg, per_device_train_batch_size=cfg.per_device_train_batch_size
+                               * world)
+
+# %% ../nbs/08_sft.ipynb #a16a18bf
+def rank_share(micro_batch: list, plan: Parallel, size: Callable = len) -> tuple[list, float]:
+    ("This rank's share of a global micro-batch and its weight, the fraction of the micro-batch's "
+     "items (`size(unit)` each) it holds; an empty share is the first unit with weight 0.")
+    s = shard(micro_batch, plan.rank, plan.world)
+    if not s: return micro_batch[:1], 0.0
+    return s, sum(map(size, s)) / sum(map(size, micro_batch))
+
+# %% ../nbs/08_sft.ipynb #fb4c4e56
+def shard_model(model, plan: Parallel):
+    ("The model the ranks train: with FSDP2 a copy of `model`, its decoder layers and then the whole "
+     "sharded over the ranks, gradients summed (not averaged); else `model` itself.")
+    if plan.fsdp is None: return model
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    names = set(plan.fsdp['wrap'] or getattr(model, '_no_split_modules', None) or ())
+    work = copy.deepcopy(model)
+    layers = [m for m in work.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"FSDP2: {type(model).__name__} has no layer of class {sorted(names)}; set "
+                          "fsdp_config's transformer_layer_cls_to_wrap to its decoder layer's class")
+    for m in layers + [work]:
+        fully_shard(m, reshard_after_forward=plan.fsdp['reshard_after_forward'])
+    for m in work.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0); m.set_force_sum_reduction_for_comms(True)
+    return work
+
+# %% ../nbs/08_sft.ipynb #baaff2f6
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    "The whole of `t`: gathered from every rank if it is sharded (a DTensor), else `t` itself."
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def local_part(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    "This rank's piece of the full tensor `t`, placed as the sharded `like`; `t` if `like` is whole."
+    if not isinstance(like, DTensor): return t
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+# %% ../nbs/08_sft.ipynb #4799a5c5
+def full_optimizer_state(opt) -> dict:
+    "`opt.state_dict()` with every sharded state tensor gathered whole (every rank must call it)."
+    sd = opt.state_dict()
+    return {**sd, 'state': {i: {k: full_tensor(v) for k, v in s.items()}
+                            for i, s in sd['state'].items()}}
+
+def local_optimizer_state(opt, sd: dict) -> dict:
+    "A whole optimizer state `sd` cut to this rank's pieces of `opt`'s (maybe sharded) parameters."
+    params = [p for g in opt.param_groups for p in g['params']]
+    return {**sd, 'state': {i: {k: local_part(v, params[int(i)]) if k != 'step' else v
+                                for k, v in s.items()} for i, s in sd['state'].items()}}
+
+# %% ../nbs/08_sft.ipynb #5d3847f5
+def unshard_into(model, work) -> None:
+    "Copy the trained weights of `work` (an FSDP2 copy of `model`, gathered) into `model`."
+    if work is model: return
+    w = dict(work.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad: p.copy_(full_tensor(w[n]))
+
+# %% ../nbs/08_sft.ipynb #f3618c99
+def open_run(cfg: TrainingConfig, resume: bool) -> RunFolder:
+    ("The run folder `cfg.output_dir`: rank 0 checks and creates it (refusing a used one unless "
+     "`resume` or `overwrite_output_dir`), the other ranks wait for it and open it to read.")
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
+    run, err = None, None
+    if is_main():
+        try: run = RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
+        except Exception as e: err = e
+    ok = reduce_sums({'ok': float(err is None)})['ok'] == dist.get_world_size()
+    if err is not None: raise err
+    if not ok: raise RuntimeError(f"rank 0 refused the run folder {cfg.output_dir}: see its error")
+    return RunFolder.open(cfg.output_dir)
+
 # %% ../nbs/08_sft.ipynb #51f1642f
-def all_reduce_grads(opt, loss_sum: float) -> float:
-    "Sum every trainable gradient (and the loss) over the ranks, in place."
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+    return torch.device('cuda', torch.cuda.current_device()) if 'nccl' in dist.get_backend() \
+        else torch.device('cpu')
+
+def all_reduce_grads(opt) -> None:
+    "Sum every trainable gradient over the ranks, in place."
     import torch.distributed as dist
     for g in opt.param_groups:
         for p in g['params']:
-            if p.grad is None: p.grad = torch.zeros_like(p)     # a rank with an empty share
+            if p.grad is None: p.grad = torch.zeros_like(p)     # a parameter this step never used
             dist.all_reduce(p.grad)
-    t = torch.tensor([loss_sum], dtype=torch.float64); dist.all_reduce(t)
-    return t.item()
+
+def reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    "Each value summed over the ranks (in float64); unchanged in a single process."
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1): return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+def sync_grads(opt, plan: Parallel, sums: dict[str, float]) -> dict[str, float]:
+    ("After a step's backward passes: the gradients summed over the ranks (DDP: here; FSDP2 did it "
+     "in the backward) and the step's statistics `sums` summed too.")
+    if plan.world > 1 and plan.fsdp is None: all_reduce_grads(opt)
+    return reduce_sums(sums)
 
 # %% ../nbs/08_sft.ipynb #cff0d812
 def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resume: bool = False,
               progress: bool = True) -> dict:
     ("Fine-tune `model` on chat `train_rows` with our loop; writes a RunFolder at "
-     "`cfg.output_dir`. Returns the log and counts.")
-    rank, world = data_parallel()
-    if world > 1 and resume:
-        raise ValueError("resume under torchrun is not supported yet: resume with one process")
-    # only rank 0 writes the run folder; the others log into a scratch folder nobody reads
-    run = RunFolder(cfg.output_dir if rank == 0 else tempfile.mkdtemp(), resume=resume,
-                    overwrite=cfg.overwrite_output_dir)
+     "`cfg.output_dir`. Returns the log and counts. Under torchrun: data parallel or FSDP2.")
+    plan = parallel_plan(cfg)
+    run = open_run(cfg, resume)
     examples, data_report = prepare_sft_data(train_rows, tokenizer, cfg.max_length,
                                              cfg.truncation_mode, cfg.assistant_only_loss)
     eval_ex = prepare_sft_data(eval_rows, tokenizer, cfg.max_length, cfg.truncation_mode,
@@ -478,18 +669,17 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
         if lora_layers(model): enable_fast_lora(model)
     bf16 = use_bf16(cfg)
     units = _units(examples, cfg)
-    # every rank walks the global batches of one process with world x the batch, then takes its
-    # share
-    gcfg = dataclasses.replace(cfg, per_device_train_batch_size=cfg.per_device_train_batch_size
-                               * world) if world > 1 else cfg
+    gcfg = global_config(cfg, plan.world)      # each rank takes its share of every global batch
     T = total_steps(len(units), gcfg)
     warmup = math.ceil(cfg.warmup_ratio * T)
-    opt = _optimizer(model, cfg)
-    state, ckpt, log = begin_run(run, model, opt, cfg, train_rows, resume)
+    work = shard_model(model, plan)
+    opt = _optimizer(work, cfg)
+    state, ckpt, log = begin_run(run, work, opt, cfg, train_rows, resume)
     start, last_good = state.get('step', 0), ckpt
-    model.train()
+    work.train()
     t0, ntok = time.time(), 0
-    bar = tqdm(total=T, initial=start, desc='sft', disable=not progress or rank > 0, mininterval=2)
+    bar = tqdm(total=T, initial=start, desc='sft', disable=not progress or plan.rank > 0,
+               mininterval=2)
     for step, (epoch, gmbs) in enumerate(_steps(units, gcfg)):
         if step >= T: break
         # replay the data order up to the checkpoint without computing
@@ -497,30 +687,33 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
         for g in opt.param_groups:
             g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
         # the loss is normalized by the tokens of the global batch, so summed gradients are its
-        n_items = sum(int((collate(mb, pad)['labels'][:, 1:] != IGNORE_INDEX).sum())
-                      for mb in gmbs)
-        mbs = [shard(mb, rank, world) for mb in gmbs]
-        batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs if mb]
-        rows_ = lambda: sorted({e.get('row') for mb in mbs for row in mb for e in row})[:20]
-        loss_sum = accumulate_grads(model, opt, batches, n_items, bf16, lambda v: (
+        whole = [collate(mb, pad) for mb in gmbs]
+        n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in whole)
+        ntok += sum(b['num_tokens'] for b in whole)
+        shares = [rank_share(mb, plan) for mb in gmbs]
+        # an empty share (weight 0) runs with every label masked: zero loss, zero gradient
+        batches = [collate(mb if w else [[{**e, 'labels': [IGNORE_INDEX] * len(e['labels'])}
+                                          for e in mb[0]]], pad, _mask_dtype(work))
+                   for mb, w in shares]
+        rows_ = lambda: sorted({e.get('row') for mb, _ in shares for row in mb for e in row})[:20]
+        loss_sum = accumulate_grads(work, opt, batches, n_items, bf16, lambda v: (
             f"loss became {v} at step {step + 1} (batch of rows {rows_()}); the update was not "
             f"applied. Last good checkpoint: {last_good or 'none'}"))
-        ntok += sum(b['num_tokens'] for b in batches)
-        loss_sum = all_reduce_grads(opt, loss_sum) if world > 1 else loss_sum
+        loss_sum = sync_grads(opt, plan, {'loss': loss_sum})['loss']
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']],
                                                cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                else float('inf'))
         lr = opt.param_groups[0]['lr']
         opt.step(); opt.zero_grad(set_to_none=True)
         done = step + 1
-        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items, 'grad_norm': gnorm.item(),
-               'lr': lr}
+        row = {'step': done, 'epoch': epoch, 'loss': loss_sum / n_items,
+               'grad_norm': full_tensor(gnorm).item(), 'lr': lr}
         if eval_ex and cfg.eval_steps and (done % cfg.eval_steps == 0 or done == T):
-            row['eval_loss'] = eval_loss(model, eval_ex, pad_token_id=pad)
-        last_good = record_step(run, log, row, cfg, T, model, opt, {'loss': row['loss']},
+            row['eval_loss'] = eval_loss(work, eval_ex, pad_token_id=pad)
+        last_good = record_step(run, log, row, cfg, T, work, opt, {'loss': row['loss']},
                                 force_log='eval_loss' in row) or last_good
         bar.update(1); bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-    bar.close(); model.eval()
+    bar.close(); unshard_into(model, work); model.eval()
     return {'log': log, 'data': data_report, 'steps': T, 'seconds': time.time() - t0,
             'tokens': ntok, 'run': run.path}
 
