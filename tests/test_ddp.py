@@ -1,60 +1,252 @@
-"""fttk train under torchrun: 2 CPU ranks on gloo end with the weights of one process that sees the same
-global batch, only rank 0 writes the run folder, and stages without data parallel refuse."""
-import os, socket, subprocess, sys
+"""More than one process: `torchrun` and `accelerate launch` with 2 CPU ranks on gloo.
+
+The SFT, reward and DPO loops end with the weights of one process that sees the same global batch, under plain data
+parallel (DDP) and under FSDP2; the ranks end with identical weights; only rank 0 writes the run folder; checkpoints
+resume across process counts (a 2-rank FSDP2 checkpoint in one process, a one-process checkpoint under 2 ranks); PPO
+and the DPO losses that couple a batch's pairs refuse; `fttk train` under torchrun writes one run.
+
+Tolerance. The comparisons run in float64. Two ranks sum the same terms as one process, grouped differently (each
+rank's share, then the all-reduce), so an entry of a gradient differs by rounding only: |dg| <= n u sum|terms|, with
+u = 2**-53 = 1.1e-16 and, at this size (n <= a few hundred tokens, sum|terms| <= 1), |dg| <= 1e-13. AdamW moves a
+weight by lr m/(sqrt(v) + eps), whose derivative in the gradient is at most 1/eps, so after S steps the weights differ
+by at most S lr |dg| / eps = 4 * 2e-3 * 1e-13 / 1e-8 = 8e-8 < TOL = 1e-7. Measured on a 2-core AVX2 CPU: 1e-14 (SFT,
+reward) to 4e-13 (DPO). In float32 the same bound is ~1e9 times larger (u = 6e-8) and checks nothing, hence float64.
+"""
+import importlib.util, json, os, shutil, socket, subprocess, sys, textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from fttk.core import load_tensors
-from fttk.train import train
+from fttk.core import RunFolder, load_tensors, safe_torch_load
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {'stage': 'sft', 'model_name_or_path': 'lab:test', 'dataset': 'lab:instructions', 'max_samples': 96,
-        'finetuning_type': 'lora', 'r': 8, 'lora_alpha': 16, 'target_modules': 'all-linear',
-        'learning_rate': 2e-3, 'max_steps': 6, 'gradient_accumulation_steps': 2, 'seed': 3}
+TOL = 1e-7
+STEPS = 4
+
+JOB = textwrap.dedent('''
+    """One fttk trainer run per job, under torchrun/accelerate launch (every rank) or in one process, in float64."""
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from fttk import sft
+    from fttk.core import RunFolder, save_tensors, set_seed
+    from fttk.lora import LoRAConfig, inject_lora
+    from fttk.world import base_model, lab_world, preference_pairs, preference_rows
+
+    def run(job: dict):
+        rank = os.environ.get('RANK', 'single')
+        writes = []                     # what this process wrote into the run folder
+        log, save = RunFolder.log, sft.save_tensors
+        RunFolder.log = lambda self, step, **kw: (writes.append('metrics'), log(self, step, **kw))[1]
+        sft.save_tensors = lambda *a, **kw: (writes.append('checkpoint'), save(*a, **kw))[1]
+        try: out = _train(job)
+        except (ValueError, FloatingPointError) as e:
+            if not job.get('error'): raise
+            out = {'error': str(e)}
+        finally: RunFolder.log, sft.save_tensors = log, save
+        json.dump({**out, 'writes': sorted(set(writes))}, open(f"{job['out']}.rank{rank}.json", 'w'))
+
+    def _train(job):
+        model, tok = base_model('test', progress=False)
+        world = lab_world('test')
+        kw = dict(output_dir=job['out'], learning_rate=2e-3, max_steps=job.get('steps', 4),
+                  per_device_train_batch_size=job['bs'], gradient_accumulation_steps=2, seed=1,
+                  save_steps=job.get('save_steps'), fsdp=job.get('fsdp'))
+        if job['kind'] == 'rm':
+            from fttk.reward import RewardConfig, reward_model, reward_train
+            model, tok = reward_model(model, tok, seed=0)
+        if job.get('lora'):
+            set_seed(0); inject_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules='all-linear'))
+        model.double()
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        pairs = preference_pairs(preference_rows(world))[:30]
+        resume = job.get('resume', False)
+        plan = sft.parallel_plan(sft.TrainingConfig(fsdp=job.get('fsdp')))
+        if job['kind'] == 'sft':
+            rows = [r for r in world.instruction_rows() if r['task'] == 'qa'][:30]
+            res = sft.sft_train(model, tok, rows, sft.SFTConfig(**kw, max_length=128), resume=resume,
+                                progress=False)
+        elif job['kind'] == 'rm':
+            res = reward_train(model, tok, pairs, RewardConfig(**kw, max_length=256), resume=resume,
+                               progress=False)
+        elif job['kind'] == 'dpo':
+            from fttk.dpo import DPOConfig, dpo_train
+            cfg = DPOConfig(**kw, max_length=256, loss_type=job.get('loss_type', ['sigmoid']),
+                            precompute_ref_log_probs=True)
+            res = dpo_train(model, tok, pairs, cfg, resume=resume, progress=False)
+        else:
+            from fttk.ppo import PPOConfig, ppo_train
+            res = ppo_train(model, None, None, tok, [], PPOConfig(output_dir=job['out']), progress=False)
+        w = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        save_tensors(w, f"{job['out']}.rank{os.environ.get('RANK', 'single')}.safetensors")
+        return {'log': res['log'], 'fsdp': plan.fsdp, 'world': plan.world,
+                'moved': max((w[k] - start[k]).abs().max().item() for k in w)}
+
+    if __name__ == '__main__':
+        for job in json.load(open(sys.argv[1])): run(job)
+''')
 
 
 def _port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-def _torchrun(tmp: Path, argv: list[str], n: int = 2) -> subprocess.CompletedProcess:
-    script = tmp/'launch.py'
-    script.write_text(f"import sys\nfrom fttk.cli import main\nsys.exit(main({argv!r}))\n")
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
-    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(n),
-                           '--master_port', str(_port()), str(script)], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=300)
+def _env() -> dict:
+    return {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
 
 
-def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
-    import yaml
-    (tmp_path/'ddp.yaml').write_text(yaml.safe_dump({**BASE, 'per_device_train_batch_size': 4,
-                                                     'output_dir': 'ddp'}))
-    p = _torchrun(tmp_path, ['train', 'ddp.yaml'])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count('fttk train: stage sft') == 1          # rank 0 alone prints and writes
-    single = train({**BASE, 'per_device_train_batch_size': 8, 'output_dir': str(tmp_path/'one')},
-                   progress=False)['run']
-    a = load_tensors(tmp_path/'ddp'/'final'/'adapter_model.safetensors')
-    b = load_tensors(single/'final'/'adapter_model.safetensors')
+def _launch(tmp: Path, launcher: list[str], jobs: list[dict]) -> subprocess.CompletedProcess:
+    (tmp/'job.py').write_text(JOB); (tmp/'jobs.json').write_text(json.dumps(jobs))
+    p = subprocess.run([sys.executable, '-m', *launcher, 'job.py', 'jobs.json'], cwd=tmp, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def _one(tmp: Path, job: dict):
+    "The same job in this process (no WORLD_SIZE: one process)."
+    (tmp/'job.py').write_text(JOB)
+    spec = importlib.util.spec_from_file_location(f'job_{tmp.name}', tmp/'job.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    cwd = os.getcwd(); os.chdir(tmp)
+    try: mod.run(job)
+    finally: os.chdir(cwd)
+
+
+def _cut(src: Path, dst: Path, step: int):
+    "A copy of run folder `src` as a run killed after `step` leaves it: later checkpoints gone."
+    shutil.copytree(src, dst)
+    for c in RunFolder.open(dst).list_checkpoints():
+        if int(c.name.split('_')[1]) > step: shutil.rmtree(c)
+
+
+def _w(tmp: Path, name: str) -> dict: return load_tensors(tmp/f'{name}.safetensors')
+def _j(tmp: Path, name: str) -> dict: return json.loads((tmp/f'{name}.json').read_text())
+def _diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys() and len(a) > 0
-    # measured 3e-7. The same sums in another order (two partial sums, other padding): gradients agree to
-    # ~1e-6 relative; six Adam steps of lr 2e-3 move a weight by <= 1.2e-2, and Adam's update is
-    # smooth in the gradient away from 0, so weights agree to well under 1e-4 of that path
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-4, diff
-    moved = max(v.abs().max().item() for k, v in a.items() if 'lora_B' in k)   # B starts at 0
-    assert moved > 1e-3, moved
-    print(f"2 ranks vs 1 process: max weight difference {diff:.1e}; largest lora_B entry {moved:.1e}")
-    logs = [l for l in (tmp_path/'ddp'/'metrics.jsonl').read_text().splitlines() if l.strip()]
-    one = [l for l in (single/'metrics.jsonl').read_text().splitlines() if l.strip()]
-    assert len(logs) == len(one) == 6                           # one log, not one per rank
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_stages_without_data_parallel_refuse(tmp_path):
-    (tmp_path/'dpo.yaml').write_text('stage: dpo\nmodel_name_or_path: lab:test\ndataset: lab:preferences\n')
-    p = _torchrun(tmp_path, ['train', 'dpo.yaml'])
-    assert p.returncode != 0
-    assert 'fttk: error: stage dpo under torchrun: data parallel covers pt and sft; run this stage with one process' in p.stderr
+@pytest.fixture(scope='module')
+def ddp(tmp_path_factory):
+    "torchrun, 2 ranks of 2 rows each vs one process of 4 rows: SFT, reward, DPO with LoRA; resume; refusals."
+    tmp = tmp_path_factory.mktemp('ddp')
+    for kind in ('sft', 'rm', 'dpo'):
+        _one(tmp, {'kind': kind, 'out': f'{kind}_one', 'bs': 4, 'lora': True, 'save_steps': 2})
+    _cut(tmp/'sft_one', tmp/'sft_resumed', 2)
+    _launch(tmp, ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_port())],
+            [{'kind': k, 'out': f'{k}_ddp', 'bs': 2, 'lora': True, 'save_steps': 2} for k in ('sft', 'rm', 'dpo')]
+            + [{'kind': 'sft', 'out': 'sft_resumed', 'bs': 2, 'lora': True, 'save_steps': 2, 'resume': True},
+               {'kind': 'ppo', 'out': 'ppo', 'bs': 2, 'lora': True, 'error': True},
+               {'kind': 'dpo', 'out': 'dpo_sft', 'bs': 2, 'lora': True, 'loss_type': ['sigmoid', 'sft'],
+                'error': True}])
+    return tmp
+
+
+def test_ddp_equals_one_process(ddp):
+    for kind in ('sft', 'rm', 'dpo'):
+        two, one = _j(ddp, f'{kind}_ddp.rank0'), _j(ddp, f'{kind}_one.ranksingle')
+        assert (two['world'], two['fsdp'], one['world']) == (2, None, 1)
+        d = _diff(_w(ddp, f'{kind}_ddp.rank0'), _w(ddp, f'{kind}_one.ranksingle'))
+        assert d < TOL, (kind, d)
+        assert one['moved'] > 1e-3, (kind, one['moved'])              # the weights did move: 1e4 x TOL
+        # the logged loss is the global batch's, on rank 0 as in one process
+        assert [r['step'] for r in two['log']] == [r['step'] for r in one['log']] == list(range(1, STEPS + 1))
+        for a, b in zip(two['log'], one['log']): assert abs(a['loss'] - b['loss']) < 1e-12 * max(1, abs(b['loss']))
+
+
+def test_ddp_ranks_identical_and_rank0_alone_writes(ddp):
+    for kind in ('sft', 'rm', 'dpo'):
+        a, b = _w(ddp, f'{kind}_ddp.rank0'), _w(ddp, f'{kind}_ddp.rank1')
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert _j(ddp, f'{kind}_ddp.rank0')['writes'] == ['checkpoint', 'metrics']
+        assert _j(ddp, f'{kind}_ddp.rank1')['writes'] == []
+        assert len(RunFolder.open(ddp/f'{kind}_ddp').read_metrics()) == STEPS       # one log, not one per rank
+        assert [c.name for c in RunFolder.open(ddp/f'{kind}_ddp').list_checkpoints()] == ['step_000002', 'step_000004']
+    assert (ddp/'dpo_ddp'/'ref_logps.safetensors').is_file()
+
+
+def test_ddp_resumes_a_one_process_checkpoint(ddp):
+    "Two ranks continue a one-process run killed after step 2 (same global batch) and end where it ended."
+    assert _diff(_w(ddp, 'sft_resumed.rank0'), _w(ddp, 'sft_one.ranksingle')) < TOL
+    assert [r['step'] for r in RunFolder.open(ddp/'sft_resumed').read_metrics()] == list(range(1, STEPS + 1))
+
+
+def test_ppo_and_batch_coupled_dpo_losses_refuse(ddp):
+    assert _j(ddp, 'ppo.rank0')['error'] == ("ppo_train under 2 processes (torchrun or accelerate launch): fttk's PPO "
+                                             "does not split its rollouts over ranks; run it with one process")
+    assert _j(ddp, 'dpo_sft.rank1')['error'] == ("loss_type ['sft'] under 2 processes: these losses couple the pairs "
+                                                 "of a batch, so a rank's share has no loss of its own; run them with "
+                                                 "one process")
+    assert not (ddp/'ppo').exists() and not (ddp/'dpo_sft').exists()     # refused before any file
+
+
+@pytest.fixture(scope='module')
+def fsdp(tmp_path_factory):
+    "accelerate launch with FSDP2 (its environment variables decide), full fine-tuning of SFT and reward; DPO LoRA."
+    pytest.importorskip('accelerate')
+    tmp = tmp_path_factory.mktemp('fsdp')
+    for kind in ('sft', 'rm'): _one(tmp, {'kind': kind, 'out': f'{kind}_one', 'bs': 4, 'save_steps': 2})
+    _one(tmp, {'kind': 'dpo', 'out': 'dpo_one', 'bs': 4, 'lora': True})
+    _cut(tmp/'sft_one', tmp/'sft_resumed', 2)
+    _launch(tmp, ['accelerate.commands.launch', '--use_fsdp', '--fsdp_version', '2', '--num_processes', '2',
+                  '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+                  '--main_process_port', str(_port())],
+            [{'kind': 'sft', 'out': 'sft_fsdp', 'bs': 2, 'save_steps': 2},
+             {'kind': 'rm', 'out': 'rm_fsdp', 'bs': 2},
+             {'kind': 'dpo', 'out': 'dpo_fsdp', 'bs': 2, 'lora': True},
+             {'kind': 'sft', 'out': 'sft_resumed', 'bs': 2, 'save_steps': 2, 'resume': True}])
+    return tmp
+
+
+def test_fsdp2_equals_one_process(fsdp):
+    for kind in ('sft', 'rm', 'dpo'):
+        two = _j(fsdp, f'{kind}_fsdp.rank0')
+        assert (two['world'], two['fsdp']) == (2, {'reshard_after_forward': True, 'wrap': []})
+        d = _diff(_w(fsdp, f'{kind}_fsdp.rank0'), _w(fsdp, f'{kind}_one.ranksingle'))
+        assert d < TOL, (kind, d)
+        assert _j(fsdp, f'{kind}_one.ranksingle')['moved'] > 1e-3
+        a, b = _w(fsdp, f'{kind}_fsdp.rank0'), _w(fsdp, f'{kind}_fsdp.rank1')
+        assert all(torch.equal(a[k], b[k]) for k in a)                 # the gathered final state, on every rank
+        assert _j(fsdp, f'{kind}_fsdp.rank1')['writes'] == []
+
+
+def test_fsdp2_checkpoints_are_whole_and_resume_across_process_counts(fsdp, tmp_path):
+    one, two = RunFolder.open(fsdp/'sft_one'), RunFolder.open(fsdp/'sft_fsdp')
+    for c1, c2 in zip(one.list_checkpoints(), two.list_checkpoints(), strict=True):
+        w1, w2 = load_tensors(c1/'model.safetensors'), load_tensors(c2/'model.safetensors')
+        assert {k: v.shape for k, v in w1.items()} == {k: v.shape for k, v in w2.items()}    # gathered, not shards
+        assert _diff(w1, w2) < TOL
+        o1, o2 = safe_torch_load(c1/'optimizer.pt'), safe_torch_load(c2/'optimizer.pt')
+        assert o1['param_groups'] == o2['param_groups'] and o1['state'].keys() == o2['state'].keys()
+        assert all(type(v) is torch.Tensor for s in o2['state'].values() for v in s.values())
+    # FSDP2 under 2 ranks continued the one-process run from its step-2 checkpoint
+    assert _diff(_w(fsdp, 'sft_resumed.rank0'), _w(fsdp, 'sft_one.ranksingle')) < TOL
+    # and one process continues the 2-rank FSDP2 run from its step-2 checkpoint
+    _cut(fsdp/'sft_fsdp', tmp_path/'sft_back', 2)
+    _one(tmp_path, {'kind': 'sft', 'out': 'sft_back', 'bs': 4, 'save_steps': 2, 'resume': True})
+    assert _diff(_w(tmp_path, 'sft_back.ranksingle'), _w(fsdp, 'sft_fsdp.rank0')) < TOL
+
+
+def test_fttk_train_under_torchrun(tmp_path):
+    """`fttk train` (its main) under torchrun: one run folder, one log, rank 0 alone prints, the final adapter
+    saved. Float32: the weights are compared in float64 above; here the first step's loss, computed before any
+    update, agrees with one process to float32 rounding of a sum of ~10^3 token losses (1e3 * 6e-8 relative)."""
+    import yaml
+    from fttk.train import train
+    base = {'stage': 'sft', 'model_name_or_path': 'lab:test', 'dataset': 'lab:instructions', 'max_samples': 48,
+            'finetuning_type': 'lora', 'r': 8, 'lora_alpha': 16, 'target_modules': 'all-linear',
+            'learning_rate': 2e-3, 'max_steps': 3, 'gradient_accumulation_steps': 2, 'seed': 3}
+    (tmp_path/'ddp.yaml').write_text(yaml.safe_dump({**base, 'per_device_train_batch_size': 4, 'output_dir': 'ddp'}))
+    (tmp_path/'launch.py').write_text("import sys\nfrom fttk.cli import main\nsys.exit(main(['train', 'ddp.yaml']))\n")
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                        str(_port()), 'launch.py'], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count('fttk train: stage sft') == 1 and p.stdout.count('run folder:') == 1
+    assert (tmp_path/'ddp'/'final'/'adapter_model.safetensors').is_file()
+    single = train({**base, 'per_device_train_batch_size': 8, 'output_dir': str(tmp_path/'one')}, progress=False)['run']
+    two, one = RunFolder.open(tmp_path/'ddp').read_metrics(), RunFolder.open(single).read_metrics()
+    assert [r['step'] for r in two] == [r['step'] for r in one] == [1, 2, 3]
+    assert abs(two[0]['loss'] - one[0]['loss']) < 1e-4 * one[0]['loss']
