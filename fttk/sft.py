@@ -228,8 +228,8 @@ class TrainingConfig(Config):
     # more than one process (torchrun, accelerate launch); all None = not said (see parallel_plan)
     ddp_backend: Literal['nccl', 'gloo'] | None = None   # None: nccl on CUDA, else gloo
     ddp_timeout: int | None = None     # seconds a collective may wait (None: 1800, as transformers)
-    fsdp: bool | str | None = None     # FSDP2: True, 'full_shard' or 'shard_grad_op' (+ 'auto_wrap')
-    fsdp_config: dict | None = None    # transformer_layer_cls_to_wrap, reshard_after_forward, version
+    fsdp: bool | str | None = None     # FSDP2: True, 'full_shard', 'shard_grad_op' (+'auto_wrap')
+    fsdp_config: dict | None = None    # transformer_layer_cls_to_wrap, reshard_after_forward
 
     def validate(self):
         for f in ('learning_rate', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1',
@@ -503,27 +503,32 @@ def fsdp_options(cfg: TrainingConfig) -> dict | None:
                           "hybrid sharding are not supported")
     reshard = c.get('reshard_after_forward', 'shard_grad_op' not in words)
     if not isinstance(reshard, bool):
-        raise ConfigError(f"fsdp_config reshard_after_forward must be true or false, got {reshard!r}")
+        raise ConfigError(
+            f"fsdp_config reshard_after_forward must be true or false, got {reshard!r}")
     wrap = c.get('transformer_layer_cls_to_wrap') or []
-    return {'reshard_after_forward': reshard, 'wrap': [wrap] if isinstance(wrap, str) else list(wrap)}
+    return {'reshard_after_forward': reshard,
+            'wrap': [wrap] if isinstance(wrap, str) else list(wrap)}
 
 # %% ../nbs/08_sft.ipynb #3a8f23bb
 def accelerate_fsdp(env=os.environ) -> dict | None:
-    "The FSDP settings `accelerate launch` passed in the environment `env`; None if it asked for none."
+    ("The FSDP settings `accelerate launch` passed in the environment `env`; None if it asked for "
+     "none.")
     if env.get('ACCELERATE_USE_DEEPSPEED', '').lower() == 'true':
         raise ConfigError("accelerate launch asked for DeepSpeed, which fttk's trainers do not run "
                           "under: launch with an FSDP config (fsdp_version: 2) or a multi-GPU one")
     if env.get('ACCELERATE_USE_FSDP', '').lower() != 'true': return None
     if env.get('FSDP_VERSION', '1') != '2':
-        raise ConfigError(f"accelerate launch asked for FSDP version {env.get('FSDP_VERSION', '1')}:"
-                          " fttk shards with FSDP2 only; set fsdp_version: 2 in the accelerate config")
-    return {'reshard_after_forward': env.get('FSDP_RESHARD_AFTER_FORWARD', 'true').lower() == 'true',
+        raise ConfigError(f"accelerate launch asked for FSDP version {env.get('FSDP_VERSION', '1')}"
+                          ": fttk shards with FSDP2 only; set fsdp_version: 2 in its config")
+    reshard = env.get('FSDP_RESHARD_AFTER_FORWARD', 'true').lower() == 'true'
+    return {'reshard_after_forward': reshard,
             'wrap': [w for w in env.get('FSDP_TRANSFORMER_CLS_TO_WRAP', '').split(',') if w]}
 
 # %% ../nbs/08_sft.ipynb #1cfc0760
 @dataclass
 class Parallel:
-    "This process's part in training: `rank` of `world` processes; `fsdp`: FSDP2's settings or None."
+    ("This process's part in training: `rank` of `world` processes; `fsdp`: FSDP2's settings or "
+     "None.")
     rank: int = 0
     world: int = 1
     fsdp: dict | None = None
@@ -559,16 +564,17 @@ def rank_share(micro_batch: list, plan: Parallel, size: Callable = len) -> tuple
 
 # %% ../nbs/08_sft.ipynb #fb4c4e56
 def shard_model(model, plan: Parallel):
-    ("The model the ranks train: with FSDP2 a copy of `model`, its decoder layers and then the whole "
-     "sharded over the ranks, gradients summed (not averaged); else `model` itself.")
+    ("The model the ranks train: with FSDP2 a copy of `model`, its decoder layers and then the "
+     "whole sharded over the ranks, gradients summed (not averaged); else `model` itself.")
     if plan.fsdp is None: return model
     from torch.distributed.fsdp import FSDPModule, fully_shard
     names = set(plan.fsdp['wrap'] or getattr(model, '_no_split_modules', None) or ())
     work = copy.deepcopy(model)
     layers = [m for m in work.modules() if type(m).__name__ in names]
     if not layers:
-        raise ConfigError(f"FSDP2: {type(model).__name__} has no layer of class {sorted(names)}; set "
-                          "fsdp_config's transformer_layer_cls_to_wrap to its decoder layer's class")
+        raise ConfigError(f"FSDP2: {type(model).__name__} has no layer of class {sorted(names)}; "
+                          "set fsdp_config's transformer_layer_cls_to_wrap to its decoder layer's "
+                          "class")
     for m in layers + [work]:
         fully_shard(m, reshard_after_forward=plan.fsdp['reshard_after_forward'])
     for m in work.modules():
@@ -582,9 +588,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 def local_part(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    "This rank's piece of the full tensor `t`, placed as the sharded `like`; `t` if `like` is whole."
+    ("This rank's piece of the full tensor `t`, placed as the sharded `like`; `t` if `like` is "
+     "whole.")
     if not isinstance(like, DTensor): return t
-    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
 
 # %% ../nbs/08_sft.ipynb #4799a5c5
 def full_optimizer_state(opt) -> dict:
