@@ -26,14 +26,14 @@ from .world import require_chat_template
 __all__ = ['ROLES', 'IGNORE_INDEX', 'FSDP_WORDS', 'FSDP_KEYS', 'TRL_RENAMES', 'GENERATION_CONFIGS', 'COMPLETION_TEMPLATE',
            'SFTDataError', 'check_row', 'tokenize_chat', 'prepare_sft_data', 'pack_examples', 'collate', 'token_losses',
            'example_losses', 'padding_stats', 'TrainingConfig', 'use_bf16', 'SFTConfig', 'lr_factor', 'SFTLossError',
-           'total_steps', 'trainable_state', 'record_step', 'begin_run', 'eval_loss', 'accumulate_grads',
-           'data_parallel', 'is_main', 'barrier', 'fsdp_options', 'accelerate_fsdp', 'Parallel', 'parallel_plan',
-           'shard', 'global_config', 'rank_share', 'shard_model', 'full_tensor', 'local_part', 'full_optimizer_state',
-           'local_optimizer_state', 'unshard_into', 'open_run', 'all_reduce_grads', 'reduce_sums', 'sync_grads',
-           'sft_train', 'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence',
-           'names_other_person', 'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows',
-           'generation_table', 'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer',
-           'answer_loss', 'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
+           'total_steps', 'trainable_state', 'is_main', 'barrier', 'full_tensor', 'local_part', 'full_optimizer_state',
+           'local_optimizer_state', 'record_step', 'begin_run', 'eval_loss', 'accumulate_grads', 'data_parallel',
+           'fsdp_options', 'accelerate_fsdp', 'Parallel', 'parallel_plan', 'shard', 'global_config', 'rank_share',
+           'shard_model', 'unshard_into', 'open_run', 'all_reduce_grads', 'reduce_sums', 'sync_grads', 'sft_train',
+           'trl_field_map', 'trl_common_args', 'trl_config', 'trl_train', 'first_sentence', 'names_other_person',
+           'grade_reply', 'chat_generate', 'qa_accuracy', 'evaluate_sft', 'sft_rows', 'generation_table',
+           'text_few_shot_accuracy', 'few_shot_curve', 'completion_rows', 'completion_tokenizer', 'answer_loss',
+           'split_people', 'sft_recipe', 'sft_demo', 'sft_model']
 
 # %% ../nbs/08_sft.ipynb #bca479f6
 ROLES = ('system', 'user', 'assistant')
@@ -357,6 +357,42 @@ def _optimizer(model, cfg: TrainingConfig):
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
+# %% ../nbs/08_sft.ipynb #f456b572
+def is_main() -> bool:
+    "True on rank 0 of a process group, and in a single process."
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+def barrier():
+    "Wait for every rank (no-op in a single process)."
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
+
+# %% ../nbs/08_sft.ipynb #baaff2f6
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    "The whole of `t`: gathered from every rank if it is sharded (a DTensor), else `t` itself."
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def local_part(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    ("This rank's piece of the full tensor `t`, placed as the sharded `like`; `t` if `like` is "
+     "whole.")
+    if not isinstance(like, DTensor): return t
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+# %% ../nbs/08_sft.ipynb #4799a5c5
+def full_optimizer_state(opt) -> dict:
+    "`opt.state_dict()` with every sharded state tensor gathered whole (every rank must call it)."
+    sd = opt.state_dict()
+    return {**sd, 'state': {i: {k: full_tensor(v) for k, v in s.items()}
+                            for i, s in sd['state'].items()}}
+
+def local_optimizer_state(opt, sd: dict) -> dict:
+    "A whole optimizer state `sd` cut to this rank's pieces of `opt`'s (maybe sharded) parameters."
+    params = [p for g in opt.param_groups for p in g['params']]
+    return {**sd, 'state': {i: {k: local_part(v, params[int(i)]) if k != 'step' else v
+                                for k, v in s.items()} for i, s in sd['state'].items()}}
+
 # %% ../nbs/08_sft.ipynb #1fe8cd84
 def _save_checkpoint(run: RunFolder, step: int, model, opt, extra: dict) -> Path:
     d = run.checkpoint_dir(step)
@@ -470,17 +506,6 @@ def data_parallel(backend: str | None = None, timeout: int | None = None) -> tup
                           f"{dist.get_backend()!r}")
     return dist.get_rank(), dist.get_world_size()
 
-# %% ../nbs/08_sft.ipynb #f456b572
-def is_main() -> bool:
-    "True on rank 0 of a process group, and in a single process."
-    import torch.distributed as dist
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-def barrier():
-    "Wait for every rank (no-op in a single process)."
-    import torch.distributed as dist
-    if dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
-
 # %% ../nbs/08_sft.ipynb #d055c3b5
 FSDP_WORDS = ('full_shard', 'shard_grad_op', 'auto_wrap')
 FSDP_KEYS = ('transformer_layer_cls_to_wrap', 'reshard_after_forward', 'version')
@@ -581,31 +606,6 @@ def shard_model(model, plan: Parallel):
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0); m.set_force_sum_reduction_for_comms(True)
     return work
-
-# %% ../nbs/08_sft.ipynb #baaff2f6
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    "The whole of `t`: gathered from every rank if it is sharded (a DTensor), else `t` itself."
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-def local_part(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    ("This rank's piece of the full tensor `t`, placed as the sharded `like`; `t` if `like` is "
-     "whole.")
-    if not isinstance(like, DTensor): return t
-    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements,
-                             src_data_rank=None)
-
-# %% ../nbs/08_sft.ipynb #4799a5c5
-def full_optimizer_state(opt) -> dict:
-    "`opt.state_dict()` with every sharded state tensor gathered whole (every rank must call it)."
-    sd = opt.state_dict()
-    return {**sd, 'state': {i: {k: full_tensor(v) for k, v in s.items()}
-                            for i, s in sd['state'].items()}}
-
-def local_optimizer_state(opt, sd: dict) -> dict:
-    "A whole optimizer state `sd` cut to this rank's pieces of `opt`'s (maybe sharded) parameters."
-    params = [p for g in opt.param_groups for p in g['params']]
-    return {**sd, 'state': {i: {k: local_part(v, params[int(i)]) if k != 'step' else v
-                                for k, v in s.items()} for i, s in sd['state'].items()}}
 
 # %% ../nbs/08_sft.ipynb #5d3847f5
 def unshard_into(model, work) -> None:
