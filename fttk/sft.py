@@ -560,7 +560,11 @@ class Parallel:
 
 def parallel_plan(cfg: TrainingConfig) -> Parallel:
     "How to train under the launcher's environment (torchrun, accelerate launch) and `cfg`."
-    launcher = accelerate_fsdp()
+    launcher, mp = accelerate_fsdp(), os.environ.get('ACCELERATE_MIXED_PRECISION', 'no')
+    if mp != 'no' and not (mp == 'bf16' and use_bf16(cfg)):
+        raise ConfigError(f"accelerate launch asked for mixed_precision {mp!r}, the fttk config "
+                          f"has bf16: {cfg.bf16}: fttk's config decides the precision; make them "
+                          "agree")
     rank, world = data_parallel(cfg.ddp_backend, cfg.ddp_timeout)
     fsdp = fsdp_options(cfg) if cfg.fsdp is not None else launcher
     return Parallel(rank, world, fsdp if world > 1 else None)

@@ -184,14 +184,14 @@ def test_ppo_and_batch_coupled_dpo_losses_refuse(ddp):
 
 @pytest.fixture(scope='module')
 def fsdp(tmp_path_factory):
-    "accelerate launch with FSDP2 (its environment variables decide), full fine-tuning of SFT and reward; DPO LoRA."
+    """accelerate launch with data/configs/accelerate_fsdp2.yaml (its environment variables turn FSDP2 on): full
+    fine-tuning of SFT and reward, DPO with LoRA."""
     pytest.importorskip('accelerate')
     tmp = tmp_path_factory.mktemp('fsdp')
     for kind in ('sft', 'rm'): _one(tmp, {'kind': kind, 'out': f'{kind}_one', 'bs': 4, 'save_steps': 2})
     _one(tmp, {'kind': 'dpo', 'out': 'dpo_one', 'bs': 4, 'lora': True})
     _cut(tmp/'sft_one', tmp/'sft_resumed', 2)
-    _launch(tmp, ['accelerate.commands.launch', '--use_fsdp', '--fsdp_version', '2', '--num_processes', '2',
-                  '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+    _launch(tmp, ['accelerate.commands.launch', '--config_file', str(REPO/'data'/'configs'/'accelerate_fsdp2.yaml'),
                   '--main_process_port', str(_port())],
             [{'kind': 'sft', 'out': 'sft_fsdp', 'bs': 2, 'save_steps': 2},
              {'kind': 'rm', 'out': 'rm_fsdp', 'bs': 2},
@@ -203,7 +203,7 @@ def fsdp(tmp_path_factory):
 def test_fsdp2_equals_one_process(fsdp):
     for kind in ('sft', 'rm', 'dpo'):
         two = _j(fsdp, f'{kind}_fsdp.rank0')
-        assert (two['world'], two['fsdp']) == (2, {'reshard_after_forward': True, 'wrap': []})
+        assert (two['world'], two['fsdp']) == (2, {'reshard_after_forward': True, 'wrap': ['LlamaDecoderLayer']})
         d = _diff(_w(fsdp, f'{kind}_fsdp.rank0'), _w(fsdp, f'{kind}_one.ranksingle'))
         assert d < TOL, (kind, d)
         assert _j(fsdp, f'{kind}_one.ranksingle')['moved'] > 1e-3
@@ -250,3 +250,23 @@ def test_fttk_train_under_torchrun(tmp_path):
     two, one = RunFolder.open(tmp_path/'ddp').read_metrics(), RunFolder.open(single).read_metrics()
     assert [r['step'] for r in two] == [r['step'] for r in one] == [1, 2, 3]
     assert abs(two[0]['loss'] - one[0]['loss']) < 1e-4 * one[0]['loss']
+
+
+@pytest.mark.parametrize('cfg,env,msg', [
+    ({'fsdp': 'offload'}, {}, "fsdp='offload': fttk's FSDP2 takes one of 'full_shard', 'shard_grad_op'"),
+    ({'fsdp': True, 'fsdp_config': {'version': 1}}, {}, r"fsdp_config version 1: fttk shards with FSDP2 only"),
+    ({'fsdp_config': {'min_num_params': 1}}, {}, r"fsdp_config has unknown key\(s\) \['min_num_params'\]"),
+    ({'fsdp': True, 'fsdp_config': {'reshard_after_forward': 'yes'}}, {},
+     "fsdp_config reshard_after_forward must be true or false, got 'yes'"),
+    ({'ddp_timeout': 0}, {}, 'ddp_timeout must be > 0 seconds, got 0'),
+    ({}, {'ACCELERATE_USE_FSDP': 'true', 'FSDP_VERSION': '1'}, 'asked for FSDP version 1: fttk shards with FSDP2 only'),
+    ({}, {'ACCELERATE_USE_DEEPSPEED': 'true'}, "asked for DeepSpeed, which fttk's trainers do not run under"),
+    ({}, {'ACCELERATE_MIXED_PRECISION': 'fp16'},
+     "asked for mixed_precision 'fp16', the fttk config has bf16: False: fttk's config decides the precision"),
+])
+def test_bad_parallel_settings(cfg, env, msg, monkeypatch):
+    "Settings fttk cannot honour are refused by name (config at construction, launcher at the start of training)."
+    from fttk.core import ConfigError
+    from fttk.sft import SFTConfig, parallel_plan
+    for k, v in env.items(): monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=msg): parallel_plan(SFTConfig(**cfg))
