@@ -41,7 +41,7 @@ JOB = textwrap.dedent('''
         RunFolder.log = lambda self, step, **kw: (writes.append('metrics'), log(self, step, **kw))[1]
         sft.save_tensors = lambda *a, **kw: (writes.append('checkpoint'), save(*a, **kw))[1]
         try: out = _train(job)
-        except (ValueError, FloatingPointError) as e:
+        except (ValueError, OSError, RuntimeError) as e:
             if not job.get('error'): raise
             out = {'error': str(e)}
         finally: RunFolder.log, sft.save_tensors = log, save
@@ -140,7 +140,8 @@ def ddp(tmp_path_factory):
             + [{'kind': 'sft', 'out': 'sft_resumed', 'bs': 2, 'lora': True, 'save_steps': 2, 'resume': True},
                {'kind': 'ppo', 'out': 'ppo', 'bs': 2, 'lora': True, 'error': True},
                {'kind': 'dpo', 'out': 'dpo_sft', 'bs': 2, 'lora': True, 'loss_type': ['sigmoid', 'sft'],
-                'error': True}])
+                'error': True},
+               {'kind': 'sft', 'out': 'rm_one', 'bs': 2, 'lora': True, 'error': True}])     # a used folder
     return tmp
 
 
@@ -180,6 +181,12 @@ def test_ppo_and_batch_coupled_dpo_losses_refuse(ddp):
                                                  "of a batch, so a rank's share has no loss of its own; run them with "
                                                  "one process")
     assert not (ddp/'ppo').exists() and not (ddp/'dpo_sft').exists()     # refused before any file
+
+
+def test_a_used_run_folder_stops_every_rank(ddp):
+    "Rank 0 refuses the folder as one process does; the other ranks stop too instead of waiting for it."
+    assert _j(ddp, 'rm_one.rank0')['error'].startswith('run folder rm_one is not empty (it holds ')
+    assert _j(ddp, 'rm_one.rank1')['error'] == "rank 0 refused the run folder rm_one: see its error"
 
 
 @pytest.fixture(scope='module')
