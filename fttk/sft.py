@@ -497,10 +497,10 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
         for g in opt.param_groups:
             g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
         # the loss is normalized by the tokens of the global batch, so summed gradients are its
-        n_items = sum(int((collate(mb, pad)['labels'][:, 1:] != IGNORE_INDEX).sum())
-                      for mb in gmbs)
         mbs = [shard(mb, rank, world) for mb in gmbs]
         batches = [collate(mb, pad, _mask_dtype(model)) for mb in mbs if mb]
+        counted = batches if world == 1 else [collate(mb, pad) for mb in gmbs]
+        n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in counted)
         rows_ = lambda: sorted({e.get('row') for mb in mbs for row in mb for e in row})[:20]
         loss_sum = accumulate_grads(model, opt, batches, n_items, bf16, lambda v: (
             f"loss became {v} at step {step + 1} (batch of rows {rows_()}); the update was not "
