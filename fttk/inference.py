@@ -47,7 +47,7 @@ def gold_reward_mean(model, tokenizer, world, people, max_new_tokens: int = 48) 
 def evaluate_model(model, tokenizer, world: str | None = 'test', limit: int | None = None) -> dict:
     ("The lab metrics of a causal LM on the held-out people of lab world `world` ('test' or "
      "'default'), the first `limit` of them if given.")
-    if getattr(model.config, 'num_labels', None) == 1 and not hasattr(model, 'generate'):
+    if not hasattr(model, 'generate'):
         raise ValueError("eval scores a causal LM; this is a reward model (one score per text)")
     if world not in ('test', 'default'):
         raise ValueError(f"which lab world? world must be 'test' or 'default', got {world!r}")

@@ -699,14 +699,14 @@ def sft_train(model, tokenizer, train_rows, cfg: SFTConfig, eval_rows=None, resu
         for g in opt.param_groups:
             g['lr'] = cfg.learning_rate * lr_factor(step, T, warmup, cfg.lr_scheduler_type)
         # the loss is normalized by the tokens of the global batch, so summed gradients are its
-        whole = [collate(mb, pad) for mb in gmbs]
-        n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in whole)
-        ntok += sum(b['num_tokens'] for b in whole)
         shares = [rank_share(mb, plan) for mb in gmbs]
         # an empty share (weight 0) runs with every label masked: zero loss, zero gradient
         batches = [collate(mb if w else [[{**e, 'labels': [IGNORE_INDEX] * len(e['labels'])}
                                           for e in mb[0]]], pad, _mask_dtype(work))
                    for mb, w in shares]
+        whole = batches if plan.world == 1 else [collate(mb, pad) for mb in gmbs]
+        n_items = sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in whole)
+        ntok += sum(b['num_tokens'] for b in whole)
         rows_ = lambda: sorted({e.get('row') for mb, _ in shares for row in mb for e in row})[:20]
         loss_sum = accumulate_grads(work, opt, batches, n_items, bf16, lambda v: (
             f"loss became {v} at step {step + 1} (batch of rows {rows_()}); the update was not "
