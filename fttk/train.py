@@ -460,11 +460,12 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
      "folder, 'model', 'tokenizer', 'result': the trainer's, 'meta'}`.")
     spec = parse_train_config(config, overrides)
     cfg = spec['config']
-    from fttk.sft import data_parallel
-    rank, world_size = data_parallel()      # (0, 1) unless launched by torchrun with more ranks
-    if world_size > 1 and spec['stage'] not in ('pt', 'sft'):
-        raise ValueError(f"stage {spec['stage']} under torchrun: data parallel covers pt and sft; "
-                         "run this stage with one process")
+    from fttk.sft import parallel_plan
+    plan = parallel_plan(cfg)   # rank 0 of 1 unless torchrun or accelerate launch started more
+    rank, world_size = plan.rank, plan.world
+    if world_size > 1 and spec['stage'] == 'ppo':
+        raise ValueError(f"stage ppo under {world_size} processes: fttk's PPO rolls out, scores and "
+                         "updates in one process; run it without torchrun/accelerate launch")
     out = Path(cfg.output_dir)
     if rank == 0: check_output_dir(out, spec['resume'], cfg.overwrite_output_dir)
     model, tok, start = start_model(spec['model'], spec['stage'])
@@ -475,9 +476,10 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
         spec['eval_dataset'])
     set_seed(cfg.seed)           # LoRA's A matrices are random: the same seed, the same start
     model, tok = prepare_model(model, tok, spec)
+    procs = f", {world_size} processes ({'FSDP2' if plan.fsdp else 'DDP'})" if world_size > 1 else ''
     if rank == 0:
         print(f"fttk train: stage {spec['stage']} ({spec['finetuning_type']}) of {spec['model']} "
-        f"on {spec['dataset']} ({len(rows)} rows) -> {out}")
+        f"on {spec['dataset']} ({len(rows)} rows){procs} -> {out}")
     if progress is None: progress = 'ipykernel' not in sys.modules    # notebooks: one line
     world = None
     if start['world'] and spec['dataset'].startswith('lab:'):

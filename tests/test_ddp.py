@@ -259,6 +259,55 @@ def test_fttk_train_under_torchrun(tmp_path):
     assert abs(two[0]['loss'] - one[0]['loss']) < 1e-4 * one[0]['loss']
 
 
+def _fttk(tmp: Path, launcher: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    "`fttk ARGS` (its main) under a launcher, in `tmp`."
+    (tmp/'launch.py').write_text("import sys\nfrom fttk.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, '-m', *launcher, 'launch.py', *args], cwd=tmp, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_fttk_train_every_stage_under_launchers(tmp_path):
+    """The shipped launch files: `accelerate launch` + accelerate_fsdp2.yaml runs data/configs/fsdp2.yaml (full SFT,
+    FSDP2); torchrun then runs rm and dpo from that run folder, data parallel; ppo refuses. Each multi-process run
+    writes one run folder and a final model that load_run loads, and its first logged loss (computed before any
+    update, so the rounding bound of test_fttk_train_under_torchrun holds) equals one process's with the same global
+    batch."""
+    pytest.importorskip('accelerate')
+    from fttk.train import load_run, train
+    accel = ['accelerate.commands.launch', '--config_file', str(REPO/'data'/'configs'/'accelerate_fsdp2.yaml'),
+             '--main_process_port', str(_port())]
+    torchrun = lambda: ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_port())]
+    small = ['max_steps=2', 'max_samples=32']
+    runs = [('sft', accel, str(REPO/'data'/'configs'/'fsdp2.yaml'), [], 'FSDP2'),
+            ('rm', torchrun(), str(REPO/'examples'/'rm_lora.yaml'), ['model_name_or_path=sft'], 'DDP'),
+            ('dpo', torchrun(), str(REPO/'examples'/'dpo_lora.yaml'), ['model_name_or_path=sft'], 'DDP')]
+    for stage, launcher, cfg, extra, how in runs:
+        p = _fttk(tmp_path, launcher, ['train', cfg, *small, *extra, f'output_dir={stage}'])
+        assert p.returncode == 0, (stage, p.stdout[-2000:] + p.stderr[-3000:])
+        assert p.stdout.count(f'fttk train: stage {stage}') == 1, (stage, p.stdout)
+        assert f'rows), 2 processes ({how}) -> {stage}' in p.stdout, (stage, p.stdout)
+        assert load_run(tmp_path/stage)[2]['stage'] == stage
+        import yaml
+        raw = {**yaml.safe_load(Path(cfg).read_text()), **dict(a.split('=', 1) for a in small + extra)}
+        raw = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in raw.items()}
+        if stage != 'sft': raw['model_name_or_path'] = str(tmp_path/'sft')
+        raw.pop('fsdp', None); raw.pop('fsdp_config', None)
+        raw.update(per_device_train_batch_size=2 * raw['per_device_train_batch_size'],
+                   output_dir=str(tmp_path/f'{stage}_one'))
+        train(raw, progress=False)
+        two = RunFolder.open(tmp_path/stage).read_metrics()
+        one = RunFolder.open(tmp_path/f'{stage}_one').read_metrics()
+        key = 'loss'
+        assert [r['step'] for r in two if key in r] == [r['step'] for r in one if key in r] == [1, 2], stage
+        a, b = next(r[key] for r in two if key in r), next(r[key] for r in one if key in r)
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (stage, a, b)
+    p = _fttk(tmp_path, torchrun(), ['train', str(REPO/'examples'/'ppo_lora.yaml'), 'model_name_or_path=sft',
+                                     'reward_model=rm', 'output_dir=ppo'])
+    assert p.returncode != 0 and ("stage ppo under 2 processes: fttk's PPO rolls out, scores and updates in one "
+                                  "process") in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path/'ppo').exists()
+
+
 @pytest.mark.parametrize('cfg,env,msg', [
     ({'fsdp': 'offload'}, {}, "fsdp='offload': fttk's FSDP2 takes one of 'full_shard', 'shard_grad_op'"),
     ({'fsdp': True, 'fsdp_config': {'version': 1}}, {}, r"fsdp_config version 1: fttk shards with FSDP2 only"),
