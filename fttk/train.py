@@ -464,8 +464,8 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
     plan = parallel_plan(cfg)   # rank 0 of 1 unless torchrun or accelerate launch started more
     rank, world_size = plan.rank, plan.world
     if world_size > 1 and spec['stage'] == 'ppo':
-        raise ValueError(f"stage ppo under {world_size} processes: fttk's PPO rolls out, scores and "
-                         "updates in one process; run it without torchrun/accelerate launch")
+        raise ValueError(f"stage ppo under {world_size} processes: fttk's PPO rolls out, scores "
+                         "and updates in one process; run it without torchrun/accelerate launch")
     out = Path(cfg.output_dir)
     if rank == 0: check_output_dir(out, spec['resume'], cfg.overwrite_output_dir)
     model, tok, start = start_model(spec['model'], spec['stage'])
@@ -476,7 +476,8 @@ def train(config, overrides: dict | None = None, progress: bool | None = None) -
         spec['eval_dataset'])
     set_seed(cfg.seed)           # LoRA's A matrices are random: the same seed, the same start
     model, tok = prepare_model(model, tok, spec)
-    procs = f", {world_size} processes ({'FSDP2' if plan.fsdp else 'DDP'})" if world_size > 1 else ''
+    procs = (f", {world_size} processes "
+             f"({'FSDP2' if plan.fsdp else 'DDP'})" if world_size > 1 else '')
     if rank == 0:
         print(f"fttk train: stage {spec['stage']} ({spec['finetuning_type']}) of {spec['model']} "
         f"on {spec['dataset']} ({len(rows)} rows){procs} -> {out}")
