@@ -24,7 +24,7 @@ __all__ = ['FLOAT_FORMATS', 'NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'DYNAMIC_CODE',
            'int8_outlier_matmul', 'nf4_codebook', 'pack_4bit', 'unpack_4bit', 'dynamic_map', 'quantize_blockwise_8bit',
            'dequantize_blockwise_8bit', 'NF4Tensor', 'quantize_nf4', 'dequantize_nf4', 'nf4_to_bnb', 'nf4_from_bnb',
            'quantize_dequantize_4bit', 'quant_mse', 'NF4Linear', 'QuantConfig', 'quantize_model', 'weight_bytes',
-           'disable_avx512bf16_repack', 'is_quantized_layer', 'prepare_qlora_model']
+           'disable_avx512bf16_repack', 'is_quantized_layer', 'prepare_qlora_model', 'dequantize_model']
 
 # %% ../nbs/04_quant.ipynb #60f5d458
 FLOAT_FORMATS = {  # name: (dtype, exponent bits, mantissa bits)
@@ -676,3 +676,25 @@ def prepare_qlora_model(model: nn.Module, lora_config=None,
     disable_avx512bf16_repack(model)
     return inject_lora(
         model, lora_config or LoRAConfig(target_modules='all-linear', r=8, lora_alpha=16))
+
+# %% ../nbs/04_quant.ipynb #856ac584
+def dequantize_model(model: nn.Module) -> int:
+    ("Replace every 4-bit layer inside `model` (fttk `NF4Linear`, bitsandbytes `Linear4bit`) by a "
+     "frozen `nn.Linear` holding its dequantized weight, in place; returns how many.")
+    from fttk.lora import base_weight          # reads NF4 and bitsandbytes 4-bit weights alike
+    if is_quantized_layer(model):
+        raise TypeError(f"dequantize_model replaces layers inside a model; got a bare "
+                        f"{type(model).__name__} (call base_weight(layer) for its weight)")
+    names = [n for n, m in model.named_modules() if is_quantized_layer(m)]
+    for name in names:
+        q = model.get_submodule(name)
+        w = base_weight(q).detach()
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                        device=w.device, dtype=w.dtype).requires_grad_(False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if q.bias is not None: lin.bias.copy_(q.bias)
+        model.set_submodule(name, lin)
+    if hasattr(model, 'fttk_quant_config'): del model.fttk_quant_config
+    return len(names)
+

@@ -111,21 +111,24 @@ def _load_final(final: Path, meta: dict, merge: bool):
     if meta['finetuning_type'] == 'full':
         cls = AutoModelForSequenceClassification if seq else AutoModelForCausalLM
         with quiet_progress(): return cls.from_pretrained(final).eval(), tok, meta
-    # an adapter trained on an NF4 base merges into the float base (NF4 weights cannot take it)
-    model = _adapter_base(meta, tok, quantize=not merge)
+    model = _adapter_base(meta, tok)
     from fttk.lora import load_adapter, unload_lora
     load_adapter(model, final)
-    if merge: unload_lora(model, merge=True)
+    if merge:
+        # a QLoRA adapter was fitted to the dequantized NF4 weights: merge into those (04_quant)
+        from fttk.quant import dequantize_model
+        dequantize_model(model)
+        unload_lora(model, merge=True)
     return model.eval(), tok, meta
 
 # %% ../nbs/15_train.ipynb #2a74d968
-def _adapter_base(meta: dict, tok, quantize: bool = True):
+def _adapter_base(meta: dict, tok):
     "The model a LoRA adapter was trained on: the base (merged, if itself a run), head, NF4."
     base, _, _ = load_run(meta['base_model_name_or_path'], merge=True)
     if meta.get('head_seed') is not None:           # the run put a new scalar head on the base
         from fttk.reward import reward_model
         base, _ = reward_model(base, tok, seed=meta.get('head_seed', 0))
-    if quantize and meta.get('quant_config') is not None:
+    if meta.get('quant_config') is not None:
         from fttk.quant import QuantConfig, quantize_model
         quantize_model(base, QuantConfig.from_dict(meta['quant_config']))
     return base
