@@ -308,3 +308,61 @@ def test_unsloth_without_gpu_is_bad_input(tmp_path, monkeypatch):
             "backend='unsloth' needs a CUDA GPU (torch.cuda.is_available() is False); use "
             "backend='fttk' or 'hf' here")):
         train({**BASE, **FAST, 'backend': 'unsloth', 'output_dir': 'u'}, progress=False)
+
+
+HUB_SCRIPT = r'''
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from fttk.cli import main
+from fttk.train import load_run
+assert main(['train', 'train.yaml']) == 0
+m, tok, meta = load_run('out')
+ids = tok.apply_chat_template([{'role': 'user', 'content': 'Where was Ada born?'}], add_generation_prompt=True,
+                              return_tensors='pt', return_dict=True)['input_ids']
+# plain peft on the hub base reads the adapter fttk saved
+ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('fttk-test/tiny-qwen2'), 'out/final').eval()
+with torch.no_grad(): d = (m(ids).logits - ref(ids).logits).abs().max().item()
+assert main(['export', 'out', '--out', 'merged']) == 0
+json.dump({'meta': meta, 'peft_diff': d, 'adapter': json.load(open('out/final/adapter_config.json'))},
+          open('result.json', 'w'))
+'''
+
+
+def test_a_hub_model_name(tmp_path):
+    """`model_name_or_path: org/name` goes through the hub code path (transformers' from_pretrained by name).
+    No network here, so the name is served from a hub cache laid out as huggingface_hub writes it, with
+    HF_HUB_OFFLINE=1; the run records the name, and plain peft loads its adapter onto that base."""
+    import shutil, subprocess, sys
+    sha = 'a' * 40
+    repo = tmp_path/'hf'/'hub'/'models--fttk-test--tiny-qwen2'
+    (repo/'refs').mkdir(parents=True); (repo/'refs'/'main').write_text(sha)
+    shutil.copytree(_family_folder(tmp_path/'src', 'qwen2'), repo/'snapshots'/sha)
+    _yaml(tmp_path, {**BASE, **FAST, 'model_name_or_path': 'fttk-test/tiny-qwen2',
+                     'dataset': 'lab:instructions@test', 'target_modules': 'all-linear', 'output_dir': 'out'})
+    (tmp_path/'hub.py').write_text(HUB_SCRIPT)
+    env = {**__import__('os').environ, 'HF_HOME': str(tmp_path/'hf'), 'HF_HUB_OFFLINE': '1',
+           'PYTHONPATH': str(Path(__file__).resolve().parents[1]), 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, 'hub.py'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path/'result.json').read_text())
+    assert res['meta']['base_model_name_or_path'] == res['adapter']['base_model_name_or_path'] == \
+        'fttk-test/tiny-qwen2'
+    assert res['peft_diff'] < 1e-5                   # measured 0: the same weights, the same kernels
+    assert (tmp_path/'merged'/'model.safetensors').is_file()
+
+
+def test_a_hub_dataset_name(tmp_path, monkeypatch):
+    "`dataset: org/name` is read with datasets.load_dataset(name, split=...) (stood in for here: no network)."
+    import datasets
+    rows = [{'instruction': f'Say {w}.', 'output': w} for w in ('yes', 'no', 'maybe', 'never')] * 3
+    calls = []
+    def fake(path, split=None, **kw):
+        calls.append((path, split)); return datasets.Dataset.from_list(rows)
+    monkeypatch.setattr(datasets, 'load_dataset', fake)
+    monkeypatch.chdir(tmp_path)
+    r = train({**BASE, **FAST, 'dataset': 'fttk-test/alpaca', 'dataset_split': 'train[:12]',
+               'output_dir': 'out'}, progress=False)
+    assert calls == [('fttk-test/alpaca', 'train[:12]')]
+    assert r['result']['steps'] == 2 and load_run('out')[2]['stage'] == 'sft'
