@@ -268,19 +268,21 @@ def _fttk(tmp: Path, launcher: list[str], args: list[str]) -> subprocess.Complet
 
 def test_fttk_train_every_stage_under_launchers(tmp_path):
     """The shipped launch files: `accelerate launch` + accelerate_fsdp2.yaml runs data/configs/fsdp2.yaml (full SFT,
-    FSDP2); torchrun then runs rm and dpo from that run folder, data parallel; ppo refuses. Each multi-process run
+    FSDP2); from that run folder, `accelerate launch` + accelerate_ddp.yaml runs rm and torchrun runs dpo, both data
+    parallel; ppo refuses. Each multi-process run
     writes one run folder and a final model that load_run loads; its first logged loss (computed before any update,
     so the rounding bound of test_fttk_train_under_torchrun holds) equals one process's with the same global batch,
     and so do its final weights, to 1e-5 (float32; measured 2.4e-7 at most, against weights that moved 3e-4)."""
     pytest.importorskip('accelerate')
     import yaml
     from fttk.train import load_run, train
-    accel = ['accelerate.commands.launch', '--config_file', str(REPO/'data'/'configs'/'accelerate_fsdp2.yaml'),
-             '--main_process_port', str(_port())]
+    accel = lambda f: ['accelerate.commands.launch', '--config_file', str(REPO/'data'/'configs'/f),
+                       '--main_process_port', str(_port())]
     torchrun = lambda: ['torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_port())]
     small = ['max_steps=2', 'max_samples=32']
-    runs = [('sft', accel, str(REPO/'data'/'configs'/'fsdp2.yaml'), [], 'FSDP2'),
-            ('rm', torchrun(), str(REPO/'examples'/'rm_lora.yaml'), ['model_name_or_path=sft'], 'DDP'),
+    runs = [('sft', accel('accelerate_fsdp2.yaml'), str(REPO/'data'/'configs'/'fsdp2.yaml'), [], 'FSDP2'),
+            ('rm', accel('accelerate_ddp.yaml'), str(REPO/'examples'/'rm_lora.yaml'), ['model_name_or_path=sft'],
+             'DDP'),
             ('dpo', torchrun(), str(REPO/'examples'/'dpo_lora.yaml'), ['model_name_or_path=sft'], 'DDP')]
     for stage, launcher, cfg, extra, how in runs:
         p = _fttk(tmp_path, launcher, ['train', cfg, *small, *extra, f'output_dir={stage}'])
