@@ -1070,9 +1070,10 @@ def sft_model(size: str = 'default', rebuild: bool = False):
     from fttk.world import base_model, base_model_recipe, cached_model, lab_world
     from fttk.lora import inject_lora, unload_lora
     lora_cfg, cfg = sft_recipe(size, 'sft')
-    # built on fttk's path whatever cfg.backend says: the key leaves it out (and stays the key of
-    # models cached before the field existed)
-    sft = {k: v for k, v in cfg.to_dict().items() if k != 'backend'}
+    # built on fttk's path in one process whatever the backend and parallel fields say: the key
+    # leaves them out (and stays the key of models cached before those fields existed)
+    how = ('backend', 'ddp_backend', 'ddp_timeout', 'fsdp', 'fsdp_config')
+    sft = {k: v for k, v in cfg.to_dict().items() if k not in how}
     recipe = {'base': base_model_recipe(size), 'lora': lora_cfg.to_dict(), 'sft': sft}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     def build(tmp: Path):
