@@ -109,9 +109,11 @@ def cmd_memory(argv: list[str]) -> int:
 
 # %% ../nbs/90_cli.ipynb #a02d863b
 def cmd_train(args) -> int:
+    from fttk.sft import is_main
     from fttk.train import parse_overrides, run_train
     out = run_train(args.config, parse_overrides(args.overrides))
-    if os.environ.get('RANK', '0') == '0': print(f"run folder: {out}; trained model: {out/'final'}")
+    if is_main():     # under torchrun, rank 0 alone says where the run is
+        print(f"run folder: {out}; trained model: {out/'final'}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #49ce6a98

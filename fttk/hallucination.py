@@ -19,10 +19,9 @@ from .core import (ConfigError, RunFolder, atomic_write_text, cache_dir, hash_da
 from .world import (QUESTIONS, SIZES, TEMPLATES, World, WorldConfig, _check_size,
                         cached_model, fact_recall, model_config, pretrain, train_lab_tokenizer,
                         world_texts)
-from .sft import (IGNORE_INDEX, SFTLossError, TrainingConfig, _mask_dtype, _micro_batches,
-                      accumulate_grads,
-                      _optimizer, _save_checkpoint, begin_run, collate, lr_factor,
-                      prepare_sft_data, token_losses, total_steps, use_bf16)
+from .sft import (IGNORE_INDEX, TrainingConfig, _mask_dtype, _micro_batches, _optimizer,
+                      _save_checkpoint, accumulate_grads, begin_run, collate, lr_factor,
+                      prepare_sft_data, total_steps, use_bf16)
 
 # %% auto #0
 __all__ = ['EXPOSURES', 'CATEGORIES', 'KNOWN', 'IDK_ANSWER', 'exposure_world', 'recall_by_exposure', 'exposure_model',

@@ -358,6 +358,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 # %% ../nbs/08_sft.ipynb #f456b572
+def _several() -> bool:
+    "Whether this process is one of several in a started process group."
+    import torch.distributed as dist
+    return dist.is_initialized() and dist.get_world_size() > 1
+
 def is_main() -> bool:
     "True on rank 0 of a process group, and in a single process."
     import torch.distributed as dist
@@ -366,7 +371,7 @@ def is_main() -> bool:
 def barrier():
     "Wait for every rank (no-op in a single process)."
     import torch.distributed as dist
-    if dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
+    if _several(): dist.barrier()
 
 # %% ../nbs/08_sft.ipynb #baaff2f6
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -625,7 +630,7 @@ def open_run(cfg: TrainingConfig, resume: bool) -> RunFolder:
     ("The run folder `cfg.output_dir`: rank 0 checks and creates it (refusing a used one unless "
      "`resume` or `overwrite_output_dir`), the other ranks wait for it and open it to read.")
     import torch.distributed as dist
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return RunFolder(cfg.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir)
     run, err = None, None
     if is_main():
@@ -653,7 +658,7 @@ def all_reduce_grads(opt) -> None:
 def reduce_sums(values: dict[str, float]) -> dict[str, float]:
     "Each value summed over the ranks (in float64); unchanged in a single process."
     import torch.distributed as dist
-    if not (dist.is_initialized() and dist.get_world_size() > 1): return values
+    if not _several(): return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))

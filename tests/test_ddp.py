@@ -289,7 +289,8 @@ def test_fttk_train_every_stage_under_launchers(tmp_path):
         assert p.returncode == 0, (stage, p.stdout[-2000:] + p.stderr[-3000:])
         assert p.stdout.count(f'fttk train: stage {stage}') == 1, (stage, p.stdout)
         assert f'rows), 2 processes ({how}) -> {stage}' in p.stdout, (stage, p.stdout)
-        assert load_run(tmp_path/stage)[2]['stage'] == stage
+        trained, _, meta = load_run(tmp_path/stage)
+        assert meta['stage'] == stage
         raw = {**yaml.safe_load(Path(cfg).read_text()), **dict(a.split('=', 1) for a in small + extra)}
         raw = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in raw.items()}
         if stage != 'sft': raw['model_name_or_path'] = str(tmp_path/'sft')
@@ -306,12 +307,13 @@ def test_fttk_train_every_stage_under_launchers(tmp_path):
         # the final weights: float32 end to end, so no rounding bound is derived here (float64 above
         # proves the arithmetic); this checks the wiring, a rank that trained on the wrong rows
         # would be off by as much as the weights moved. Measured: 1.6e-7 .. 2.4e-7, moved >= 3e-4
-        wa, wb = load_run(tmp_path/stage)[0].state_dict(), load_run(tmp_path/f'{stage}_one')[0].state_dict()
+        wa, wb = trained.state_dict(), load_run(tmp_path/f'{stage}_one')[0].state_dict()
         w0 = load_run(str(tmp_path/'sft') if stage != 'sft' else 'lab:test')[0].state_dict()
         assert wa.keys() == wb.keys()
         moved = max((wb[k] if 'lora_B' in k else wb[k] - w0[k]).abs().max().item()
                     for k in wb if 'lora_B' in k or k in w0)
         d = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+        print(f'{stage}: weights {d:.1e} from one process, moved {moved:.1e}')
         assert d < 1e-5 < moved / 10, (stage, d, moved)
         for x, y in zip([r for r in two if key in r], [r for r in one if key in r]):
             assert abs(x[key] - y[key]) < 1e-4 * abs(y[key]), (stage, x, y)
